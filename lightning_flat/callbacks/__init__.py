@@ -1,0 +1,20 @@
+"""Lightning callbacks: measure curvature and structure, or change training (label noise, schedules, guard)."""
+
+from lightning_flat.callbacks.base import MeasuringCallback
+from lightning_flat.callbacks.curvature import HessianTrace, Sharpness
+from lightning_flat.callbacks.guard import FiniteLossGuard
+from lightning_flat.callbacks.label_noise import LabelNoise
+from lightning_flat.callbacks.schedule import HyperparameterSchedule
+from lightning_flat.callbacks.structure import Balancedness, EffectiveRank, MatrixNorms
+
+__all__ = [
+    "Balancedness",
+    "EffectiveRank",
+    "FiniteLossGuard",
+    "HessianTrace",
+    "HyperparameterSchedule",
+    "LabelNoise",
+    "MatrixNorms",
+    "MeasuringCallback",
+    "Sharpness",
+]

@@ -1,0 +1,98 @@
+"""Shared shell of the measuring callbacks: cadence, history, logging straight to the trainer's loggers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_flat._checks import check_positive_int
+from lightning_flat.measurements import Measurements
+from lightning_flat.models.base import LinearNetBase
+
+__all__ = ["MeasuringCallback", "problem_data", "is_linear_net"]
+
+
+def is_linear_net(pl_module: L.LightningModule) -> bool:
+    """True for the lightning_flat models, which have exact closed forms (``weights()``, measurement loss)."""
+    return isinstance(pl_module, LinearNetBase)
+
+
+def problem_data(trainer: L.Trainer, pl_module: L.LightningModule, measurements: Measurements | None = None,
+                 targets: Tensor | None = None, who: str = "this callback") -> tuple[Measurements, Tensor]:
+    """The full training measurements and targets in the module's dtype and device: the ones given to the callback,
+    else the datamodule's (``datamodule.measurements_as``)."""
+    dtype, device = pl_module.dtype, pl_module.device
+    if measurements is not None:
+        if targets is None:
+            raise ValueError(f"{who}: measurements were given without targets")
+        return measurements.to(device=device, dtype=dtype), targets.to(device=device, dtype=dtype)
+    dm = trainer.datamodule
+    if dm is not None and hasattr(dm, "measurements_as"):
+        return dm.measurements_as(dtype, device)
+    raise ValueError(
+        f"{who} needs the training measurements: fit with a lightning_flat datamodule or pass "
+        "measurements= and targets= to the callback"
+    )
+
+
+class MeasuringCallback(Callback):
+    """Base of the callbacks that measure the model every ``every_n_steps`` optimizer steps.
+
+    A measurement is taken at the start of training (step 0 of a fresh run), whenever ``trainer.global_step`` is a
+    multiple of ``every_n_steps`` after an optimizer step, and at the end of training. Step ``s`` means the weights
+    after ``s`` updates. Values are written to every logger of the trainer at ``step = global_step`` (so they are
+    never dropped by ``Trainer(log_every_n_steps)``), kept in ``self.history[key] = [(step, value), ...]``, and the
+    last ones in ``self.last``. Subclasses implement ``measure(trainer, pl_module) -> dict``; it runs under
+    ``torch.no_grad()`` and must not change the model or any global random state.
+    """
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.last: dict[str, float] = {}
+        self._last_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps)
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if self._last_step == step:
+            return
+        self._last_step = step
+        with torch.no_grad():
+            metrics = self.measure(trainer, pl_module)
+        values = {k: float(v) for k, v in metrics.items()}
+        for k, v in values.items():
+            self.history.setdefault(k, []).append((step, v))
+        self.last = values
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "last": self.last, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {k: [tuple(x) for x in v] for k, v in state_dict.get("history", {}).items()}
+        self.last = dict(state_dict.get("last", {}))
+        self._last_step = state_dict.get("last_step")

@@ -1,0 +1,143 @@
+"""Curvature callbacks: Hessian trace and sharpness of the full training loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_flat import functional as F
+from lightning_flat._checks import check_choice, check_positive_int, check_real
+from lightning_flat.callbacks.base import MeasuringCallback, is_linear_net, problem_data
+from lightning_flat.measurements import Measurements
+
+__all__ = ["HessianTrace", "Sharpness"]
+
+
+def default_loss_fn(pl_module: L.LightningModule, batch: Any) -> Tensor:
+    """``training_step(batch, 0)`` (its ``"loss"`` entry if it returns a dict) with the module's logging silenced."""
+    pl_module.__dict__["log"] = lambda *a, **k: None
+    pl_module.__dict__["log_dict"] = lambda *a, **k: None
+    try:
+        out = pl_module.training_step(batch, 0)
+    finally:
+        pl_module.__dict__.pop("log", None)
+        pl_module.__dict__.pop("log_dict", None)
+    return out["loss"] if isinstance(out, dict) else out
+
+
+class _CurvatureCallback(MeasuringCallback):
+    """Shared parts: the exact path on lightning_flat models, the hessian-eigenthings path elsewhere."""
+
+    def __init__(self, every_n_steps: int, measurements: Measurements | None, targets: Tensor | None,
+                 loss_fn: Callable[[L.LightningModule, Any], Tensor] | None, seed: int) -> None:
+        super().__init__(every_n_steps)
+        if measurements is not None and not isinstance(measurements, Measurements):
+            raise TypeError(f"measurements must be a lightning_flat Measurements, got {type(measurements).__name__}")
+        if (measurements is None) != (targets is None):
+            raise ValueError("measurements and targets must be given together")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(pl_module, batch), got {loss_fn!r}")
+        self.measurements, self.targets = measurements, targets
+        self.loss_fn = loss_fn or default_loss_fn
+        self.seed = seed
+        self._batch: Any = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._batch is None and not is_linear_net(pl_module):
+            self._batch = batch  # the fixed curvature batch of the generic path: the first training batch
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if is_linear_net(pl_module):
+            self._run(trainer, pl_module)  # the generic path has no batch before the first step
+
+    def _operator(self, pl_module: L.LightningModule):
+        from hessian_eigenthings import HessianOperator
+        return HessianOperator(pl_module, [self._batch], self.loss_fn, full_dataset=True)
+
+
+class HessianTrace(_CurvatureCallback):
+    r"""Log the trace of the Hessian of the full training loss (no label noise, no ridge) every ``every_n_steps``.
+
+    On lightning_flat models the value is exact: :func:`lightning_flat.functional.hessian_trace`, the closed form
+    :math:`\frac2n\sum_j\mathrm{curvature}(P_j^\top P_j, S_jS_j^\top)`, which is cheap (at the Gatmiry size, one
+    product with the cached fourth-moment matrix). On any other LightningModule it is a Hutch++ estimate
+    (hessian-eigenthings) with ``num_matvecs`` Hessian-vector products of ``loss_fn(pl_module, batch)`` on the first
+    training batch.
+
+    Logged keys: ``hessian/trace``; on the Hutch++ path also ``hessian/trace_stderr``.
+
+    Args:
+        every_n_steps: measuring period in optimizer steps.
+        measurements, targets: the training data; default: the datamodule's.
+        loss_fn: generic path only; default ``training_step(batch, 0)`` with logging silenced.
+        num_matvecs: generic path only; Hutch++ budget.
+        seed: generic path only; seed of the Hutch++ probes.
+    """
+
+    def __init__(self, every_n_steps: int = 100, measurements: Measurements | None = None,
+                 targets: Tensor | None = None, loss_fn: Callable | None = None, num_matvecs: int = 99,
+                 seed: int = 0) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, seed)
+        self.num_matvecs = check_positive_int("num_matvecs", num_matvecs)
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if is_linear_net(pl_module):
+            meas, _ = problem_data(trainer, pl_module, self.measurements, self.targets, "HessianTrace")
+            return {"hessian/trace": F.hessian_trace(pl_module.weights(), meas).mean()}
+        from hessian_eigenthings import trace
+        with torch.enable_grad():
+            res = trace(self._operator(pl_module), num_matvecs=self.num_matvecs, method="hutch++", seed=self.seed)
+        return {"hessian/trace": res.estimate, "hessian/trace_stderr": res.stderr}
+
+
+class Sharpness(_CurvatureCallback):
+    r"""Log the sharpness (largest algebraic eigenvalue of the Hessian of the full training loss, residual term
+    included) every ``every_n_steps``.
+
+    Restarted Lanczos over Hessian-vector products (``torch.func`` on lightning_flat models, hessian-eigenthings'
+    ``HessianOperator`` elsewhere), warm-started from the previous top eigenvector, so a read during training
+    costs a few HVPs; ``method="exact"`` uses ``eigvalsh`` of the dense Hessian (small models only).
+
+    Logged keys: ``hessian/sharpness``, ``hessian/sharpness_hvps`` (HVPs used by this read, Lanczos only).
+    """
+
+    def __init__(self, every_n_steps: int = 100, method: str = "auto", max_iter: int = 100, tol: float = 1e-8,
+                 warm_start: bool = True, measurements: Measurements | None = None, targets: Tensor | None = None,
+                 loss_fn: Callable | None = None, seed: int = 0) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, seed)
+        self.method = check_choice("method", method, ("auto", "exact", "lanczos"))
+        self.max_iter = check_positive_int("max_iter", max_iter)
+        self.tol = check_real("tol", tol, low=0.0, low_open=True)
+        self.warm_start = bool(warm_start)
+        self._v: Tensor | None = None
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        with torch.enable_grad():
+            if is_linear_net(pl_module):
+                meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "Sharpness")
+                weights = pl_module.weights()
+                size = sum(W.numel() for W in weights)
+                if self.method == "exact" or (self.method == "auto" and size <= 1024):
+                    return {"hessian/sharpness": F.sharpness(weights, meas, targets, method="exact")}
+                hvp, w0 = F.loss_hvp(weights, meas, targets)
+                dtype, device = w0.dtype, w0.device
+            else:
+                op = self._operator(pl_module)
+                hvp, size, dtype, device = op.matvec, op.size, op.dtype, op.device
+            v0 = self._v if (self.warm_start and self._v is not None and self._v.numel() == size) else None
+            theta, v, hvps = F.top_hessian_eigenpair(hvp, size, dtype=dtype, device=device, v0=v0,
+                                                     max_iter=self.max_iter, tol=self.tol, seed=self.seed)
+        self._v = v.detach()
+        return {"hessian/sharpness": theta, "hessian/sharpness_hvps": hvps}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "v": self._v}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._v = state_dict.get("v")

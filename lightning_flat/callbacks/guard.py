@@ -1,0 +1,78 @@
+"""Stop a run cleanly on a non-finite loss, before the bad update reaches the weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_flat._checks import check_positive_int
+
+__all__ = ["FiniteLossGuard"]
+
+log = logging.getLogger(__name__)
+
+
+class FiniteLossGuard(Callback):
+    """Stop training when the training loss (or, with ``check_grads``, a gradient) is not finite.
+
+    The check runs after the backward pass and before the optimizer step. On a non-finite value the gradients are
+    dropped (``grad = None``, so SGD leaves the weights, momentum and ridge untouched: the weights stay those of the
+    last finite step and a checkpoint written afterwards holds them), ``trainer.should_stop`` is set, and a warning
+    names the step and the value. The decision is combined across ranks. ``stopped_step``, ``stopped_value`` and
+    ``message`` keep what happened.
+
+    Args:
+        every_n_steps: check period in optimizer steps (1: every step; the check costs one scalar read).
+        check_grads: also check every gradient (costs a reduction per parameter).
+    """
+
+    def __init__(self, every_n_steps: int = 1, check_grads: bool = False) -> None:
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        self.check_grads = bool(check_grads)
+        self.stopped_step: int | None = None
+        self.stopped_value: float | None = None
+        self.message: str | None = None
+        self._loss: Tensor | None = None
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        self._loss = loss.detach()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step % self.every_n_steps or self._loss is None:
+            return
+        value = float(self._loss)
+        bad = not math.isfinite(value)
+        what = "training loss"
+        if not bad and self.check_grads:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                        bad, what = True, "gradient"
+                        break
+        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        trainer.should_stop = True
+        self.stopped_step, self.stopped_value = trainer.global_step, value
+        self.message = (
+            f"FiniteLossGuard: non-finite {what} at step {trainer.global_step} (loss = {value}); stopping. "
+            f"The weights are those of step {trainer.global_step}: this update was not applied."
+        )
+        rank_zero_warn(self.message)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stopped_step": self.stopped_step, "stopped_value": self.stopped_value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stopped_step = state_dict.get("stopped_step")
+        self.stopped_value = state_dict.get("stopped_value")

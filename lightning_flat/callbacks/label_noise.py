@@ -1,0 +1,100 @@
+"""Label-noise SGD: fresh Gaussian noise on the training targets of every batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_flat._checks import check_nonnegative_int, check_real
+from lightning_flat.datamodules.base import step_seed
+from lightning_flat.measurements import MeasurementBatch
+
+__all__ = ["LabelNoise"]
+
+_STREAM = 0x4C4E  # keeps the noise stream apart from the minibatch sampler's
+
+
+class LabelNoise(Callback):
+    r"""Add fresh :math:`N(0, \mathrm{std}^2)` noise to the targets of each training batch.
+
+    The loss optimised at step t is :math:`\frac1B\sum_{i\in B_t}(f_i - b_i - \xi_{t,i})^2`: the noise sits inside
+    the residual, is redrawn for every sample and step, and the stored dataset is never modified (the batch gets a
+    new targets tensor). The noise of step t comes from a generator seeded by ``(seed, rank, t)``, so a run resumed
+    from a checkpoint draws exactly the noise of the uninterrupted run; ``state_dict`` keeps ``std`` and ``seed``.
+
+    ``std`` may be changed during training (e.g. by :class:`HyperparameterSchedule`); ``std = 0`` draws nothing.
+    Batches: a :class:`MeasurementBatch`, a dict (``target_key``, default ``"targets"``) or a list (``target_key``
+    an index, default the last entry). Tuples cannot be changed in place: use a list or a dict.
+
+    Args:
+        std: noise standard deviation (absolute, in target units), >= 0.
+        seed: seed of the noise stream.
+        target_key: where the targets sit in a dict or list batch.
+    """
+
+    def __init__(self, std: float = 1.0, seed: int = 0, target_key: str | int | None = None) -> None:
+        self.std = std
+        self.seed = check_nonnegative_int("seed", seed)
+        self.target_key = target_key
+        self._generator: torch.Generator | None = None
+
+    @property
+    def std(self) -> float:
+        return self._std
+
+    @std.setter
+    def std(self, value: float) -> None:
+        self._std = check_real("std", value, low=0.0)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(seed=self.seed)
+
+    def noise(self, shape: torch.Size, step: int, rank: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The noise of step ``step`` (before multiplying by ``std``)."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(step_seed(self.seed, _STREAM, rank, step))
+        return torch.randn(shape, generator=self._generator, dtype=dtype, device=device)
+
+    def _get(self, batch: Any) -> Tensor:
+        if isinstance(batch, MeasurementBatch):
+            return batch.targets
+        if isinstance(batch, dict):
+            key = "targets" if self.target_key is None else self.target_key
+            if key not in batch:
+                raise KeyError(f"LabelNoise: batch has no key {key!r}; set target_key to one of {list(batch)}")
+            return batch[key]
+        if isinstance(batch, list):
+            return batch[-1 if self.target_key is None else self.target_key]
+        raise TypeError(
+            f"LabelNoise cannot change the targets of a {type(batch).__name__} batch in place: yield a "
+            "MeasurementBatch, a dict or a list"
+        )
+
+    def _set(self, batch: Any, value: Tensor) -> None:
+        if isinstance(batch, MeasurementBatch):
+            batch.targets = value
+        elif isinstance(batch, dict):
+            batch["targets" if self.target_key is None else self.target_key] = value
+        else:
+            batch[-1 if self.target_key is None else self.target_key] = value
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._std == 0.0:
+            return
+        y = self._get(batch)
+        xi = self.noise(y.shape, trainer.global_step, trainer.global_rank, y.dtype, y.device)
+        self._set(batch, y + self._std * xi)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"std": self._std, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.std = state_dict.get("std", self._std)
+        self.seed = state_dict.get("seed", self.seed)

@@ -1,0 +1,138 @@
+"""Shared shell of the measurement datamodules: i.i.d. minibatches with one gather per step, no DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_flat._checks import check_nonnegative_int, check_positive_int
+from lightning_flat.measurements import MeasurementBatch, Measurements
+
+__all__ = ["MeasurementDataModule", "MeasurementSampler", "step_seed"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def step_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (splitmix64 chain): the random numbers of step ``k`` depend on ``(seed, k)``
+    only, so a run resumed from a checkpoint at step ``k`` draws exactly what the uninterrupted run draws."""
+    x = 0x9E3779B97F4A7C15
+    for k in keys:
+        x = (x ^ (int(k) & _MASK64)) & _MASK64
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+class MeasurementSampler:
+    """Iterable of :class:`MeasurementBatch` for one epoch of ``steps_per_epoch`` SGD steps.
+
+    Minibatch indices are drawn i.i.d. uniformly **with replacement** at every step (``batch_size`` of them), from a
+    generator reseeded by ``step_seed(seed, rank, step)``: one ``randint`` and one gather per step, no per-sample
+    indexing, and a resumed run sees the same batches as an uninterrupted one. ``batch_size=None`` yields the full
+    data every step (gradient descent). ``start_step()`` is read when iteration starts (the trainer's global step).
+    """
+
+    def __init__(self, measurements: Measurements, targets: Tensor, batch_size: int | None, seed: int,
+                 steps_per_epoch: int, start_step: Callable[[], int] = lambda: 0, rank: int = 0) -> None:
+        self.measurements, self.targets = measurements, targets
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.steps_per_epoch = steps_per_epoch
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def batch(self, step: int, generator: torch.Generator | None = None) -> MeasurementBatch:
+        """The batch of global step ``step``."""
+        if self.batch_size is None:
+            return MeasurementBatch(self.measurements, self.targets)
+        device = self.targets.device
+        g = generator if generator is not None else torch.Generator(device=device)
+        g.manual_seed(step_seed(self.seed, self.rank, step))
+        idx = torch.randint(len(self.measurements), (self.batch_size,), generator=g, device=device)
+        return MeasurementBatch(self.measurements.subset(idx), self.targets[idx], idx)
+
+    def __iter__(self) -> Iterator[MeasurementBatch]:
+        step = int(self.start_step())
+        g = torch.Generator(device=self.targets.device)
+        for k in range(self.steps_per_epoch):
+            yield self.batch(step + k, g)
+
+
+class MeasurementDataModule(L.LightningDataModule):
+    """Base of the datamodules that generate a measurement problem.
+
+    Subclasses set ``self.measurements`` (float64 master copy), ``self.targets`` and, where one exists,
+    ``self.ground_truth``, and may override :meth:`test_error`. The training dataloader is a
+    :class:`MeasurementSampler` whose batches are already on the model's device and in its dtype (read from the
+    trainer's LightningModule when ``train_dataloader`` is called), so Lightning's transfer is a no-op.
+
+    Args:
+        batch_size: minibatch size (indices i.i.d. with replacement), or ``None`` for full-batch gradient descent.
+        seed: seed of the problem draw and of the minibatch sampler.
+        steps_per_epoch: batches per epoch. Sampling is i.i.d., so an epoch is only a bookkeeping unit; train with
+            ``Trainer(max_steps=...)``. Long epochs keep Lightning's per-epoch overhead off the step path.
+    """
+
+    measurements: Measurements
+    targets: Tensor
+    ground_truth: Tensor | None = None
+
+    def __init__(self, batch_size: int | None = 50, seed: int = 0, steps_per_epoch: int = 1000) -> None:
+        super().__init__()
+        self.batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = check_nonnegative_int("seed", seed)
+        self.steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
+        self._cast_cache: dict[tuple, tuple[Measurements, Tensor]] = {}
+        self._truth_cache: dict[tuple, Tensor] = {}
+
+    def setup(self, stage: str) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and self.hparams and trainer.is_global_zero:
+            # Lightning would merge these with the model's and refuse keys present in both (e.g. `seed`).
+            for logger in trainer.loggers:
+                logger.log_hyperparams({f"data/{k}": v for k, v in self.hparams.items()})
+
+    def measurements_as(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[Measurements, Tensor]:
+        """``(measurements, targets)`` in ``dtype`` on ``device``, converted once and cached (so derived caches such
+        as :meth:`Dense.moment` are built once per run)."""
+        key = (dtype, torch.device(device))
+        if key not in self._cast_cache:
+            self._cast_cache[key] = (self.measurements.to(device=device, dtype=dtype),
+                                     self.targets.to(device=device, dtype=dtype))
+        return self._cast_cache[key]
+
+    def _module_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        if module is not None:
+            for p in module.parameters():
+                if p.is_floating_point():
+                    return p.dtype, p.device
+            return torch.get_default_dtype(), module.device
+        return torch.get_default_dtype(), torch.device("cpu")
+
+    def train_dataloader(self) -> MeasurementSampler:
+        dtype, device = self._module_dtype_device()
+        meas, targets = self.measurements_as(dtype, device)
+        trainer = getattr(self, "trainer", None)
+        rank = trainer.global_rank if trainer is not None else 0
+        start = (lambda: trainer.global_step) if trainer is not None else (lambda: 0)
+        return MeasurementSampler(meas, targets, self.batch_size, self.seed, self.steps_per_epoch, start, rank)
+
+    def test_error(self, E: Tensor) -> Tensor:
+        r"""Population error :math:`\|E - M^*\|_F^2`, shape ``(...)`` for ``E (..., d_out, d_in)``."""
+        if self.ground_truth is None:
+            raise RuntimeError(f"{type(self).__name__} has no ground truth")
+        key = (E.dtype, E.device)
+        if key not in self._truth_cache:
+            self._truth_cache[key] = self.ground_truth.to(dtype=E.dtype, device=E.device)
+        return (E - self._truth_cache[key]).square().sum((-2, -1))

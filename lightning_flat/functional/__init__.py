@@ -1,0 +1,64 @@
+"""Pure tensor functions (no Lightning): curvature, spectra, balance, ranks, norms and theory bounds.
+
+Import as ``from lightning_flat import functional as F``.
+"""
+
+from lightning_flat.functional.balance import balancedness
+from lightning_flat.functional.curvature import (
+    end_to_end,
+    flatten_weights,
+    hessian_trace,
+    loss_hessian,
+    loss_hvp,
+    measurement_loss,
+    partial_products,
+    sharpness,
+    top_hessian_eigenpair,
+    trace_surrogate,
+    unflatten_weights,
+)
+from lightning_flat.functional.spectral import (
+    effective_rank,
+    nuclear_norm,
+    representation_cost,
+    schatten_norm,
+    singular_values,
+)
+from lightning_flat.functional.theory import (
+    depth2_flattest_factorization,
+    depth2_min_trace,
+    flattest_factorization,
+    measurement_covariances,
+    min_frobenius_interpolant,
+    min_trace_surrogate,
+    predicted_min_trace,
+    psd_sqrt,
+)
+
+__all__ = [
+    "balancedness",
+    "depth2_flattest_factorization",
+    "depth2_min_trace",
+    "effective_rank",
+    "end_to_end",
+    "flatten_weights",
+    "flattest_factorization",
+    "hessian_trace",
+    "loss_hessian",
+    "loss_hvp",
+    "measurement_covariances",
+    "measurement_loss",
+    "min_frobenius_interpolant",
+    "min_trace_surrogate",
+    "nuclear_norm",
+    "partial_products",
+    "predicted_min_trace",
+    "psd_sqrt",
+    "representation_cost",
+    "schatten_norm",
+    "sharpness",
+    "singular_values",
+    "top_hessian_eigenpair",
+    "trace_surrogate",
+    "unflatten_weights",
+]

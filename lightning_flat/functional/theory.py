@@ -1,0 +1,175 @@
+r"""Closed forms from the theory of flat minima of deep matrix factorization (library normalization).
+
+Every constant here is for the library loss :math:`L = \frac1n\sum_i(\langle A_i,E\rangle - b_i)^2` (no 1/2) and the
+library trace :math:`\operatorname{tr}_{lib} = \operatorname{tr}\nabla^2 L`. From their Sec. 4 on, Gatmiry et al.
+write constants for a loss with :math:`\frac1{2n}`, which is half of ours: ``F_lib = 2 F_paper``
+(see ``specs/gatmiry2023.md``, "Factor 2").
+
+References:
+    Gatmiry, Li, Chuang, Reddi, Ma, Jegelka (2023), "What is the inductive bias of flatness regularization? A study
+    of deep matrix factorization models", Lemma 3, Lemma 4, Thm 1, Thm 4, Thm 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_flat._checks import check_positive_int, check_tensor
+from lightning_flat.functional.spectral import nuclear_norm
+from lightning_flat.measurements import Measurements
+
+__all__ = [
+    "predicted_min_trace",
+    "min_trace_surrogate",
+    "flattest_factorization",
+    "psd_sqrt",
+    "measurement_covariances",
+    "depth2_min_trace",
+    "depth2_flattest_factorization",
+    "min_frobenius_interpolant",
+]
+
+
+def predicted_min_trace(M: Tensor, depth: int) -> Tensor:
+    r"""Predicted minimum Hessian trace over factorizations of ``M (..., d_L, d_0)`` (Gatmiry et al. Thm 1, Lemma 4):
+
+    .. math:: \hat F_L(M) = 2L\,(d_0 d_L)^{1/L}\,\|M\|_*^{2 - 2/L}
+
+    Exact for an isometric design (:math:`\frac1n\sum_i\langle A_i,X\rangle^2 = \|X\|_F^2` scaled so that
+    :math:`\operatorname{tr}_{lib} = 2R`), and within :math:`1\pm\delta` under RIP. Equals ``2 * min_trace_surrogate``.
+    """
+    return 2.0 * min_trace_surrogate(M, depth)
+
+
+def min_trace_surrogate(M: Tensor, depth: int) -> Tensor:
+    r""":math:`\min_{E(W)=M} R(W) = L\,(d_0 d_L)^{1/L}\,\|M\|_*^{2(L-1)/L}` (Lemma 4), ``R`` the trace surrogate."""
+    check_tensor("M", M, min_ndim=2, floating=True)
+    L = check_positive_int("depth", depth)
+    d_L, d_0 = M.shape[-2:]
+    return L * (d_0 * d_L) ** (1.0 / L) * nuclear_norm(M).pow(2.0 - 2.0 / L)
+
+
+def _rank(s: Tensor, tol: float | None) -> int:
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = s.shape[-1] * torch.finfo(s.dtype).eps if tol is None else tol
+    return int((s > tol * s[0]).sum())
+
+
+def _orthonormal_columns(d: int, k: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    if generator is None:
+        return torch.eye(d, k, dtype=like.dtype, device=like.device)
+    Z = torch.randn(d, k, generator=generator, dtype=torch.float64)
+    return torch.linalg.qr(Z).Q.to(dtype=like.dtype, device=like.device)
+
+
+def flattest_factorization(M: Tensor, dims: Sequence[int], *, generator: torch.Generator | None = None,
+                           tol: float | None = None) -> list[Tensor]:
+    r"""A minimizer of the trace surrogate :math:`R(W)` over factorizations :math:`W_L\cdots W_1 = M` (Lemma 4).
+
+    ``M`` has shape ``(d_L, d_0)`` and ``dims = [d_0, ..., d_L]``; every hidden width must be at least ``rank M``.
+    With the compact SVD :math:`M = U\Lambda V^\top` (rank k), ``Q_i (d_i, k)`` with orthonormal columns
+    (the first k unit vectors, or random ones from ``generator``), :math:`\alpha' = (d_L/d_0)^{1/4}` and
+    :math:`\alpha = (\|M\|_*/\sqrt{d_0 d_L})^{1/L}`:
+
+    .. math:: W_1 = \alpha'^{-1}\alpha^{-(L-2)/2} Q_1\Lambda^{1/2}V^\top,\quad W_i = \alpha Q_i Q_{i-1}^\top,\quad
+              W_L = \alpha'\alpha^{-(L-2)/2} U\Lambda^{1/2}Q_{L-1}^\top.
+
+    These are the *corrected* constants: the printed :math:`(d_L/d_0)^{1/2}` and :math:`(\|M\|_*/(d_0d_L))^{1/L}` do
+    not attain the bound unless ``L = 2`` and ``d_0 = d_L``. At the minimizer all ``L`` terms
+    :math:`\|P_j\|_F^2\|S_j\|_F^2` are equal.
+    """
+    check_tensor("M", M, ndim=2, floating=True)
+    dims = [check_positive_int(f"dims[{i}]", d) for i, d in enumerate(dims)]
+    L = len(dims) - 1
+    if L < 1:
+        raise ValueError(f"dims must list at least [d_0, d_1], got {dims}")
+    if (dims[-1], dims[0]) != tuple(M.shape):
+        raise ValueError(f"M has shape {tuple(M.shape)} but dims give (d_L, d_0) = ({dims[-1]}, {dims[0]})")
+    if L == 1:
+        return [M.clone()]
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    k = _rank(s, tol)
+    if k == 0:
+        return [M.new_zeros(dims[j + 1], dims[j]) for j in range(L)]
+    if min(dims[1:-1]) < k:
+        raise ValueError(f"every hidden width must be >= rank M = {k}, got dims {dims}")
+    U, s, Vh = U[:, :k], s[:k], Vh[:k]
+    d_0, d_L = dims[0], dims[-1]
+    a_prime = (d_L / d_0) ** 0.25
+    alpha = (float(s.sum()) / (d_0 * d_L) ** 0.5) ** (1.0 / L)
+    Q = [_orthonormal_columns(dims[i], k, generator, M) for i in range(1, L)]
+    root = s.sqrt()
+    end = alpha ** (-(L - 2) / 2)
+    W = [(end / a_prime) * (Q[0] * root) @ Vh]
+    for i in range(1, L - 1):
+        W.append(alpha * Q[i] @ Q[i - 1].T)
+    W.append((a_prime * end) * (U * root) @ Q[-1].T)
+    return W
+
+
+def psd_sqrt(C: Tensor, inverse: bool = False) -> Tensor:
+    """Symmetric square root (or inverse square root) of a symmetric PSD matrix, by ``eigh``."""
+    evals, evecs = torch.linalg.eigh(C)
+    evals = evals.clamp(min=0.0)
+    root = evals.rsqrt() if inverse else evals.sqrt()
+    return (evecs * root) @ evecs.transpose(-1, -2)
+
+
+def measurement_covariances(measurements: Measurements) -> tuple[Tensor, Tensor]:
+    r"""``(C1, C2)`` with :math:`C_1 = \frac1n\sum_i A_iA_i^\top` (``d_out x d_out``) and
+    :math:`C_2 = \frac1n\sum_i A_i^\top A_i` (``d_in x d_in``)."""
+    A = measurements.dense()
+    n = len(measurements)
+    C1 = torch.einsum("iab,icb->ac", A, A) / n
+    C2 = torch.einsum("iab,iac->bc", A, A) / n
+    return C1, C2
+
+
+def depth2_min_trace(M: Tensor, measurements: Measurements) -> Tensor:
+    r"""Minimum Hessian trace over depth-2 factorizations :math:`W_2W_1 = M` for any measurements (Thm 5):
+
+    .. math:: F_{lib}(M) = 4\,\|B_1 M B_2\|_*,\quad B_1 = (\tfrac1n\textstyle\sum_i A_iA_i^\top)^{1/2},\;
+              B_2 = (\tfrac1n\textstyle\sum_i A_i^\top A_i)^{1/2}
+
+    (the paper's :math:`2\|B_1MB_2\|_*` is for a loss with 1/(2n)).
+    """
+    C1, C2 = measurement_covariances(measurements)
+    return 4.0 * nuclear_norm(psd_sqrt(C1) @ M @ psd_sqrt(C2))
+
+
+def depth2_flattest_factorization(M: Tensor, measurements: Measurements, width: int) -> list[Tensor]:
+    r"""The depth-2 minimizer of Thm 5: with :math:`B_1MB_2 = U\Lambda V^\top` and ``Q (width, k)`` orthonormal,
+    :math:`W_2 = B_1^{-1}U\Lambda^{1/2}Q^\top`, :math:`W_1 = Q\Lambda^{1/2}V^\top B_2^{-1}` (``B_1``, ``B_2`` invertible)."""
+    width = check_positive_int("width", width)
+    C1, C2 = measurement_covariances(measurements)
+    B1, B2 = psd_sqrt(C1), psd_sqrt(C2)
+    U, s, Vh = torch.linalg.svd(B1 @ M @ B2, full_matrices=False)
+    k = _rank(s, None)
+    if width < k:
+        raise ValueError(f"width must be >= rank M = {k}, got {width}")
+    U, s, Vh = U[:, :k], s[:k], Vh[:k]
+    Q = torch.eye(width, k, dtype=M.dtype, device=M.device)
+    root = s.sqrt()
+    W2 = psd_sqrt(C1, inverse=True) @ (U * root) @ Q.T
+    W1 = (Q * root) @ Vh @ psd_sqrt(C2, inverse=True)
+    return [W1, W2]
+
+
+def min_frobenius_interpolant(measurements: Measurements, targets: Tensor) -> Tensor:
+    r"""Minimum Frobenius-norm solution of :math:`\langle A_i, X\rangle = b_i`, shape ``(d_out, d_in)``.
+
+    :math:`\tilde M = \sum_i c_iA_i` with :math:`c = K^{+}b`, :math:`K_{ij} = \langle A_i, A_j\rangle`. For Gaussian
+    measurements, :math:`\mathbb E\|\tilde M - M^*\|_F^2 = (1 - \min(n, d_0d_L)/(d_0d_L))\|M^*\|_F^2` (Thm 4).
+    """
+    check_tensor("targets", targets, ndim=1, floating=True)
+    if targets.shape[0] != len(measurements):
+        raise ValueError(f"targets must have length {len(measurements)}, got {targets.shape[0]}")
+    A2 = measurements.dense().reshape(len(measurements), -1).to(torch.float64).cpu()
+    x = torch.linalg.lstsq(A2, targets.to(torch.float64).cpu().unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+    return x.reshape(measurements.shape).to(dtype=targets.dtype, device=targets.device)
+
+

@@ -1,0 +1,6 @@
+"""LightningModules: deep linear networks read through measurement operators."""
+
+from lightning_flat.models.base import LinearNetBase
+from lightning_flat.models.deep_linear import DeepLinearNet
+
+__all__ = ["DeepLinearNet", "LinearNetBase"]

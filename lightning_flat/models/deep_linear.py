@@ -1,0 +1,123 @@
+"""Deep linear network :math:`E = W_L \\cdots W_1` as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_flat._checks import check_choice, check_positive_int, check_real
+from lightning_flat.models.base import LinearNetBase
+
+__all__ = ["DeepLinearNet", "INITS"]
+
+INITS = ("gaussian", "uniform", "orthogonal", "balanced", "identity")
+
+
+def _init_weights(dims: list[int], init: str, init_scale: float | None, generator: torch.Generator) -> list[Tensor]:
+    """Draw ``[W_1, ..., W_L]`` in float64 on the CPU (so float32 and float64 runs start from the same numbers)."""
+    L = len(dims) - 1
+    f64 = torch.float64
+    out = []
+    if init == "balanced":
+        d_in, d_out = dims[0], dims[-1]
+        k = min(dims)
+        scale = init_scale if init_scale is not None else 1.0 / math.sqrt(d_in)
+        E0 = torch.randn(d_out, d_in, generator=generator, dtype=f64) * scale
+        U, s, Vh = torch.linalg.svd(E0, full_matrices=False)
+        U, s, Vh = U[:, :k], s[:k], Vh[:k]
+        root = s.pow(1.0 / L)
+        Q = [torch.linalg.qr(torch.randn(dims[i], k, generator=generator, dtype=f64)).Q for i in range(1, L)]
+        Q = [Vh.T] + Q + [U]  # Q_0 = V (so W_1 = Q_1 diag(root) V^T), Q_L = U
+        return [(Q[j + 1] * root) @ Q[j].T for j in range(L)]
+    for j in range(L):
+        d_prev, d_next = dims[j], dims[j + 1]
+        if init == "gaussian":
+            std = init_scale if init_scale is not None else 1.0 / math.sqrt(d_prev)
+            W = torch.randn(d_next, d_prev, generator=generator, dtype=f64) * std
+        elif init == "uniform":
+            bound = math.sqrt(3.0) * init_scale if init_scale is not None else 1.0 / math.sqrt(d_prev)
+            W = (torch.rand(d_next, d_prev, generator=generator, dtype=f64) * 2.0 - 1.0) * bound
+        elif init == "orthogonal":
+            Z = torch.randn(max(d_next, d_prev), min(d_next, d_prev), generator=generator, dtype=f64)
+            Qm, R = torch.linalg.qr(Z)
+            Qm = Qm * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(1, dtype=f64))
+            W = (Qm if d_next >= d_prev else Qm.T) * (init_scale if init_scale is not None else 1.0)
+        else:  # identity
+            W = torch.eye(d_next, d_prev, dtype=f64) * (init_scale if init_scale is not None else 1.0)
+        out.append(W)
+    return out
+
+
+class DeepLinearNet(LinearNetBase):
+    r"""Deep linear network :math:`E(W) = W_L\cdots W_1`, ``W_j`` of shape ``(d_j, d_{j-1})``, trained by SGD on
+    measurement batches.
+
+    Args:
+        dims: ``[d_0 = d_in, d_1, ..., d_L = d_out]``.
+        init: ``"gaussian"`` (i.i.d. :math:`N(0, s^2)` entries, ``s = init_scale``, default
+            :math:`1/\sqrt{d_{j-1}}`); ``"uniform"`` (``init_scale=None``: ``nn.Linear``'s default
+            :math:`U(\pm 1/\sqrt{d_{j-1}})`; else :math:`U(\pm\sqrt3 s)`, entry std ``s``); ``"orthogonal"``
+            (semi-orthogonal times ``init_scale``, default 1); ``"identity"`` (rectangular identity times
+            ``init_scale``, default 1); ``"balanced"`` (a Gaussian end-to-end draw with entry std ``init_scale``,
+            default :math:`1/\sqrt{d_0}`, truncated to rank ``min(dims)`` and split into factors with equal singular
+            values, so :math:`W_{j+1}^\top W_{j+1} = W_jW_j^\top`).
+        init_scale: see ``init``; ``None`` for the default.
+        lr: SGD learning rate.
+        weight_decay: ridge :math:`\lambda` as in ``torch.optim.SGD``: the objective is
+            :math:`L + \frac\lambda2\sum_j\|W_j\|_F^2`.
+        momentum: SGD momentum.
+        replicas: number of independent networks trained in one module (not yet available: must be 1).
+        seed: seed of the initial draw (weights are drawn in float64 on the CPU, then cast).
+
+    The model is float32 by default; ``.double()`` or ``Trainer(precision="64-true")`` runs it in float64.
+
+    Example:
+        >>> net = DeepLinearNet([3, 4, 2], seed=0)
+        >>> [tuple(W.shape) for W in net.weights()], tuple(net.end_to_end().shape)
+        ([(4, 3), (2, 4)], (2, 3))
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        init: str = "gaussian",
+        init_scale: float | None = None,
+        lr: float = 0.01,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        replicas: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
+            raise TypeError(f"dims must be a list of positive ints [d_in, ..., d_out], got {dims!r}")
+        if len(dims) < 2:
+            raise ValueError(f"dims must list at least [d_in, d_out], got {list(dims)}")
+        dims = [check_positive_int(f"dims[{i}]", d) for i, d in enumerate(dims)]
+        check_choice("init", init, INITS)
+        if init_scale is not None:
+            init_scale = check_real("init_scale", init_scale, low=0.0)
+        self.lr = check_real("lr", lr, low=0.0)
+        self.weight_decay = check_real("weight_decay", weight_decay, low=0.0)
+        self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        replicas = check_positive_int("replicas", replicas)
+        if replicas != 1:
+            raise NotImplementedError("replicas > 1 is not available yet; train one network per module for now")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.save_hyperparameters()
+        self.dims = dims
+        self.depth = len(dims) - 1
+        self.replicas = replicas
+        gen = torch.Generator().manual_seed(seed)
+        dtype = torch.get_default_dtype()
+        self.layers = nn.ParameterList(
+            [nn.Parameter(W.to(dtype)) for W in _init_weights(dims, init, init_scale, gen)]
+        )
+
+    def weights(self) -> list[Tensor]:
+        """The factors ``[W_1, ..., W_L]`` (the module's parameters, in that order)."""
+        return list(self.layers)

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from helpers import trainer
+from lightning_flat.callbacks import FiniteLossGuard, HyperparameterSchedule, LabelNoise
+from lightning_flat.callbacks.schedule import Phases
+from lightning_flat.datamodules import MatrixSensingDataModule
+from lightning_flat.models import DeepLinearNet
+
+
+def test_divergence_stops_cleanly_with_step_and_value():
+    dm = MatrixSensingDataModule(n=50, d_out=5, d_in=5, rank=1, batch_size=10, seed=0)
+    net = DeepLinearNet([5, 5, 5, 5], lr=10.0)
+    guard = FiniteLossGuard()
+    tr, mem = trainer(500, [guard])
+    with pytest.warns(UserWarning, match=r"non-finite training loss at step \d+"):
+        tr.fit(net, dm)
+    assert guard.stopped_step is not None and guard.stopped_step < 100
+    assert tr.global_step == guard.stopped_step + 1  # the run ended right there
+    assert f"step {guard.stopped_step}" in guard.message and str(guard.stopped_value) in guard.message
+    assert all(torch.isfinite(w).all() for w in net.weights())  # the bad update never reached the weights
+
+
+class Probe(torch.nn.Module):
+    pass
+
+
+def test_phases_values_at_boundaries():
+    p = Phases("lr", [(0, 0.1), (10, 0.01), (25, 0.5)])
+    assert [p.value(s) for s in (0, 9, 10, 24, 25, 10**6)] == [0.1, 0.1, 0.01, 0.01, 0.5, 0.5]
+    assert Phases("lr", 0.3).value(123) == 0.3
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [([(1, 0.1)], "must start with a phase at step 0"), ([(0, 0.1), (0, 0.2)], "must increase strictly"),
+     ([(0, -1.0)], r"lr\[0\] value must be >= 0"), ("fast", "must be a number or a list"), ([(0, 1, 2)], "pair")],
+    ids=["start", "order", "negative", "string", "triple"],
+)
+def test_bad_phases(spec, match):
+    with pytest.raises(ValueError, match=match):
+        HyperparameterSchedule(lr=spec)
+
+
+def test_schedule_applies_lr_and_label_noise_by_step():
+    seen = []
+
+    class Record(LabelNoise):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"], self.std))
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    dm = MatrixSensingDataModule(n=20, d_out=3, d_in=3, rank=1, batch_size=5, seed=0)
+    net = DeepLinearNet([3, 3], lr=1.0)
+    # the schedule comes after LabelNoise in the list: values must still be in place before each step
+    sched = HyperparameterSchedule(lr=[(0, 0.1), (3, 0.05)], label_noise=[(0, 1.0), (4, 0.0)], every_n_steps=2)
+    tr, mem = trainer(6, [Record(1.0), sched])
+    tr.fit(net, dm)
+    assert seen == [(0, 0.1, 1.0), (1, 0.1, 1.0), (2, 0.1, 1.0), (3, 0.05, 1.0), (4, 0.05, 0.0), (5, 0.05, 0.0)]
+    steps, values = mem.series("hparams/label_noise")
+    assert 4 in steps and values[steps.index(4)] == 0.0
+
+
+def test_label_noise_schedule_needs_label_noise_callback():
+    dm = MatrixSensingDataModule(n=20, d_out=3, d_in=3, rank=1, batch_size=5, seed=0)
+    tr, _ = trainer(2, [HyperparameterSchedule(label_noise=0.5)])
+    with pytest.raises(ValueError, match="needs a LabelNoise callback"):
+        tr.fit(DeepLinearNet([3, 3]), dm)

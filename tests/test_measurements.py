@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from conftest import F64, randn, rel
+from lightning_flat.measurements import Dense, Entries, MeasurementBatch, RankOne
+
+KINDS = ["dense", "rankone", "entries"]
+
+
+def make(kind, n, d_out, d_in, g):
+    if kind == "dense":
+        return Dense(randn(n, d_out, d_in, g=g))
+    if kind == "rankone":
+        return RankOne(randn(n, d_out, g=g), randn(n, d_in, g=g))
+    rows = torch.randint(d_out, (n,), generator=g)
+    cols = torch.randint(d_in, (n,), generator=g)
+    return Entries(rows, cols, (d_out, d_in), dtype=F64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_call_and_adjoint_match_dense_definition(kind, gen):
+    m = make(kind, 7, 3, 5, gen)
+    A = m.dense()
+    assert A.shape == (7, 3, 5) and m.shape == (3, 5) and len(m) == 7
+    E = randn(4, 3, 5, g=gen)  # replica batch
+    assert rel(m(E), torch.einsum("nij,rij->rn", A, E)) < 1e-13
+    r = randn(4, 7, g=gen)
+    assert rel(m.adjoint(r), torch.einsum("nij,rn->rij", A, r)) < 1e-13
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adjoint_is_the_adjoint(kind, gen):
+    m = make(kind, 9, 4, 3, gen)
+    E, r = randn(4, 3, g=gen), randn(9, g=gen)
+    lhs = (m(E) * r).sum()
+    rhs = (E * m.adjoint(r)).sum()
+    assert abs(float(lhs - rhs)) < 1e-12 * max(1.0, abs(float(lhs)))
+
+
+@pytest.mark.parametrize("kind", ["rankone", "entries"])
+def test_structured_curvature_equals_dense(kind, gen):
+    m = make(kind, 11, 4, 3, gen)
+    dense = Dense(m.dense())
+    P, S = randn(2, 5, 3, g=gen), randn(2, 4, 6, g=gen)
+    G, K = P.transpose(-1, -2) @ P, S @ S.transpose(-1, -2)
+    assert rel(m.curvature(G, K), dense.curvature(G, K, method="direct")) < 1e-12
+
+
+def test_dense_curvature_methods_agree_with_definition(gen):
+    m = Dense(randn(13, 4, 3, g=gen))
+    G, K = randn(3, 3, g=gen), randn(4, 4, g=gen)  # not symmetric on purpose
+    ref = sum(torch.trace(A @ G @ A.T @ K) for A in m.A)
+    assert rel(m.curvature(G, K, method="direct"), ref) < 1e-12
+    assert rel(m.curvature(G, K, method="moment"), ref) < 1e-12
+    Gb, Kb = randn(5, 3, 3, g=gen), randn(5, 4, 4, g=gen)
+    assert rel(m.curvature(Gb, Kb, method="moment"), m.curvature(Gb, Kb, method="direct")) < 1e-12
+
+
+def test_dense_moment_is_cached_and_moves_with_to(gen):
+    m = Dense(randn(20, 3, 3, g=gen))
+    S = m.moment()
+    assert m.moment() is S
+    m32 = m.to(torch.float32)
+    assert m32.dtype == torch.float32 and m32._moment is not None and m32._moment.dtype == torch.float32
+    assert m.to(torch.float64) is m
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_subset_is_one_gather(kind, gen):
+    m = make(kind, 10, 3, 4, gen)
+    idx = torch.tensor([3, 3, 0, 9])
+    s = m.subset(idx)
+    assert len(s) == 4 and s.shape == m.shape
+    assert torch.equal(s.dense(), m.dense()[idx])
+    # a per-replica index (R, B) broadcasts against replica matrices (R, d_out, d_in)
+    idx2 = torch.tensor([[0, 1], [2, 2]])
+    E = randn(2, 3, 4, g=gen)
+    out = m.subset(idx2)(E)
+    ref = torch.stack([m(E[r])[idx2[r]] for r in range(2)])
+    assert rel(out, ref) < 1e-13
+
+
+def test_measurement_batch_moves_and_is_mutable(gen):
+    m = make("dense", 5, 2, 2, gen)
+    b = MeasurementBatch(m, randn(5, g=gen))
+    assert b.to("cpu") is b
+    b32 = b.to(torch.float32)
+    assert b32.targets.dtype == torch.float32 and b32.measurements.dtype == torch.float32
+    b.targets = b.targets + 1
+    assert len(b) == 5
+
+
+def test_bad_inputs_name_the_argument(gen):
+    with pytest.raises(ValueError, match="A must have"):
+        Dense(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="A must be a floating"):
+        Dense(torch.zeros(3, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="u and v"):
+        RankOne(torch.zeros(3, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="rows must lie in"):
+        Entries(torch.tensor([0, 5]), torch.tensor([0, 1]), (3, 3))
+    with pytest.raises(ValueError, match="cols must lie in"):
+        Entries(torch.tensor([0, 1]), torch.tensor([0, -1]), (3, 3))
+    with pytest.raises(ValueError, match="shape must be a pair"):
+        Entries(torch.tensor([0]), torch.tensor([0]), (3, 0))
+    with pytest.raises(TypeError, match="rows must be an integer"):
+        Entries(torch.tensor([0.0]), torch.tensor([0]), (3, 3))
+    m = make("dense", 4, 2, 3, gen)
+    with pytest.raises(ValueError, match=r"E must have shape \(\.\.\., 2, 3\)"):
+        m(torch.zeros(3, 2, dtype=F64))
+    with pytest.raises(ValueError, match=r"r must have shape \(\.\.\., 4\)"):
+        m.adjoint(torch.zeros(5, dtype=F64))
+    with pytest.raises(ValueError, match="G must have shape"):
+        m.curvature(torch.zeros(2, 2, dtype=F64), torch.zeros(2, 2, dtype=F64))
+    with pytest.raises(ValueError, match="method must be one of"):
+        m.curvature(torch.zeros(3, 3, dtype=F64), torch.zeros(2, 2, dtype=F64), method="fast")
