@@ -173,6 +173,8 @@ class Dense(Measurements):
         return self.A
 
     def subset(self, index: Tensor | slice) -> Dense:
+        if isinstance(index, Tensor) and index.ndim == 1 and self.A.ndim == 3 and not index.dtype == torch.bool:
+            return Dense(torch.index_select(self.A, 0, index))  # one gather, faster than advanced indexing
         return Dense(self.A[index])
 
     def to(self, *args: Any, **kwargs: Any) -> Dense:
@@ -268,6 +270,8 @@ class RankOne(Measurements):
         return self.u.unsqueeze(-1) * self.v.unsqueeze(-2)
 
     def subset(self, index: Tensor | slice) -> RankOne:
+        if isinstance(index, Tensor) and index.ndim == 1 and self.u.ndim == 2 and not index.dtype == torch.bool:
+            return RankOne(torch.index_select(self.u, 0, index), torch.index_select(self.v, 0, index))
         return RankOne(self.u[index], self.v[index])
 
     def to(self, *args: Any, **kwargs: Any) -> RankOne:

@@ -14,7 +14,7 @@ from lightning_flat.callbacks.label_noise import LabelNoise
 
 __all__ = ["HyperparameterSchedule", "Phases"]
 
-ScheduleSpec = Union[float, Sequence[Sequence[float]], None]
+ScheduleSpec = Union[float, list[tuple[int, float]], None]
 
 
 class Phases:
@@ -34,7 +34,8 @@ class Phases:
             raise ValueError(f"{name} must be a number or a list of (step, value) pairs starting at step 0, got {spec!r}")
         steps = []
         for k, (step, value) in enumerate(phases):
-            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            integral = isinstance(step, numbers.Integral) or (isinstance(step, float) and step.is_integer())
+            if isinstance(step, bool) or not integral or step < 0:
                 raise ValueError(f"{name}[{k}] step must be a non-negative int, got {step!r}")
             check_real(f"{name}[{k}] value", value, low=low)
             steps.append(int(step))

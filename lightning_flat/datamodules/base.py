@@ -56,7 +56,7 @@ class MeasurementSampler:
         g = generator if generator is not None else torch.Generator(device=device)
         g.manual_seed(step_seed(self.seed, self.rank, step))
         idx = torch.randint(len(self.measurements), (self.batch_size,), generator=g, device=device)
-        return MeasurementBatch(self.measurements.subset(idx), self.targets[idx], idx)
+        return MeasurementBatch(self.measurements.subset(idx), torch.index_select(self.targets, 0, idx), idx)
 
     def __iter__(self) -> Iterator[MeasurementBatch]:
         step = int(self.start_step())

@@ -1,0 +1,29 @@
+"""Timing helpers for the benchmarks: median of repeated wall-clock measurements, interleaved."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Run each ``fn`` (returning its own seconds-per-unit) once per round, alternating, and return the medians:
+    slow phases of a shared machine then hit every contender alike."""
+    results: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            results[k].append(fn())
+    return {k: statistics.median(v) for k, v in results.items()}

@@ -1,0 +1,37 @@
+"""The ``lightning-flat`` command: Lightning's CLI over the lightning_flat models and datamodules.
+
+``lightning-flat fit --config examples/gatmiry2023/quick.yaml`` trains the model and datamodule named in the YAML
+(``class_path`` + ``init_args``, any LightningModule/LightningDataModule importable by path) with the trainer,
+callbacks and loggers given there. wandb runs offline unless ``WANDB_MODE`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    import lightning_flat.callbacks  # noqa: F401  (short names resolvable in YAML)
+    import lightning_flat.datamodules  # noqa: F401
+    import lightning_flat.models  # noqa: F401
+
+    LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args if args is not None else sys.argv[1:],
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,57 @@
+"""Matplotlib figures shared by the examples: one style, theory lines drawn in, atomic PNG writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["figure", "series", "reference", "save"]
+
+COLORS = {"label_noise": "tab:blue", "plain": "tab:orange", "theory": "k", "baseline": "tab:green"}
+
+
+def figure(nrows: int, ncols: int, size: tuple[float, float] = (4.0, 3.0), title: str | None = None):
+    """A grid of panels with the project style; returns ``(fig, axes)`` with ``axes`` always 2-D."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig, axes
+
+
+def series(ax, steps: Sequence[float], values: Sequence[float], label: str | None = None, logy: bool = False,
+           **kwargs):
+    """A training curve against the optimizer step."""
+    ax.plot(steps, values, label=label, lw=1.2, **kwargs)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+
+
+def reference(ax, y: float, label: str, color: str = COLORS["theory"], ls: str = "--"):
+    """A horizontal theory or baseline line with its value in the legend."""
+    ax.axhline(y, color=color, ls=ls, lw=1.0, label=f"{label} = {y:.4g}")
+
+
+def save(fig, path: str | os.PathLike) -> str:
+    """Write the figure as PNG atomically (temp file then rename), so a crash never leaves a broken file."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        plt.close(fig)
+    return path

@@ -1,0 +1,32 @@
+"""The benchmarks' --quick modes: their numbers are checked for correctness, their speed ratios loosely (CI
+machines are shared; the closing notes quote the full runs)."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_trace_quick():
+    (row,) = load("trace").main(["--quick"])
+    assert row["dense_rel_diff"] < 1e-10  # exact closed form = trace of the dense torch.func Hessian
+    assert row["exact_direct_rel_diff"] < 1e-12
+    assert row["hutchpp_rel_err"] < 0.2
+    assert row["speedup_vs_hutchpp"] > 5
+    assert row["speedup_vs_dense"] > 50
+
+
+@pytest.mark.slow
+def test_step_overhead_quick():
+    (row,) = load("step_overhead").main(["--quick"])
+    assert row["plain_us"] > 0 and row["ours_us"] > 0
+    assert row["ratio"] < 3.0
