@@ -19,11 +19,11 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Run each ``fn`` (returning its own seconds-per-unit) once per round, alternating, and return the medians:
-    slow phases of a shared machine then hit every contender alike."""
+def interleaved(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict[str, float]]:
+    """Run each ``fn`` (returning its own seconds-per-unit) once per round, alternating, so that slow phases of a
+    shared machine hit every contender alike; returns ``{name: {"median": ..., "min": ...}}``."""
     results: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             results[k].append(fn())
-    return {k: statistics.median(v) for k, v in results.items()}
+    return {k: {"median": statistics.median(v), "min": min(v)} for k, v in results.items()}

@@ -54,14 +54,20 @@ def test_dense_curvature_methods_agree_with_definition(gen):
     assert rel(m.curvature(G, K, method="moment"), ref) < 1e-12
     Gb, Kb = randn(5, 3, 3, g=gen), randn(5, 4, 4, g=gen)
     assert rel(m.curvature(Gb, Kb, method="moment"), m.curvature(Gb, Kb, method="direct")) < 1e-12
+    Gs, Ks = Gb @ Gb.mT, Kb + Kb.mT  # symmetric: the folded moment (a quarter of the size) gives the same
+    assert m.folded_moment().shape == (10, 6)
+    assert rel(m.curvature(Gs, Ks, method="moment", symmetric=True), m.curvature(Gs, Ks, method="direct")) < 1e-12
 
 
 def test_dense_moment_is_cached_and_moves_with_to(gen):
     m = Dense(randn(20, 3, 3, g=gen))
     S = m.moment()
     assert m.moment() is S
+    F = m.folded_moment()
+    assert m.folded_moment() is F
     m32 = m.to(torch.float32)
     assert m32.dtype == torch.float32 and m32._moment is not None and m32._moment.dtype == torch.float32
+    assert m32._folded is not None and m32._folded.dtype == torch.float32
     assert m.to(torch.float64) is m
 
 

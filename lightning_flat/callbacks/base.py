@@ -55,10 +55,14 @@ class MeasuringCallback(Callback):
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.last: dict[str, float] = {}
         self._last_step: int | None = None
+        self._state_key: str | None = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps)
+        # Lightning reads state_key on every hook call of every step: build the string once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(every_n_steps=self.every_n_steps)
+        return self._state_key
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError

@@ -41,6 +41,7 @@ class LabelNoise(Callback):
         self.seed = check_nonnegative_int("seed", seed)
         self.target_key = target_key
         self._generator: torch.Generator | None = None
+        self._state_key: str | None = None
 
     @property
     def std(self) -> float:
@@ -52,7 +53,10 @@ class LabelNoise(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(seed=self.seed)
+        # Lightning reads state_key on every hook call of every step: build the string once (from the initial seed).
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(seed=self.seed)
+        return self._state_key
 
     def noise(self, shape: torch.Size, step: int, rank: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The noise of step ``step`` (before multiplying by ``std``)."""

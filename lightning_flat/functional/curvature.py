@@ -124,7 +124,7 @@ def hessian_trace(weights: Sequence[Tensor], measurements: Measurements, targets
     P, S = partial_products(weights)
     G = torch.stack([Pj.transpose(-1, -2) @ Pj for Pj in P])  # (L, ..., d_in, d_in)
     K = torch.stack([Sj @ Sj.transpose(-1, -2) for Sj in S])  # (L, ..., d_out, d_out)
-    return measurements.curvature(G, K).sum(0) * (2.0 / len(measurements))
+    return measurements.curvature(G, K, symmetric=True).sum(0) * (2.0 / len(measurements))
 
 
 def trace_surrogate(weights: Sequence[Tensor]) -> Tensor:

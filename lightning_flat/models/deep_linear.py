@@ -120,4 +120,4 @@ class DeepLinearNet(LinearNetBase):
 
     def weights(self) -> list[Tensor]:
         """The factors ``[W_1, ..., W_L]`` (the module's parameters, in that order)."""
-        return list(self.layers)
+        return list(self.layers._parameters.values())  # ParameterList's own __iter__ costs ~40 us per call
