@@ -180,42 +180,33 @@ def checks_full(X_err, frob_err, Mnuc, Xnuc, Mrank, Mfro2, runs, Fhat):
     return out
 
 
-def _polish_marker(ax, step):
-    ax.axvline(step, color="gray", ls=":", lw=1.0, label="noise off (polish)")
-
-
 def figures(runs, Fhat, Xnuc, out, title, noise_steps):
+    """Fig. 1 (losses) and Fig. 2 (trace with F_L, nuclear norm with |X|_*): one column per depth."""
     from lightning_flat.plotting import COLORS, figure, reference, save, series
 
     depths = sorted(runs)
-    fig, axes = figure(2, len(depths), title=f"{title}: losses")
-    for k, L in enumerate(depths):
-        for mode in ("label_noise", "plain"):
-            c = runs[L][mode]["curves"]
-            series(axes[0, k], *c["train"], label=mode.replace("_", " "), logy=True, color=COLORS[mode])
-            series(axes[1, k], *c["test"], label=mode.replace("_", " "), logy=True, color=COLORS[mode])
-        for ax in axes[:, k]:
-            _polish_marker(ax, noise_steps)
-        axes[0, k].set_title(f"L = {L}: train loss (full data, no noise)")
-        axes[1, k].set_title(f"L = {L}: test loss / |M*|_F^2")
-        for ax in axes[:, k]:
-            ax.legend(fontsize=8)
-    paths = [save(fig, os.path.join(out, "fig1_losses.png"))]
-    fig, axes = figure(2, len(depths), title=f"{title}: flatness and nuclear norm")
-    for k, L in enumerate(depths):
-        for mode in ("label_noise", "plain"):
-            c = runs[L][mode]["curves"]
-            series(axes[0, k], *c["trace"], label=mode.replace("_", " "), logy=True, color=COLORS[mode])
-            series(axes[1, k], *c["nuclear"], label=mode.replace("_", " "), logy=True, color=COLORS[mode])
-        for ax in axes[:, k]:
-            _polish_marker(ax, noise_steps)
-        reference(axes[0, k], Fhat[L], "predicted min F_L")
-        reference(axes[1, k], Xnuc, "min nuclear norm |X|_*")
-        axes[0, k].set_title(f"L = {L}: Hessian trace")
-        axes[1, k].set_title(f"L = {L}: |E|_*")
-        for ax in axes[:, k]:
-            ax.legend(fontsize=8)
-    paths.append(save(fig, os.path.join(out, "fig2_trace_nuclear.png")))
+    specs = [
+        ("fig1_losses.png", "losses", [("train", "train loss (full data, no noise)", None),
+                                       ("test", "test loss / |M*|_F^2", None)]),
+        ("fig2_trace_nuclear.png", "flatness and nuclear norm",
+         [("trace", "Hessian trace", lambda L: (Fhat[L], "predicted min F_L")),
+          ("nuclear", "|E|_*", lambda L: (Xnuc, "min nuclear norm |X|_*"))]),
+    ]
+    paths = []
+    for filename, what, rows in specs:
+        fig, axes = figure(len(rows), len(depths), title=f"{title}: {what}")
+        for k, L in enumerate(depths):
+            for r, (key, name, ref) in enumerate(rows):
+                ax = axes[r, k]
+                for mode in ("label_noise", "plain"):
+                    series(ax, *runs[L][mode]["curves"][key], label=mode.replace("_", " "), logy=True,
+                           color=COLORS[mode])
+                ax.axvline(noise_steps, color="gray", ls=":", lw=1.0, label="noise off (polish)")
+                if ref is not None:
+                    reference(ax, *ref(L))
+                ax.set_title(f"L = {L}: {name}")
+                ax.legend(fontsize=8)
+        paths.append(save(fig, os.path.join(out, filename)))
     return paths
 
 
