@@ -80,6 +80,14 @@ class Measurements:
         """The measurement matrices as one tensor of shape ``(n, d_out, d_in)``."""
         raise NotImplementedError
 
+    def fields(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        """The tensors with one row per measurement (for splitting a batch into chunks, e.g. under ``vmap``)."""
+        raise NotImplementedError
+
+    def with_fields(self, fields: dict[str, Tensor]) -> Measurements:  # pragma: no cover - abstract
+        """The same kind of measurements over other rows (the inverse of :meth:`fields`)."""
+        raise NotImplementedError
+
     def to(self, *args: Any, **kwargs: Any) -> Measurements:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -177,6 +185,14 @@ class Dense(Measurements):
 
     def dense(self) -> Tensor:
         return self.A
+
+    def fields(self) -> dict[str, Tensor]:
+        """The tensors with one row per measurement (for splitting a batch into chunks, e.g. under ``vmap``)."""
+        return {"A": self.A}
+
+    def with_fields(self, fields: dict[str, Tensor]) -> Dense:
+        """The same kind of measurements over other rows (the inverse of :meth:`fields`)."""
+        return Dense(fields["A"])
 
     def subset(self, index: Tensor | slice) -> Dense:
         if isinstance(index, Tensor) and index.ndim == 1 and self.A.ndim == 3 and not index.dtype == torch.bool:
@@ -312,6 +328,12 @@ class RankOne(Measurements):
     def dense(self) -> Tensor:
         return self.u.unsqueeze(-1) * self.v.unsqueeze(-2)
 
+    def fields(self) -> dict[str, Tensor]:
+        return {"u": self.u, "v": self.v}
+
+    def with_fields(self, fields: dict[str, Tensor]) -> RankOne:
+        return RankOne(fields["u"], fields["v"])
+
     def subset(self, index: Tensor | slice) -> RankOne:
         if isinstance(index, Tensor) and index.ndim == 1 and self.u.ndim == 2 and not index.dtype == torch.bool:
             return RankOne(torch.index_select(self.u, 0, index), torch.index_select(self.v, 0, index))
@@ -393,10 +415,16 @@ class Entries(Measurements):
         return out.reshape(*self._flat.shape, d_out, d_in)
 
     def subset(self, index: Tensor | slice) -> Entries:
-        # The parent's rows and cols are already checked: skip the range checks (they sync with the device).
+        return self.with_fields({"rows": self.rows[index], "cols": self.cols[index]})
+
+    def fields(self) -> dict[str, Tensor]:
+        return {"rows": self.rows, "cols": self.cols}
+
+    def with_fields(self, fields: dict[str, Tensor]) -> Entries:
+        # Rows of already checked entries: skip the range checks (they sync with the device and fail under vmap).
         out = object.__new__(Entries)
-        out.rows, out.cols, out.shape, out._dtype = self.rows[index], self.cols[index], self.shape, self._dtype
-        out._flat = self._flat[index]
+        out.rows, out.cols, out.shape, out._dtype = fields["rows"], fields["cols"], self.shape, self._dtype
+        out._flat = out.rows * self.shape[1] + out.cols
         return out
 
     def to(self, *args: Any, **kwargs: Any) -> Entries:
@@ -440,6 +468,15 @@ class MeasurementBatch:
 
     def __len__(self) -> int:
         return int(self.targets.shape[-1])
+
+    def fields(self) -> dict[str, Tensor]:
+        """The batch as a dict of tensors with the examples along dim 0 (see :meth:`with_fields`)."""
+        return {**self.measurements.fields(), "targets": self.targets}
+
+    def with_fields(self, fields: dict[str, Tensor]) -> MeasurementBatch:
+        """A batch of the same kind over other rows, e.g. one chunk of ``fields()`` split along dim 0."""
+        rest = {k: v for k, v in fields.items() if k != "targets"}
+        return MeasurementBatch(self.measurements.with_fields(rest), fields["targets"])
 
     def __repr__(self) -> str:
         return f"MeasurementBatch({self.measurements!r}, targets={tuple(self.targets.shape)})"

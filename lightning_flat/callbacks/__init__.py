@@ -4,6 +4,7 @@ from lightning_flat.callbacks.base import MeasuringCallback
 from lightning_flat.callbacks.curvature import HessianTrace, Sharpness
 from lightning_flat.callbacks.guard import FiniteLossGuard
 from lightning_flat.callbacks.label_noise import LabelNoise
+from lightning_flat.callbacks.sam import SAM
 from lightning_flat.callbacks.schedule import HyperparameterSchedule
 from lightning_flat.callbacks.structure import Balancedness, EffectiveRank, MatrixNorms
 
@@ -16,5 +17,6 @@ __all__ = [
     "LabelNoise",
     "MatrixNorms",
     "MeasuringCallback",
+    "SAM",
     "Sharpness",
 ]

@@ -42,8 +42,8 @@ def problem_data(trainer: L.Trainer, pl_module: L.LightningModule, measurements:
 class MeasuringCallback(Callback):
     """Base of the callbacks that measure the model every ``every_n_steps`` optimizer steps.
 
-    A measurement is taken at the start of training (step 0 of a fresh run), whenever ``trainer.global_step`` is a
-    multiple of ``every_n_steps`` after an optimizer step, and at the end of training. Step ``s`` means the weights
+    A measurement is taken whenever ``trainer.global_step`` is a multiple of ``every_n_steps`` (step 0 of a fresh
+    run included, at the start of training) and at the end of training; a resumed run continues the same cadence. Step ``s`` means the weights
     after ``s`` updates. Values are written to every logger of the trainer at ``step = global_step`` (so they are
     never dropped by ``Trainer(log_every_n_steps)``), kept in ``self.history[key] = [(step, value), ...]``, and the
     last ones in ``self.last``. Subclasses implement ``measure(trainer, pl_module) -> dict``; it runs under
@@ -83,7 +83,8 @@ class MeasuringCallback(Callback):
                 logger.log_metrics(values, step=step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run(trainer, pl_module)
+        if trainer.global_step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -52,8 +52,8 @@ class _CurvatureCallback(MeasuringCallback):
             self._batch = batch  # the fixed curvature batch of the generic path: the first training batch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if is_linear_net(pl_module):
-            self._run(trainer, pl_module)  # the generic path has no batch before the first step
+        if is_linear_net(pl_module):  # the generic path has no batch before the first step
+            super().on_train_start(trainer, pl_module)
 
     def _operator(self, pl_module: L.LightningModule):
         from hessian_eigenthings import HessianOperator

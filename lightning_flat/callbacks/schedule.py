@@ -1,7 +1,8 @@
-"""Piecewise hyperparameter schedules (learning rate, ridge, label noise) applied at the start of each step."""
+"""Hyperparameter schedules (learning rate, ridge, label noise, SAM radius) applied before each optimizer step."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any, Union
@@ -10,86 +11,195 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lightning_flat._checks import check_positive_int, check_real
-from lightning_flat.callbacks.label_noise import LabelNoise
 
-__all__ = ["HyperparameterSchedule", "Phases"]
+__all__ = ["HyperparameterSchedule", "Schedule", "SHAPES"]
 
-ScheduleSpec = Union[float, list[tuple[int, float]], None]
+#: The named shapes and their parameters (see :class:`Schedule`).
+SHAPES = {
+    "constant": ("value",),
+    "anneal": ("high", "low", "at"),
+    "periodic": ("values", "lengths"),
+    "cosine": ("start", "end", "steps"),
+    "linear_warmup": ("value", "steps"),
+}
+
+ScheduleSpec = Union[float, dict, list, None]
 
 
-class Phases:
-    """A piecewise-constant schedule: ``[(step_0 = 0, value_0), (step_1, value_1), ...]``; ``value(s)`` is the value
-    of the last phase with ``step_k <= s``."""
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
-    def __init__(self, name: str, spec: Any, low: float = 0.0) -> None:
-        if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
-            phases = [(0, spec)]
-        elif isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec) > 0:
-            phases = []
-            for k, item in enumerate(spec):
-                if not isinstance(item, Sequence) or isinstance(item, str) or len(item) != 2:
-                    raise ValueError(f"{name}[{k}] must be a (step, value) pair, got {item!r}")
-                phases.append((item[0], item[1]))
-        else:
-            raise ValueError(f"{name} must be a number or a list of (step, value) pairs starting at step 0, got {spec!r}")
-        steps = []
-        for k, (step, value) in enumerate(phases):
-            integral = isinstance(step, numbers.Integral) or (isinstance(step, float) and step.is_integer())
-            if isinstance(step, bool) or not integral or step < 0:
-                raise ValueError(f"{name}[{k}] step must be a non-negative int, got {step!r}")
-            check_real(f"{name}[{k}] value", value, low=low)
-            steps.append(int(step))
-        if steps[0] != 0:
-            raise ValueError(f"{name} must start with a phase at step 0, got first step {steps[0]}")
-        if any(b <= a for a, b in zip(steps, steps[1:])):
-            raise ValueError(f"{name} phase steps must increase strictly, got {steps}")
+
+def _step(name: str, x: Any) -> int:
+    integral = isinstance(x, numbers.Integral) or (isinstance(x, float) and x.is_integer())
+    if isinstance(x, bool) or not integral or x < 0:
+        raise ValueError(f"{name} must be a non-negative int step, got {x!r}")
+    return int(x)
+
+
+class _Shape:
+    """One named shape, evaluated at a step counted from the start of its segment."""
+
+    def __init__(self, name: str, spec: dict) -> None:
+        shape = spec.get("shape")
+        if shape not in SHAPES:
+            raise ValueError(f"{name}: shape must be one of {', '.join(map(repr, SHAPES))}, got {shape!r}")
+        allowed = set(SHAPES[shape]) | {"shape", "start", "cycles"}
+        unknown = set(spec) - allowed
+        missing = [k for k in SHAPES[shape] if k not in spec]
+        if unknown:
+            raise ValueError(f"{name}: {shape!r} takes {sorted(allowed - {'shape'})}, got unknown {sorted(unknown)}")
+        if missing:
+            raise ValueError(f"{name}: {shape!r} needs {list(SHAPES[shape])}, missing {missing}")
+        self.shape = shape
+        v = lambda key: check_real(f"{name}.{key}", spec[key], low=0.0)  # noqa: E731
+        if shape == "constant":
+            self.value_ = v("value")
+        elif shape == "anneal":
+            self.high, self.low, self.at = v("high"), v("low"), _step(f"{name}.at", spec["at"])
+        elif shape == "periodic":
+            values, lengths = spec["values"], spec["lengths"]
+            if not isinstance(values, Sequence) or not isinstance(lengths, Sequence) or len(values) != len(lengths) \
+                    or len(values) == 0:
+                raise ValueError(f"{name}: periodic needs values and lengths of one non-zero length, got "
+                                 f"{values!r} and {lengths!r}")
+            self.values = [check_real(f"{name}.values[{i}]", x, low=0.0) for i, x in enumerate(values)]
+            self.lengths = [check_positive_int(f"{name}.lengths[{i}]", x) for i, x in enumerate(lengths)]
+            self.cycles = None if spec.get("cycles") is None else check_positive_int(f"{name}.cycles", spec["cycles"])
+        elif shape == "cosine":
+            self.start, self.end = v("start"), v("end")
+            self.steps = check_positive_int(f"{name}.steps", spec["steps"])
+        else:  # linear_warmup
+            self.value_ = v("value")
+            self.steps = check_positive_int(f"{name}.steps", spec["steps"])
+            self.start = check_real(f"{name}.start", spec.get("start", 0.0), low=0.0)
+
+    def value(self, t: int) -> float:
+        if self.shape == "constant":
+            return self.value_
+        if self.shape == "anneal":
+            return self.high if t < self.at else self.low
+        if self.shape == "periodic":
+            period = sum(self.lengths)
+            if self.cycles is not None and t >= self.cycles * period:
+                return self.values[-1]
+            t %= period
+            for value, length in zip(self.values, self.lengths):
+                if t < length:
+                    return value
+                t -= length
+        if self.shape == "cosine":
+            if t >= self.steps:
+                return self.end
+            return self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * t / self.steps))
+        # linear_warmup
+        if t >= self.steps:
+            return self.value_
+        return self.start + (self.value_ - self.start) * t / self.steps
+
+
+class Schedule:
+    r"""A hyperparameter as a function of the optimizer step.
+
+    ``spec`` is one of
+
+    - a number: constant;
+    - a named shape, a dict with ``"shape"``:
+
+      - ``{"shape": "anneal", "high": h, "low": l, "at": s}``: ``h`` before step ``s``, ``l`` from it on;
+      - ``{"shape": "periodic", "values": [v1, v2, ...], "lengths": [n1, n2, ...], "cycles": k}``: ``v1`` for
+        ``n1`` steps, then ``v2`` for ``n2`` steps, ..., repeated (``k`` times, then the last value; default forever);
+      - ``{"shape": "cosine", "start": a, "end": b, "steps": T}``: :math:`b + \frac{a-b}2(1+\cos(\pi t/T))`, then ``b``;
+      - ``{"shape": "linear_warmup", "value": v, "steps": T, "start": a}``: linear from ``a`` (default 0) to ``v``
+        over ``T`` steps, then ``v``;
+      - ``{"shape": "constant", "value": v}``;
+    - a list of ``(step, segment)`` phases starting at step 0, each segment a number or a named shape whose step
+      counts from the segment's start, e.g. ``[(0, 0.03), (500, {"shape": "periodic", "values": [0.4, 0.1],
+      "lengths": [1000, 1000]})]``.
+
+    All values must be >= 0.
+    """
+
+    def __init__(self, name: str, spec: Any) -> None:
         self.name = name
-        self.steps = steps
-        self.values = [float(v) for _, v in phases]
+        self.spec = spec
+        if _is_number(spec) or isinstance(spec, dict):
+            spec = [(0, spec)]
+        if isinstance(spec, str) or not isinstance(spec, Sequence) or len(spec) == 0:
+            raise ValueError(f"{name} must be a number, a named shape (dict with 'shape') or a list of (step, value) "
+                             f"phases starting at step 0, got {self.spec!r}")
+        self.starts: list[int] = []
+        self.segments: list[float | _Shape] = []
+        for k, item in enumerate(spec):
+            if isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2:
+                raise ValueError(f"{name}[{k}] must be a (step, value) pair, got {item!r}")
+            start, seg = item
+            self.starts.append(_step(f"{name}[{k}] step", start))
+            if isinstance(seg, dict):
+                self.segments.append(_Shape(f"{name}[{k}]", seg))
+            else:
+                self.segments.append(check_real(f"{name}[{k}] value", seg, low=0.0))
+        if self.starts[0] != 0:
+            raise ValueError(f"{name} must start with a phase at step 0, got first step {self.starts[0]}")
+        if any(b <= a for a, b in zip(self.starts, self.starts[1:])):
+            raise ValueError(f"{name} phase steps must increase strictly, got {self.starts}")
 
     def value(self, step: int) -> float:
         k = 0
-        while k + 1 < len(self.steps) and self.steps[k + 1] <= step:
+        while k + 1 < len(self.starts) and self.starts[k + 1] <= step:
             k += 1
-        return self.values[k]
+        seg = self.segments[k]
+        return seg.value(step - self.starts[k]) if isinstance(seg, _Shape) else seg
 
     def __repr__(self) -> str:
-        return f"Phases({self.name}, {list(zip(self.steps, self.values))})"
+        return f"Schedule({self.name}, {self.spec!r})"
 
 
 class HyperparameterSchedule(Callback):
-    """Set the learning rate, ridge (weight decay) and label-noise std of each step from a schedule.
+    """Set the learning rate, ridge (weight decay), label-noise std and SAM radius of each step from schedules.
 
-    Each of ``lr``, ``weight_decay`` and ``label_noise`` is ``None`` (left alone), a constant, or a list of
-    ``(step, value)`` phases starting at step 0, e.g. ``label_noise=[(0, 1.0), (300000, 0.0)]`` (noisy phase, then a
-    noiseless polish). The values of step ``s`` are applied before step ``s`` runs (at the start of training and
-    after each optimizer step), to every param group of every optimizer and to every :class:`LabelNoise` callback
-    of the trainer, whatever the callbacks' order. Values are functions of the step only, so a resumed run follows
-    the same schedule.
+    Each of ``lr``, ``weight_decay``, ``label_noise`` and ``sam_rho`` is ``None`` (left alone) or a :class:`Schedule`
+    spec: a constant, a named shape (``"anneal"``, ``"periodic"``, ``"cosine"``, ``"linear_warmup"``) or a list of
+    ``(step, value-or-shape)`` phases, e.g. ``label_noise=[(0, 1.0), (300000, 0.0)]`` (noisy phase, then a noiseless
+    polish). The values of step ``s`` are in place before step ``s`` runs (set at the start of training and after
+    each optimizer step), on every param group of every optimizer, every :class:`LabelNoise` and every :class:`SAM`
+    callback, whatever the callbacks' order; lr and ridge change on the same step boundary. Values depend on the step
+    only, so a resumed run follows the same schedule.
 
     Logged keys (at the start, on every change and every ``every_n_steps``): ``hparams/lr``,
-    ``hparams/weight_decay``, ``hparams/label_noise`` for the scheduled ones.
+    ``hparams/weight_decay``, ``hparams/label_noise``, ``hparams/sam_rho`` for the scheduled ones.
     """
 
     def __init__(self, lr: ScheduleSpec = None, weight_decay: ScheduleSpec = None, label_noise: ScheduleSpec = None,
-                 every_n_steps: int = 1000) -> None:
-        self.schedules: dict[str, Phases] = {}
-        for name, spec in (("lr", lr), ("weight_decay", weight_decay), ("label_noise", label_noise)):
+                 sam_rho: ScheduleSpec = None, every_n_steps: int = 1000) -> None:
+        self.schedules: dict[str, Schedule] = {}
+        for name, spec in (("lr", lr), ("weight_decay", weight_decay), ("label_noise", label_noise),
+                           ("sam_rho", sam_rho)):
             if spec is not None:
-                self.schedules[name] = Phases(name, spec)
+                self.schedules[name] = Schedule(name, spec)
         if not self.schedules:
-            raise ValueError("HyperparameterSchedule needs at least one of lr, weight_decay, label_noise")
+            raise ValueError("HyperparameterSchedule needs at least one of lr, weight_decay, label_noise, sam_rho")
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.current: dict[str, float] = {}
 
     def values(self, step: int) -> dict[str, float]:
         return {name: s.value(step) for name, s in self.schedules.items()}
 
+    def _targets(self, trainer: L.Trainer, kind: type) -> list:
+        return [c for c in trainer.callbacks if isinstance(c, kind)]
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if "label_noise" in self.schedules and not any(isinstance(c, LabelNoise) for c in trainer.callbacks):
-            raise ValueError("HyperparameterSchedule(label_noise=...) needs a LabelNoise callback in the Trainer")
+        from lightning_flat.callbacks.label_noise import LabelNoise
+        from lightning_flat.callbacks.sam import SAM
+
+        for name, kind in (("label_noise", LabelNoise), ("sam_rho", SAM)):
+            if name in self.schedules and not self._targets(trainer, kind):
+                raise ValueError(f"HyperparameterSchedule({name}=...) needs a {kind.__name__} callback in the Trainer")
 
     def _apply(self, trainer: L.Trainer) -> None:
+        from lightning_flat.callbacks.label_noise import LabelNoise
+        from lightning_flat.callbacks.sam import SAM
+
         step = trainer.global_step
         values = self.values(step)
         for opt in trainer.optimizers:
@@ -99,9 +209,11 @@ class HyperparameterSchedule(Callback):
                 if "weight_decay" in values:
                     group["weight_decay"] = values["weight_decay"]
         if "label_noise" in values:
-            for cb in trainer.callbacks:
-                if isinstance(cb, LabelNoise):
-                    cb.std = values["label_noise"]
+            for cb in self._targets(trainer, LabelNoise):
+                cb.std = values["label_noise"]
+        if "sam_rho" in values:
+            for cb in self._targets(trainer, SAM):
+                cb.rho = values["sam_rho"]
         changed = values != self.current
         self.current = values
         if (changed or step % self.every_n_steps == 0) and trainer.is_global_zero:
@@ -114,3 +226,9 @@ class HyperparameterSchedule(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._apply(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current": dict(self.current)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.current = dict(state_dict.get("current", {}))

@@ -17,6 +17,7 @@ from lightning_flat.functional.curvature import (
     trace_surrogate,
     unflatten_weights,
 )
+from lightning_flat.functional.sam import sam_gradient, sam_perturbation
 from lightning_flat.functional.spectral import (
     effective_rank,
     nuclear_norm,
@@ -55,6 +56,8 @@ __all__ = [
     "predicted_min_trace",
     "psd_sqrt",
     "representation_cost",
+    "sam_gradient",
+    "sam_perturbation",
     "schatten_norm",
     "sharpness",
     "singular_values",

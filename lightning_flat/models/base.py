@@ -75,17 +75,35 @@ class LinearNetBase(L.LightningModule):
         raise NotImplementedError
 
     def end_to_end(self) -> Tensor:
-        return F.end_to_end(self.weights())
+        return self.end_to_end_from(self.weights())
+
+    def end_to_end_from(self, weights: list[Tensor]) -> Tensor:
+        """The end-to-end matrix as a function of the trained factors (``W_L ... W_1`` here)."""
+        return F.end_to_end(weights)
 
     def forward(self, measurements: Measurements) -> Tensor:
         """Predictions :math:`\\langle A_i, E\\rangle` for the given measurements."""
         return measurements(self.end_to_end())
 
     def loss(self, batch: Any) -> Tensor:
+        r""":math:`\frac1B\sum_{i\in B}(\langle A_i, E\rangle - y_i)^2`, summed over replicas."""
+        return self.loss_from_weights(self.weights(), batch)
+
+    def loss_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
+        """:meth:`loss` as a pure function of the factors (for ``torch.func``: per-example SAM, HVPs)."""
         measurements, targets = unpack_batch(batch)
-        return (measurements(self.end_to_end()) - targets).square().mean(-1).sum()
+        return (measurements(self.end_to_end_from(weights)) - targets).square().mean(-1).sum()
 
     # ------------------------------------------------------------------------------------------ Lightning hooks
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads the state dict before the precision plugin converts the module (e.g. to float64 for
+        # precision="64-true"): cast first, so float64 weights are not rounded through float32 on resume.
+        for value in checkpoint.get("state_dict", {}).values():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                if value.dtype != self.dtype:
+                    self.to(value.dtype)
+                break
+
     def on_fit_start(self) -> None:
         self._log_every = max(int(self.trainer.log_every_n_steps), 1) if self.trainer.log_every_n_steps else 0
         self._full_data = None

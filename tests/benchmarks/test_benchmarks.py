@@ -30,3 +30,13 @@ def test_step_overhead_quick():
     (row,) = load("step_overhead").main(["--quick"])
     assert row["plain_us"] > 0 and row["ours_us"] > 0
     assert row["ratio"] < 3.0
+
+
+@pytest.mark.slow
+def test_sam_quick():
+    result = load("sam").main(["--quick"])
+    for row in result["per_example"]:
+        assert row["rel_diff"] < 1e-12  # vmap 1-SAM = the per-example loop
+        assert row["speedup"] > 2.0
+    steps = result["step_us"]
+    assert steps["n-SAM"] > steps["SGD"]

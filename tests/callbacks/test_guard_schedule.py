@@ -3,7 +3,7 @@ import torch
 
 from helpers import trainer
 from lightning_flat.callbacks import FiniteLossGuard, HyperparameterSchedule, LabelNoise
-from lightning_flat.callbacks.schedule import Phases
+from lightning_flat.callbacks.schedule import Schedule
 from lightning_flat.datamodules import MatrixSensingDataModule
 from lightning_flat.models import DeepLinearNet
 
@@ -21,20 +21,17 @@ def test_divergence_stops_cleanly_with_step_and_value():
     assert all(torch.isfinite(w).all() for w in net.weights())  # the bad update never reached the weights
 
 
-class Probe(torch.nn.Module):
-    pass
-
-
 def test_phases_values_at_boundaries():
-    p = Phases("lr", [(0, 0.1), (10, 0.01), (25, 0.5)])
+    p = Schedule("lr", [(0, 0.1), (10, 0.01), (25, 0.5)])
     assert [p.value(s) for s in (0, 9, 10, 24, 25, 10**6)] == [0.1, 0.1, 0.01, 0.01, 0.5, 0.5]
-    assert Phases("lr", 0.3).value(123) == 0.3
+    assert Schedule("lr", 0.3).value(123) == 0.3
 
 
 @pytest.mark.parametrize(
     "spec, match",
     [([(1, 0.1)], "must start with a phase at step 0"), ([(0, 0.1), (0, 0.2)], "must increase strictly"),
-     ([(0, -1.0)], r"lr\[0\] value must be >= 0"), ("fast", "must be a number or a list"), ([(0, 1, 2)], "pair")],
+     ([(0, -1.0)], r"lr\[0\] value must be >= 0"), ("fast", "must be a number, a named shape"),
+     ([(0, 1, 2)], "pair")],
     ids=["start", "order", "negative", "string", "triple"],
 )
 def test_bad_phases(spec, match):

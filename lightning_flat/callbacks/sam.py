@@ -1,0 +1,179 @@
+"""Sharpness-aware minimization as a callback: works with automatic optimization on any LightningModule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_flat._checks import check_positive_int, check_real
+from lightning_flat.callbacks.base import is_linear_net
+from lightning_flat.callbacks.curvature import default_loss_fn
+from lightning_flat.functional.sam import sam_gradient, sam_perturbation
+from lightning_flat.measurements import MeasurementBatch
+
+__all__ = ["SAM"]
+
+
+class _LossCall(nn.Module):
+    """Wraps ``loss_fn(module, batch)`` as a forward, so ``torch.func.functional_call`` can swap the parameters."""
+
+    def __init__(self, module: nn.Module, loss_fn: Callable) -> None:
+        super().__init__()
+        self.module = module
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.module, batch)
+
+
+def _batch_fields(batch: Any) -> tuple[dict[str, Tensor], Callable[[dict[str, Tensor]], Any]]:
+    """The batch as a dict of tensors (examples along dim 0) and the function that rebuilds a batch from one."""
+    if isinstance(batch, MeasurementBatch):
+        return batch.fields(), batch.with_fields
+    if isinstance(batch, Tensor):
+        return {"0": batch}, lambda f: f["0"]
+    if isinstance(batch, dict) and all(isinstance(v, Tensor) for v in batch.values()):
+        return dict(batch), lambda f: dict(f)
+    if isinstance(batch, (list, tuple)) and all(isinstance(v, Tensor) for v in batch):
+        kind = type(batch)
+        return {str(i): v for i, v in enumerate(batch)}, lambda f: kind(f[str(i)] for i in range(len(f)))
+    raise TypeError(
+        "SAM with m (m-SAM, 1-SAM) splits the batch along dim 0: it needs a MeasurementBatch, a tensor, or a "
+        f"list/tuple/dict of tensors, got {type(batch).__name__}"
+    )
+
+
+class SAM(Callback):
+    r"""Sharpness-aware minimization: the optimizer steps with the gradient at an ascent-perturbed point.
+
+    In ``on_before_optimizer_step`` (after Lightning's backward, before the update) the callback replaces each
+    parameter's ``.grad``:
+
+    - ``m=None`` (n-SAM): :math:`g = \nabla L_B(W)` (the gradient Lightning just computed),
+      :math:`\varepsilon = \rho g/\|g\|`, new gradient :math:`\nabla L_B(W + \varepsilon)`: one extra forward and
+      backward per step. The weights are restored bitwise afterwards.
+    - ``m=k`` (m-SAM): the batch is split into chunks of ``k`` examples, each with its own ascent;
+      ``m=1`` is 1-SAM (per-example ascent). The chunks go through ``torch.func.vmap(grad(...))``, not a Python loop.
+    - ``adaptive=True`` (ASAM): :math:`\varepsilon = \rho T^2 g/\|Tg\|`, :math:`T = |W| + \eta`;
+      ``normalize=False``: :math:`\varepsilon = \rho T^2 g` (unnormalized SAM).
+
+    The loss is ``loss_fn(pl_module, batch)``: on lightning_flat models their ``loss``; on any other module
+    ``training_step(batch, 0)`` (its ``"loss"`` entry if a dict) with logging silenced. The batch is the one of the
+    current step *as training sees it*: with :class:`LabelNoise` the noisy targets, so the label noise enters the
+    ascent and the descent gradient the same way (the same draw). Ridge (weight decay) stays in the optimizer and is
+    applied at the unperturbed weights. Gradient clipping, if configured, applies to the SAM gradient. Steps whose
+    gradients were dropped (e.g. by :class:`FiniteLossGuard`) are left alone. Under DDP the new gradients are
+    averaged across ranks.
+
+    Args:
+        rho: ascent radius (>= 0; may be scheduled by :class:`HyperparameterSchedule` ``sam_rho``).
+        m: ``None`` for n-SAM, else the chunk size (1 for 1-SAM).
+        adaptive: ASAM.
+        normalize: divide the ascent by the gradient norm.
+        eta: ASAM's offset in :math:`T = |W| + \eta`.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar``, see above.
+
+    See Also:
+        :func:`lightning_flat.functional.sam_perturbation`, :func:`lightning_flat.functional.sam_gradient`.
+    """
+
+    def __init__(self, rho: float = 0.05, m: int | None = None, adaptive: bool = False, normalize: bool = True,
+                 eta: float = 0.01, loss_fn: Callable[[L.LightningModule, Any], Tensor] | None = None) -> None:
+        self.rho = rho
+        self.m = None if m is None else check_positive_int("m", m)
+        self.adaptive = bool(adaptive)
+        self.normalize = bool(normalize)
+        self.eta = check_real("eta", eta, low=0.0)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(pl_module, batch), got {loss_fn!r}")
+        self.loss_fn = loss_fn
+        self._batch: Any = None
+        self._state_key: str | None = None
+
+    @property
+    def rho(self) -> float:
+        return self._rho
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self._rho = check_real("rho", value, low=0.0)
+
+    @property
+    def state_key(self) -> str:
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(m=self.m, adaptive=self.adaptive, normalize=self.normalize)
+        return self._state_key
+
+    def _loss_fn(self, pl_module: L.LightningModule) -> Callable:
+        if self.loss_fn is not None:
+            return self.loss_fn
+        if is_linear_net(pl_module):
+            return lambda module, batch: module.loss(batch)
+        return default_loss_fn
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch = batch  # the object itself: LabelNoise's targets, whenever it runs, are in it by the step
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self._rho == 0.0 or self._batch is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if not params or any(p.grad is None for p in params):
+            return
+        with torch.enable_grad():
+            grads = self._nsam(pl_module, params) if self.m is None else self._msam(pl_module, params)
+        if trainer.world_size > 1:
+            grads = [trainer.strategy.reduce(g, reduce_op="mean") for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g.to(p.dtype)
+
+    def _nsam(self, pl_module: L.LightningModule, params: list[Tensor]) -> list[Tensor]:
+        eps = sam_perturbation([p.grad for p in params], self._rho, params=params, adaptive=self.adaptive,
+                               normalize=self.normalize, eta=self.eta)
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, e in zip(params, eps):
+                    p.add_(e)
+            loss = self._loss_fn(pl_module)(pl_module, self._batch)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def _msam(self, pl_module: L.LightningModule, params: list[Tensor]) -> list[Tensor]:
+        fields, rebuild = _batch_fields(self._batch)
+        loss_fn = self._loss_fn(pl_module)
+        if is_linear_net(pl_module) and self.loss_fn is None:
+            weights = pl_module.weights()
+            index = [next(i for i, w in enumerate(weights) if w is p) for p in params]
+
+            def loss_at(ps, batch):
+                ws = list(weights)
+                for i, p in zip(index, ps):
+                    ws[i] = p
+                return pl_module.loss_from_weights(ws, batch)
+        else:
+            names = {id(p): name for name, p in pl_module.named_parameters()}
+            keys = [f"module.{names[id(p)]}" for p in params]
+            wrapper = _LossCall(pl_module, loss_fn)
+
+            def loss_at(ps, batch):
+                return torch.func.functional_call(wrapper, dict(zip(keys, ps)), (batch,))
+
+        return sam_gradient(loss_at, params, fields, rebuild, self._rho, self.m, adaptive=self.adaptive,
+                            normalize=self.normalize, eta=self.eta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rho": self._rho}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rho = state_dict.get("rho", self._rho)
