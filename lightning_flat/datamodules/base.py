@@ -58,6 +58,18 @@ class MeasurementSampler:
         idx = torch.randint(len(self.measurements), (self.batch_size,), generator=g, device=device)
         return MeasurementBatch(self.measurements.subset(idx), torch.index_select(self.targets, 0, idx), idx)
 
+    def state_dict(self) -> dict:
+        """Nothing to save: the batches of a step follow from ``(seed, rank, step)``. Having this (and
+        :meth:`load_state_dict`) tells Lightning the sampler resumes exactly mid-epoch."""
+        return {"seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("seed", self.seed) != self.seed or state_dict.get("batch_size", self.batch_size) != \
+                self.batch_size:
+            from lightning.pytorch.utilities import rank_zero_warn
+            rank_zero_warn(f"resuming with sampler seed/batch_size {self.seed}/{self.batch_size}, but the checkpoint "
+                           f"was written with {state_dict.get('seed')}/{state_dict.get('batch_size')}")
+
     def __iter__(self) -> Iterator[MeasurementBatch]:
         step = int(self.start_step())
         g = torch.Generator(device=self.targets.device)
