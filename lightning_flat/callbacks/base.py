@@ -39,20 +39,39 @@ def problem_data(trainer: L.Trainer, pl_module: L.LightningModule, measurements:
     )
 
 
+def replica_mean(values: Tensor, active: Tensor | None) -> Tensor:
+    """Mean of per-replica values ``(R,)`` over the active replicas (NaN if none is active)."""
+    if active is None:
+        return values.mean()
+    keep = values[active]
+    return keep.mean() if keep.numel() else torch.tensor(float("nan"), dtype=values.dtype)
+
+
 class MeasuringCallback(Callback):
     """Base of the callbacks that measure the model every ``every_n_steps`` optimizer steps.
 
     A measurement is taken whenever ``trainer.global_step`` is a multiple of ``every_n_steps`` (step 0 of a fresh
-    run included, at the start of training) and at the end of training; a resumed run continues the same cadence. Step ``s`` means the weights
-    after ``s`` updates. Values are written to every logger of the trainer at ``step = global_step`` (so they are
-    never dropped by ``Trainer(log_every_n_steps)``), kept in ``self.history[key] = [(step, value), ...]``, and the
-    last ones in ``self.last``. Subclasses implement ``measure(trainer, pl_module) -> dict``; it runs under
-    ``torch.no_grad()`` and must not change the model or any global random state.
+    run included, at the start of training) and at the end of training; a resumed run continues the same cadence.
+    Step ``s`` means the weights after ``s`` updates. Values are written to every logger of the trainer at
+    ``step = global_step`` (so they are never dropped by ``Trainer(log_every_n_steps)``), kept in
+    ``self.history[key] = [(step, value), ...]``, and the last ones in ``self.last``.
+
+    Replicas: ``measure`` may return per-replica values of shape ``(R,)``. They are logged as their mean over the
+    active (not diverged) replicas under the key and one by one as ``key/r{k}`` for the first ``log_replicas``
+    replicas; ``self.replica_history[key] = [(step, [v_0, ..., v_{R-1}]), ...]`` keeps them all, and at the end of
+    training a wandb logger gets them as a Table (``replica_table()``).
+
+    Subclasses implement ``measure(trainer, pl_module) -> dict``; it runs under ``torch.no_grad()`` and must not
+    change the model or any global random state.
     """
+
+    group = "measure"
+    log_replicas = 4
 
     def __init__(self, every_n_steps: int = 100) -> None:
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self.replica_history: dict[str, list[tuple[int, list[float]]]] = {}
         self.last: dict[str, float] = {}
         self._last_step: int | None = None
         self._state_key: str | None = None
@@ -74,13 +93,35 @@ class MeasuringCallback(Callback):
         self._last_step = step
         with torch.no_grad():
             metrics = self.measure(trainer, pl_module)
-        values = {k: float(v) for k, v in metrics.items()}
+        active = getattr(pl_module, "replica_active", None)
+        values: dict[str, float] = {}  # one value per key (the mean over active replicas)
+        singles: dict[str, float] = {}  # key/r{k} for the first replicas
+        for k, v in metrics.items():
+            v = v.detach() if isinstance(v, Tensor) else torch.as_tensor(v, dtype=torch.float64)
+            if v.ndim >= 1:
+                self.replica_history.setdefault(k, []).append((step, [float(x) for x in v.cpu()]))
+                values[k] = float(replica_mean(v, active))
+                for r in range(min(self.log_replicas, v.shape[0])):
+                    singles[f"{k}/r{r}"] = float(v[r])
+            else:
+                values[k] = float(v)
         for k, v in values.items():
             self.history.setdefault(k, []).append((step, v))
         self.last = values
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(values, step=step)
+                logger.log_metrics({**values, **singles}, step=step)
+
+    def replica_table(self) -> tuple[list[str], list[list[float]]]:
+        """``(columns, rows)``: one row per measured step and replica, one column per per-replica key."""
+        keys = sorted(self.replica_history)
+        if not keys:
+            return [], []
+        rows = []
+        for i, (step, vals) in enumerate(self.replica_history[keys[0]]):
+            for r in range(len(vals)):
+                rows.append([step, r] + [self.replica_history[k][i][1][r] for k in keys])
+        return ["step", "replica", *keys], rows
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step % self.every_n_steps == 0:
@@ -93,11 +134,21 @@ class MeasuringCallback(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)
+        if self.replica_history and trainer.is_global_zero:
+            from lightning.pytorch.loggers import WandbLogger
+
+            columns, rows = self.replica_table()
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_table(key=f"{self.group}/replicas", columns=columns, data=rows)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "last": self.last, "last_step": self._last_step}
+        return {"history": self.history, "replica_history": self.replica_history, "last": self.last,
+                "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = {k: [tuple(x) for x in v] for k, v in state_dict.get("history", {}).items()}
+        self.replica_history = {k: [(s, list(v)) for s, v in h]
+                                for k, h in state_dict.get("replica_history", {}).items()}
         self.last = dict(state_dict.get("last", {}))
         self._last_step = state_dict.get("last_step")

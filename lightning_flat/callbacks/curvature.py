@@ -88,7 +88,7 @@ class HessianTrace(_CurvatureCallback):
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if is_linear_net(pl_module):
             meas, _ = problem_data(trainer, pl_module, self.measurements, self.targets, "HessianTrace")
-            return {"hessian/trace": F.hessian_trace(pl_module.weights(), meas).mean()}
+            return {"hessian/trace": F.hessian_trace(pl_module.weights(), meas)}
         from hessian_eigenthings import trace
         with torch.enable_grad():
             res = trace(self._operator(pl_module), num_matvecs=self.num_matvecs, method="hutch++", seed=self.seed)
@@ -103,7 +103,8 @@ class Sharpness(_CurvatureCallback):
     ``HessianOperator`` elsewhere), warm-started from the previous top eigenvector, so a read during training
     costs a few HVPs; ``method="exact"`` uses ``eigvalsh`` of the dense Hessian (small models only).
 
-    Logged keys: ``hessian/sharpness``, ``hessian/sharpness_hvps`` (HVPs used by this read, Lanczos only).
+    Logged keys: ``hessian/sharpness``, ``hessian/sharpness_hvps`` (HVPs used by this read, Lanczos only). With
+    replicas, each replica has its own Hessian, Lanczos run and warm-start vector.
     """
 
     def __init__(self, every_n_steps: int = 100, method: str = "auto", max_iter: int = 100, tol: float = 1e-8,
@@ -114,30 +115,55 @@ class Sharpness(_CurvatureCallback):
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_real("tol", tol, low=0.0, low_open=True)
         self.warm_start = bool(warm_start)
-        self._v: Tensor | None = None
+        self._v: dict[int, Tensor] = {}  # warm-start vector per replica
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         with torch.enable_grad():
-            if is_linear_net(pl_module):
-                meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "Sharpness")
-                weights = pl_module.weights()
-                size = sum(W.numel() for W in weights)
-                if self.method == "exact" or (self.method == "auto" and size <= 1024):
-                    return {"hessian/sharpness": F.sharpness(weights, meas, targets, method="exact")}
-                hvp, w0 = F.loss_hvp(weights, meas, targets)
-                dtype, device = w0.dtype, w0.device
-            else:
+            if not is_linear_net(pl_module):
                 op = self._operator(pl_module)
-                hvp, size, dtype, device = op.matvec, op.size, op.dtype, op.device
-            v0 = self._v if (self.warm_start and self._v is not None and self._v.numel() == size) else None
-            theta, v, hvps = F.top_hessian_eigenpair(hvp, size, dtype=dtype, device=device, v0=v0,
-                                                     max_iter=self.max_iter, tol=self.tol, seed=self.seed)
-        self._v = v.detach()
-        return {"hessian/sharpness": theta, "hessian/sharpness_hvps": hvps}
+                theta, hvps = self._lanczos(op.matvec, op.size, op.dtype, op.device, 0)
+                return {"hessian/sharpness": theta, "hessian/sharpness_hvps": hvps}
+            meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "Sharpness")
+            weights = pl_module.weights()
+            R = getattr(pl_module, "replicas", 1)
+            active = getattr(pl_module, "replica_active", None)
+            per = [[W[r] for W in weights] for r in range(R)] if R > 1 else [weights]
+            size = sum(W.numel() for W in per[0])
+            thetas, counts = [], []
+            for r, ws in enumerate(per):
+                if active is not None and not bool(active[r]):
+                    thetas.append(float("nan"))  # a diverged replica is not measured
+                    counts.append(0)
+                elif self.method == "exact" or (self.method == "auto" and size <= 1024):
+                    thetas.append(float(F.sharpness(ws, meas, targets, method="exact")))
+                    counts.append(0)
+                else:
+                    hvp, w0 = F.loss_hvp(ws, meas, targets)
+                    theta, hvps = self._lanczos(hvp, size, w0.dtype, w0.device, r)
+                    thetas.append(float(theta))
+                    counts.append(hvps)
+        if R == 1:
+            out = {"hessian/sharpness": thetas[0]}
+            if counts[0]:
+                out["hessian/sharpness_hvps"] = counts[0]
+            return out
+        out = {"hessian/sharpness": torch.tensor(thetas, dtype=torch.float64)}
+        if any(counts):
+            out["hessian/sharpness_hvps"] = torch.tensor(counts, dtype=torch.float64)
+        return out
+
+    def _lanczos(self, hvp, size: int, dtype: torch.dtype, device: torch.device, key: int):
+        v0 = self._v.get(key) if self.warm_start else None
+        if v0 is not None and v0.numel() != size:
+            v0 = None
+        theta, v, hvps = F.top_hessian_eigenpair(hvp, size, dtype=dtype, device=device, v0=v0,
+                                                 max_iter=self.max_iter, tol=self.tol, seed=self.seed + key)
+        self._v[key] = v.detach()
+        return theta, hvps
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "v": self._v}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._v = state_dict.get("v")
+        self._v = dict(state_dict.get("v") or {})

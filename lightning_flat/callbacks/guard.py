@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_flat._checks import check_positive_int
+from lightning_flat._checks import check_choice, check_positive_int
 
 __all__ = ["FiniteLossGuard"]
 
@@ -28,14 +28,20 @@ class FiniteLossGuard(Callback):
     names the step and the value. The decision is combined across ranks. ``stopped_step``, ``stopped_value`` and
     ``message`` keep what happened.
 
+    With replicas (a lightning_flat model with ``replicas > 1``) the model itself freezes a replica whose loss turns
+    non-finite; the guard then stops the run when all replicas have diverged (``replicas="all"``, default) or at
+    the first one (``replicas="any"``).
+
     Args:
         every_n_steps: check period in optimizer steps (1: every step; the check costs one scalar read).
         check_grads: also check every gradient (costs a reduction per parameter).
+        replicas: ``"all"`` or ``"any"``, see above.
     """
 
-    def __init__(self, every_n_steps: int = 1, check_grads: bool = False) -> None:
+    def __init__(self, every_n_steps: int = 1, check_grads: bool = False, replicas: str = "all") -> None:
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.check_grads = bool(check_grads)
+        self.replicas = check_choice("replicas", replicas, ("all", "any"))
         self.stopped_step: int | None = None
         self.stopped_value: float | None = None
         self.message: str | None = None
@@ -50,6 +56,13 @@ class FiniteLossGuard(Callback):
         value = float(self._loss)
         bad = not math.isfinite(value)
         what = "training loss"
+        active = getattr(pl_module, "replica_active", None)
+        if active is not None and not bad:
+            bad = not bool(active.any()) if self.replicas == "all" else not bool(active.all())
+            if bad:
+                diverged = getattr(pl_module, "diverged", {})
+                what = (f"loss in {'every replica' if self.replicas == 'all' else 'a replica'} "
+                        f"(diverged replicas and their (step, loss): {dict(sorted(diverged.items()))})")
         if not bad and self.check_grads:
             for group in optimizer.param_groups:
                 for p in group["params"]:

@@ -36,7 +36,7 @@ class LabelNoise(Callback):
         target_key: where the targets sit in a dict or list batch.
     """
 
-    def __init__(self, std: float = 1.0, seed: int = 0, target_key: str | int | None = None) -> None:
+    def __init__(self, std: float | list[float] = 1.0, seed: int = 0, target_key: str | int | None = None) -> None:
         self.std = std
         self.seed = check_nonnegative_int("seed", seed)
         self.target_key = target_key
@@ -44,12 +44,15 @@ class LabelNoise(Callback):
         self._state_key: str | None = None
 
     @property
-    def std(self) -> float:
+    def std(self) -> float | list[float]:
         return self._std
 
     @std.setter
-    def std(self, value: float) -> None:
-        self._std = check_real("std", value, low=0.0)
+    def std(self, value: float | list[float]) -> None:
+        if isinstance(value, (list, tuple)):
+            self._std = [check_real(f"std[{r}]", v, low=0.0) for r, v in enumerate(value)]
+        else:
+            self._std = check_real("std", value, low=0.0)
 
     @property
     def state_key(self) -> str:
@@ -58,12 +61,26 @@ class LabelNoise(Callback):
             self._state_key = self._generate_state_key(seed=self.seed)
         return self._state_key
 
-    def noise(self, shape: torch.Size, step: int, rank: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """The noise of step ``step`` (before multiplying by ``std``)."""
+    def noise(self, shape: torch.Size, step: int, rank: int, dtype: torch.dtype, device: torch.device,
+              streams: list[int] | None = None) -> Tensor:
+        """The standard normal noise of step ``step`` (before multiplying by ``std``). With ``streams`` (the seeds
+        of the runs: a lightning_flat model's ``replica_seeds``) the noise of run ``r`` is keyed by ``streams[r]``,
+        so replica ``r`` draws what a single run with that seed draws; several streams need ``shape = (R, B)``."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(step_seed(self.seed, _STREAM, rank, step))
-        return torch.randn(shape, generator=self._generator, dtype=dtype, device=device)
+        g = self._generator
+        if streams is None or len(streams) == 1:
+            keys = (self.seed, _STREAM, rank, step) if streams is None else (self.seed, _STREAM, rank, streams[0], step)
+            g.manual_seed(step_seed(*keys))
+            return torch.randn(shape, generator=g, dtype=dtype, device=device)
+        if len(shape) < 1 or shape[0] != len(streams):
+            raise ValueError(f"LabelNoise: {len(streams)} replicas need targets of shape ({len(streams)}, ...), "
+                             f"got {tuple(shape)}")
+        rows = []
+        for s in streams:
+            g.manual_seed(step_seed(self.seed, _STREAM, rank, s, step))
+            rows.append(torch.randn(shape[1:], generator=g, dtype=dtype, device=device))
+        return torch.stack(rows)
 
     def _get(self, batch: Any) -> Tensor:
         if isinstance(batch, MeasurementBatch):
@@ -90,11 +107,22 @@ class LabelNoise(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._std == 0.0:
+        std = self._std
+        if not isinstance(std, list) and std == 0.0:
             return
         y = self._get(batch)
-        xi = self.noise(y.shape, trainer.global_step, trainer.global_rank, y.dtype, y.device)
-        self._set(batch, y + self._std * xi)
+        streams = getattr(pl_module, "replica_seeds", None)
+        if streams is not None and len(streams) > 1 and (y.ndim < 2 or y.shape[0] != len(streams)):
+            y = y.expand(len(streams), *y.shape)  # full-batch targets shared by the replicas: noise per replica
+        xi = self.noise(y.shape, trainer.global_step, trainer.global_rank, y.dtype, y.device, streams)
+        if isinstance(std, list):
+            if y.ndim < 2 or y.shape[0] != len(std):
+                raise ValueError(f"LabelNoise: std has {len(std)} values (one per replica) but the targets have shape "
+                                 f"{tuple(y.shape)}")
+            scale = torch.tensor(std, dtype=y.dtype, device=y.device).reshape(-1, *([1] * (y.ndim - 1)))
+            self._set(batch, y + scale * xi)
+        else:
+            self._set(batch, y + std * xi)
 
     def state_dict(self) -> dict[str, Any]:
         return {"std": self._std, "seed": self.seed}

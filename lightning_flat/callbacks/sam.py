@@ -66,7 +66,8 @@ class SAM(Callback):
     ``training_step(batch, 0)`` (its ``"loss"`` entry if a dict) with logging silenced. The batch is the one of the
     current step *as training sees it*: with :class:`LabelNoise` the noisy targets, so the label noise enters the
     ascent and the descent gradient the same way (the same draw). Ridge (weight decay) stays in the optimizer and is
-    applied at the unperturbed weights. Gradient clipping, if configured, applies to the SAM gradient. Steps whose
+    applied at the unperturbed weights. With replicas (a lightning_flat model with ``replicas > 1``) each replica
+    has its own ascent: norms per replica, chunks within each replica's minibatch. Gradient clipping, if configured, applies to the SAM gradient. Steps whose
     gradients were dropped (e.g. by :class:`FiniteLossGuard`) are left alone. Under DDP the new gradients are
     averaged across ranks.
 
@@ -133,9 +134,13 @@ class SAM(Callback):
         for p, g in zip(params, grads):
             p.grad = g.to(p.dtype)
 
+    @staticmethod
+    def _replica_dims(pl_module: L.LightningModule) -> int:
+        return 1 if is_linear_net(pl_module) and getattr(pl_module, "replicas", 1) > 1 else 0
+
     def _nsam(self, pl_module: L.LightningModule, params: list[Tensor]) -> list[Tensor]:
         eps = sam_perturbation([p.grad for p in params], self._rho, params=params, adaptive=self.adaptive,
-                               normalize=self.normalize, eta=self.eta)
+                               normalize=self.normalize, eta=self.eta, replica_dims=self._replica_dims(pl_module))
         saved = [p.detach().clone() for p in params]
         try:
             with torch.no_grad():
@@ -151,6 +156,13 @@ class SAM(Callback):
 
     def _msam(self, pl_module: L.LightningModule, params: list[Tensor]) -> list[Tensor]:
         fields, rebuild = _batch_fields(self._batch)
+        replica_dims = self._replica_dims(pl_module)
+        if replica_dims and isinstance(self._batch, MeasurementBatch) and self._batch.index is not None \
+                and self._batch.index.ndim == 2:
+            # per-replica minibatches (R, B, ...): chunk along the examples, dim 1
+            inner = rebuild
+            fields = {k: v.movedim(1, 0) for k, v in fields.items()}
+            rebuild = lambda f: inner({k: v.movedim(0, 1) for k, v in f.items()})  # noqa: E731
         loss_fn = self._loss_fn(pl_module)
         if is_linear_net(pl_module) and self.loss_fn is None:
             weights = pl_module.weights()
@@ -170,7 +182,7 @@ class SAM(Callback):
                 return torch.func.functional_call(wrapper, dict(zip(keys, ps)), (batch,))
 
         return sam_gradient(loss_at, params, fields, rebuild, self._rho, self.m, adaptive=self.adaptive,
-                            normalize=self.normalize, eta=self.eta)
+                            normalize=self.normalize, eta=self.eta, replica_dims=replica_dims)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rho": self._rho}

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, Union
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_flat._checks import check_positive_int, check_real
@@ -155,13 +156,45 @@ class Schedule:
         return f"Schedule({self.name}, {self.spec!r})"
 
 
+class ReplicaSchedule:
+    """One :class:`Schedule` per replica: ``{"replicas": [spec_0, ..., spec_{R-1}]}`` or a list of numbers (one
+    constant per replica). ``value(step)`` is the list of the replicas' values."""
+
+    def __init__(self, name: str, spec: Any) -> None:
+        specs = spec["replicas"] if isinstance(spec, dict) else spec
+        if isinstance(spec, dict) and set(spec) != {"replicas"}:
+            raise ValueError(f"{name}: a per-replica schedule is {{'replicas': [spec, ...]}}, got keys {sorted(spec)}")
+        if isinstance(specs, str) or not isinstance(specs, Sequence) or len(specs) == 0:
+            raise ValueError(f"{name}: 'replicas' must list one schedule per replica, got {specs!r}")
+        self.name, self.spec = name, spec
+        self.schedules = [Schedule(f"{name}[replica {r}]", x) for r, x in enumerate(specs)]
+
+    def value(self, step: int) -> list[float]:
+        return [s.value(step) for s in self.schedules]
+
+    def __len__(self) -> int:
+        return len(self.schedules)
+
+    def __repr__(self) -> str:
+        return f"ReplicaSchedule({self.name}, {self.spec!r})"
+
+
+def _parse(name: str, spec: Any) -> Schedule | ReplicaSchedule:
+    if isinstance(spec, dict) and "replicas" in spec:
+        return ReplicaSchedule(name, spec)
+    if isinstance(spec, (list, tuple)) and len(spec) > 0 and all(_is_number(x) for x in spec):
+        return ReplicaSchedule(name, list(spec))  # a list of numbers: one constant per replica
+    return Schedule(name, spec)
+
+
 class HyperparameterSchedule(Callback):
     """Set the learning rate, ridge (weight decay), label-noise std and SAM radius of each step from schedules.
 
     Each of ``lr``, ``weight_decay``, ``label_noise`` and ``sam_rho`` is ``None`` (left alone) or a :class:`Schedule`
     spec: a constant, a named shape (``"anneal"``, ``"periodic"``, ``"cosine"``, ``"linear_warmup"``) or a list of
     ``(step, value-or-shape)`` phases, e.g. ``label_noise=[(0, 1.0), (300000, 0.0)]`` (noisy phase, then a noiseless
-    polish). The values of step ``s`` are in place before step ``s`` runs (set at the start of training and after
+    polish). With replicas, ``lr``, ``weight_decay`` and ``label_noise`` may be per replica:
+    ``{"replicas": [spec_0, ..., spec_{R-1}]}``, or a list of numbers for per-replica constants. The values of step ``s`` are in place before step ``s`` runs (set at the start of training and after
     each optimizer step), on every param group of every optimizer, every :class:`LabelNoise` and every :class:`SAM`
     callback, whatever the callbacks' order; lr and ridge change on the same step boundary. Values depend on the step
     only, so a resumed run follows the same schedule.
@@ -172,17 +205,19 @@ class HyperparameterSchedule(Callback):
 
     def __init__(self, lr: ScheduleSpec = None, weight_decay: ScheduleSpec = None, label_noise: ScheduleSpec = None,
                  sam_rho: ScheduleSpec = None, every_n_steps: int = 1000) -> None:
-        self.schedules: dict[str, Schedule] = {}
+        self.schedules: dict[str, Schedule | ReplicaSchedule] = {}
         for name, spec in (("lr", lr), ("weight_decay", weight_decay), ("label_noise", label_noise),
                            ("sam_rho", sam_rho)):
             if spec is not None:
-                self.schedules[name] = Schedule(name, spec)
+                self.schedules[name] = _parse(name, spec)
+        if isinstance(self.schedules.get("sam_rho"), ReplicaSchedule):
+            raise ValueError("sam_rho cannot be set per replica")
         if not self.schedules:
             raise ValueError("HyperparameterSchedule needs at least one of lr, weight_decay, label_noise, sam_rho")
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.current: dict[str, float] = {}
 
-    def values(self, step: int) -> dict[str, float]:
+    def values(self, step: int) -> dict[str, float | list[float]]:
         return {name: s.value(step) for name, s in self.schedules.items()}
 
     def _targets(self, trainer: L.Trainer, kind: type) -> list:
@@ -195,33 +230,46 @@ class HyperparameterSchedule(Callback):
         for name, kind in (("label_noise", LabelNoise), ("sam_rho", SAM)):
             if name in self.schedules and not self._targets(trainer, kind):
                 raise ValueError(f"HyperparameterSchedule({name}=...) needs a {kind.__name__} callback in the Trainer")
+        replicas = getattr(pl_module, "replicas", 1)
+        for name, sched in self.schedules.items():
+            if isinstance(sched, ReplicaSchedule) and len(sched) != replicas:
+                raise ValueError(f"HyperparameterSchedule({name}=...) has {len(sched)} per-replica schedules but the "
+                                 f"model has {replicas} replica(s)")
 
-    def _apply(self, trainer: L.Trainer) -> None:
+    def _apply(self, trainer: L.Trainer, force: bool = False) -> None:
         from lightning_flat.callbacks.label_noise import LabelNoise
         from lightning_flat.callbacks.sam import SAM
 
         step = trainer.global_step
         values = self.values(step)
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                if "lr" in values:
-                    group["lr"] = values["lr"]
-                if "weight_decay" in values:
-                    group["weight_decay"] = values["weight_decay"]
-        if "label_noise" in values:
-            for cb in self._targets(trainer, LabelNoise):
-                cb.std = values["label_noise"]
-        if "sam_rho" in values:
-            for cb in self._targets(trainer, SAM):
-                cb.rho = values["sam_rho"]
         changed = values != self.current
+        if changed or force:
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    for key in ("lr", "weight_decay"):
+                        if key in values:
+                            v = values[key]
+                            group[key] = torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v
+            if "label_noise" in values:
+                for cb in self._targets(trainer, LabelNoise):
+                    cb.std = values["label_noise"]
+            if "sam_rho" in values:
+                for cb in self._targets(trainer, SAM):
+                    cb.rho = values["sam_rho"]
         self.current = values
         if (changed or step % self.every_n_steps == 0) and trainer.is_global_zero:
+            metrics = {}
+            for k, v in values.items():
+                if isinstance(v, list):
+                    metrics[f"hparams/{k}"] = sum(v) / len(v)
+                    metrics.update({f"hparams/{k}/r{r}": x for r, x in enumerate(v[:4])})
+                else:
+                    metrics[f"hparams/{k}"] = v
             for logger in trainer.loggers:
-                logger.log_metrics({f"hparams/{k}": v for k, v in values.items()}, step=step)
+                logger.log_metrics(metrics, step=step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply(trainer)
+        self._apply(trainer, force=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

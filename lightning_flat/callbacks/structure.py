@@ -42,10 +42,10 @@ class Balancedness(MeasuringCallback):
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         terms = F.balancedness(_weights(pl_module, "Balancedness"), per_layer=True)
-        out = {"balance/total": terms.sum(-1).mean()}
+        out = {"balance/total": terms.sum(-1)}
         if self.per_layer:
             for j in range(terms.shape[-1]):
-                out[f"balance/layer{j + 1}"] = terms[..., j].mean()
+                out[f"balance/layer{j + 1}"] = terms[..., j]
         return out
 
 
@@ -81,7 +81,7 @@ class EffectiveRank(MeasuringCallback):
         out = {}
         for name, M in mats.items():
             for kind in self.kinds:
-                out[f"rank/{self._NAMES[kind]}_{name}"] = F.effective_rank(M, kind, tol=self.tol).mean()
+                out[f"rank/{self._NAMES[kind]}_{name}"] = F.effective_rank(M, kind, tol=self.tol)
         return out
 
 
@@ -96,8 +96,7 @@ class MatrixNorms(MeasuringCallback):
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         E = _end_to_end(pl_module, "MatrixNorms")
         s = F.singular_values(E)
-        out = {"norm/nuclear": s.sum(-1).mean(), "norm/frobenius": s.square().sum(-1).sqrt().mean(),
-               "norm/spectral": s[..., 0].mean()}
+        out = {"norm/nuclear": s.sum(-1), "norm/frobenius": s.square().sum(-1).sqrt(), "norm/spectral": s[..., 0]}
         if callable(getattr(pl_module, "weights", None)):
-            out["norm/weights_sq"] = sum(W.square().sum((-2, -1)) for W in pl_module.weights()).mean()
+            out["norm/weights_sq"] = sum(W.square().sum((-2, -1)) for W in pl_module.weights())
         return out

@@ -33,33 +33,51 @@ class MeasurementSampler:
     """Iterable of :class:`MeasurementBatch` for one epoch of ``steps_per_epoch`` SGD steps.
 
     Minibatch indices are drawn i.i.d. uniformly **with replacement** at every step (``batch_size`` of them), from a
-    generator reseeded by ``step_seed(seed, rank, step)``: one ``randint`` and one gather per step, no per-sample
-    indexing, and a resumed run sees the same batches as an uninterrupted one. ``batch_size=None`` yields the full
-    data every step (gradient descent). ``start_step()`` is read when iteration starts (the trainer's global step).
+    generator reseeded by ``step_seed(seed, rank, stream, step)``: one ``randint`` and one gather per step, no
+    per-sample indexing, and a resumed run sees the same batches as an uninterrupted one. ``streams`` are the seeds
+    of the runs being trained (a lightning_flat model's ``replica_seeds``): one stream gives indices ``(B,)``,
+    several (replicas) give ``(R, B)``, row ``r`` being exactly what a single run with seed ``streams[r]`` draws.
+    ``batch_size=None`` yields the full data every step (gradient descent). ``start_step()`` is read when iteration
+    starts (the trainer's global step).
     """
 
     def __init__(self, measurements: Measurements, targets: Tensor, batch_size: int | None, seed: int,
-                 steps_per_epoch: int, start_step: Callable[[], int] = lambda: 0, rank: int = 0) -> None:
+                 steps_per_epoch: int, start_step: Callable[[], int] = lambda: 0, rank: int = 0,
+                 streams: list[int] | None = None) -> None:
         self.measurements, self.targets = measurements, targets
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.steps_per_epoch = steps_per_epoch
         self.start_step = start_step
+        self.streams = None if streams is None else [int(s) for s in streams]
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    def indices(self, step: int, generator: torch.Generator | None = None) -> Tensor:
+        """The minibatch indices of global step ``step``: ``(B,)``, or ``(R, B)`` for several streams."""
+        device = self.targets.device
+        g = generator if generator is not None else torch.Generator(device=device)
+        n, B = len(self.measurements), self.batch_size
+        if self.streams is None or len(self.streams) == 1:
+            keys = (self.seed, self.rank, step) if self.streams is None else (self.seed, self.rank, self.streams[0], step)
+            g.manual_seed(step_seed(*keys))
+            return torch.randint(n, (B,), generator=g, device=device)
+        rows = []
+        for s in self.streams:
+            g.manual_seed(step_seed(self.seed, self.rank, s, step))
+            rows.append(torch.randint(n, (B,), generator=g, device=device))
+        return torch.stack(rows)
 
     def batch(self, step: int, generator: torch.Generator | None = None) -> MeasurementBatch:
         """The batch of global step ``step``."""
         if self.batch_size is None:
             return MeasurementBatch(self.measurements, self.targets)
-        device = self.targets.device
-        g = generator if generator is not None else torch.Generator(device=device)
-        g.manual_seed(step_seed(self.seed, self.rank, step))
-        idx = torch.randint(len(self.measurements), (self.batch_size,), generator=g, device=device)
-        return MeasurementBatch(self.measurements.subset(idx), torch.index_select(self.targets, 0, idx), idx)
+        idx = self.indices(step, generator)
+        targets = torch.index_select(self.targets, 0, idx) if idx.ndim == 1 else self.targets[idx]
+        return MeasurementBatch(self.measurements.subset(idx), targets, idx)
 
     def state_dict(self) -> dict:
-        """Nothing to save: the batches of a step follow from ``(seed, rank, step)``. Having this (and
+        """Nothing to save: the batches of a step follow from ``(seed, rank, stream, step)``. Having this (and
         :meth:`load_state_dict`) tells Lightning the sampler resumes exactly mid-epoch."""
         return {"seed": self.seed, "batch_size": self.batch_size}
 
@@ -106,6 +124,23 @@ class MeasurementDataModule(L.LightningDataModule):
         self._cast_cache: dict[tuple, tuple[Measurements, Tensor]] = {}
         self._truth_cache: dict[tuple, Tensor] = {}
 
+    @classmethod
+    def from_problem(cls, measurements: Measurements, targets: Tensor, ground_truth: Tensor | None = None,
+                     batch_size: int | None = None, seed: int = 0, steps_per_epoch: int = 1000) -> MeasurementDataModule:
+        """A datamodule over given measurements and targets (and, optionally, the ground truth behind them), e.g. a
+        handful of observed entries: ``MeasurementDataModule.from_problem(Entries(rows, cols, (2, 2)), b)``."""
+        if not isinstance(measurements, Measurements):
+            raise TypeError(f"measurements must be a lightning_flat Measurements, got {type(measurements).__name__}")
+        if not isinstance(targets, Tensor) or targets.shape != (len(measurements),) or not targets.is_floating_point():
+            raise ValueError(f"targets must be a float tensor of shape ({len(measurements)},), got "
+                             f"{getattr(targets, 'shape', targets)}")
+        if ground_truth is not None and tuple(ground_truth.shape) != tuple(measurements.shape):
+            raise ValueError(f"ground_truth must have shape {measurements.shape}, got {tuple(ground_truth.shape)}")
+        dm = cls.__new__(MeasurementDataModule)
+        MeasurementDataModule.__init__(dm, batch_size=batch_size, seed=seed, steps_per_epoch=steps_per_epoch)
+        dm.measurements, dm.targets, dm.ground_truth = measurements, targets, ground_truth
+        return dm
+
     def setup(self, stage: str) -> None:
         trainer = getattr(self, "trainer", None)
         if trainer is not None and self.hparams and trainer.is_global_zero:
@@ -138,7 +173,10 @@ class MeasurementDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         rank = trainer.global_rank if trainer is not None else 0
         start = (lambda: trainer.global_step) if trainer is not None else (lambda: 0)
-        return MeasurementSampler(meas, targets, self.batch_size, self.seed, self.steps_per_epoch, start, rank)
+        module = trainer.lightning_module if trainer is not None else None
+        streams = getattr(module, "replica_seeds", None)
+        return MeasurementSampler(meas, targets, self.batch_size, self.seed, self.steps_per_epoch, start, rank,
+                                  streams)
 
     def test_error(self, E: Tensor) -> Tensor:
         r"""Population error :math:`\|E - M^*\|_F^2`, shape ``(...)`` for ``E (..., d_out, d_in)``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -34,24 +35,43 @@ def unpack_batch(batch: Any) -> tuple[Measurements, Tensor]:
 class LinearNetBase(L.LightningModule):
     r"""Base of the lightning_flat models: a network whose end-to-end map is a matrix ``E`` read by measurements.
 
-    Subclasses implement ``weights()`` (the trained factors) and ``end_to_end()``. This class provides
+    Subclasses implement ``weights()`` (the trained factors) and may override ``end_to_end_from(weights)``. This
+    class provides
 
     - ``loss(batch)``: :math:`\frac1B\sum_{i\in B}(\langle A_i, E\rangle - y_i)^2` (no 1/2) on a
-      :class:`~lightning_flat.measurements.MeasurementBatch` (label noise, if any, is already in ``y``);
+      :class:`~lightning_flat.measurements.MeasurementBatch` (label noise, if any, is already in ``y``), summed over
+      replicas (so their gradients never mix);
     - ``training_step``, which logs, every ``Trainer(log_every_n_steps)`` steps (the only steps Lightning writes):
       ``train/loss`` (the batch loss actually optimised), and when the datamodule has them ``train/full_loss`` (full
-      data, no noise), ``test/error`` (``datamodule.test_error(E)``) and ``test/relative_error``;
-    - ``configure_optimizers``: ``torch.optim.SGD(lr, momentum, weight_decay)``. Ridge is weight decay:
-      ``weight_decay=lam`` is the update ``W <- W - lr (grad + lam W)``, i.e. the objective
+      data, no noise), ``test/error`` (``datamodule.test_error(E)``) and ``test/relative_error``; with replicas the
+      mean over the active replicas under these keys plus ``key/r{k}`` for the first ``log_replicas`` replicas, and
+      ``replicas/active``;
+    - ``configure_optimizers``: ``torch.optim.SGD(lr, momentum, weight_decay)``, or with replicas
+      :class:`~lightning_flat.optim.ReplicaSGD` (per-replica ``lr`` and ``weight_decay``, frozen diverged replicas).
+      Ridge is weight decay: ``weight_decay=lam`` is the update ``W <- W - lr (grad + lam W)``, i.e. the objective
       :math:`L + \frac\lambda2\sum_j\|W_j\|_F^2`.
+
+    **Replicas.** With ``replicas = R > 1`` every factor has a leading dimension ``R`` and ``end_to_end()`` is
+    ``(R, d_out, d_in)``. Replica ``r`` has its own seed ``replica_seeds[r]`` (``seed + r`` unless a list is
+    given): its initial draw, its minibatch indices (with a lightning_flat datamodule) and its label noise (with
+    :class:`~lightning_flat.callbacks.LabelNoise`) are those of a single run with that seed. A replica whose loss
+    turns non-finite is frozen (``replica_active[r] = False``), reported in ``diverged`` and by a warning, and
+    never touches the others; :class:`~lightning_flat.callbacks.FiniteLossGuard` stops the run only when all
+    replicas have diverged (by default).
 
     Per-step overhead matters for these tiny models, so the step does no work on non-logging steps and attribute
     writes that Lightning makes on every hook call skip ``nn.Module.__setattr__``'s registry checks.
     """
 
-    lr: float
+    #: Replicas logged one by one as ``key/r{k}`` (all of them are in the callbacks' ``replica_history``).
+    log_replicas = 4
+
+    replicas: int = 1
+    replica_seeds: list[int]
+    replica_active: Tensor | None  # a bool buffer (R,) with replicas, else None
+    lr: float | list[float]
     momentum: float
-    weight_decay: float
+    weight_decay: float | list[float]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -70,6 +90,22 @@ class LinearNetBase(L.LightningModule):
         else:
             super().__setattr__(name, value)
 
+    def _init_replicas(self, replicas: int, seed: int | Sequence[int]) -> None:
+        """Set ``replicas``, ``replica_seeds``, the ``replica_active`` buffer and ``diverged`` (call in __init__)."""
+        self.replicas = replicas
+        if isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+            seeds = [int(s) for s in seed]
+            if len(seeds) != replicas:
+                raise ValueError(f"seed must be an int or a list of {replicas} ints (one per replica), got {len(seeds)}")
+        else:
+            seeds = [int(seed) + r for r in range(replicas)]
+        self.replica_seeds = seeds
+        if replicas > 1:
+            self.register_buffer("replica_active", torch.ones(replicas, dtype=torch.bool))
+        else:
+            self.replica_active = None
+        self.diverged: dict[int, tuple[int, float]] = {}
+
     # ------------------------------------------------------------------------------------------ model interface
     def weights(self) -> list[Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -82,17 +118,29 @@ class LinearNetBase(L.LightningModule):
         return F.end_to_end(weights)
 
     def forward(self, measurements: Measurements) -> Tensor:
-        """Predictions :math:`\\langle A_i, E\\rangle` for the given measurements."""
+        """Predictions :math:`\langle A_i, E\rangle` for the given measurements."""
         return measurements(self.end_to_end())
+
+    def replica_losses_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
+        """Per-replica batch losses, shape ``(R,)`` (``()`` without replicas), as a pure function of the factors."""
+        measurements, targets = unpack_batch(batch)
+        return (measurements(self.end_to_end_from(weights)) - targets).square().mean(-1)
+
+    def loss_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
+        """:meth:`loss` as a pure function of the factors (for ``torch.func``: per-example SAM, HVPs)."""
+        return self.replica_losses_from_weights(weights, batch).sum()
 
     def loss(self, batch: Any) -> Tensor:
         r""":math:`\frac1B\sum_{i\in B}(\langle A_i, E\rangle - y_i)^2`, summed over replicas."""
         return self.loss_from_weights(self.weights(), batch)
 
-    def loss_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
-        """:meth:`loss` as a pure function of the factors (for ``torch.func``: per-example SAM, HVPs)."""
-        measurements, targets = unpack_batch(batch)
-        return (measurements(self.end_to_end_from(weights)) - targets).square().mean(-1).sum()
+    def active_mean(self, values: Tensor) -> Tensor:
+        """Mean of per-replica ``values (R, ...)`` over the active replicas (the value itself without replicas)."""
+        if self.replica_active is None or values.ndim == 0:
+            return values
+        mask = self.replica_active.reshape(-1, *([1] * (values.ndim - 1)))
+        count = self.replica_active.sum().clamp(min=1)
+        return torch.where(mask, values, torch.zeros_like(values)).sum(0) / count
 
     # ------------------------------------------------------------------------------------------ Lightning hooks
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -103,6 +151,11 @@ class LinearNetBase(L.LightningModule):
                 if value.dtype != self.dtype:
                     self.to(value.dtype)
                 break
+        self.diverged = {int(k): tuple(v) for k, v in checkpoint.get("lightning_flat_diverged", {}).items()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.diverged:
+            checkpoint["lightning_flat_diverged"] = dict(self.diverged)
 
     def on_fit_start(self) -> None:
         self._log_every = max(int(self.trainer.log_every_n_steps), 1) if self.trainer.log_every_n_steps else 0
@@ -116,32 +169,65 @@ class LinearNetBase(L.LightningModule):
             self._test_scale = float(dm.ground_truth.square().sum())
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
+        losses = self.replica_losses_from_weights(self.weights(), batch)
+        if self.replica_active is not None:
+            self._mask_diverged(losses.detach())
+            loss = torch.where(self.replica_active, losses, torch.zeros_like(losses)).sum()
+        else:
+            loss = losses.sum()
         every = getattr(self, "_log_every", 0)
         if every and (self.global_step + 1) % every == 0:
-            self._log_step(loss)
+            self._log_step(losses.detach())
         return loss
 
+    def _mask_diverged(self, losses: Tensor) -> None:
+        newly = self.replica_active & ~torch.isfinite(losses)
+        if bool(newly.any()):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            for r in newly.nonzero().flatten().tolist():
+                self.diverged[r] = (int(self.global_step), float(losses[r]))
+                rank_zero_warn(f"replica {r} (seed {self.replica_seeds[r]}) diverged at step {self.global_step} "
+                               f"(loss = {float(losses[r])}); it is frozen, the other replicas go on")
+            self.replica_active &= ~newly
+
+    def _log_replicas(self, metrics: dict[str, Tensor], key: str, values: Tensor) -> None:
+        metrics[key] = self.active_mean(values)
+        if values.ndim > 0:
+            for r in range(min(self.log_replicas, values.shape[0])):
+                metrics[f"{key}/r{r}"] = values[r]
+
     @torch.no_grad()
-    def _log_step(self, loss: Tensor) -> None:
-        metrics = {}
+    def _log_step(self, losses: Tensor) -> None:
+        metrics: dict[str, Tensor] = {}
+        self._log_replicas(metrics, "train/loss", losses)
         E = None
         if self._full_data is not None:
             E = self.end_to_end()
             meas, targets = self._full_data
-            metrics["train/full_loss"] = F.measurement_loss(E, meas, targets).mean()
+            self._log_replicas(metrics, "train/full_loss", F.measurement_loss(E, meas, targets))
         if self._test_error is not None:
             E = self.end_to_end() if E is None else E
-            err = self._test_error(E).mean()
-            metrics["test/error"] = err
+            err = self._test_error(E)
+            self._log_replicas(metrics, "test/error", err)
             if self._test_scale > 0:
-                metrics["test/relative_error"] = err / self._test_scale
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        if metrics:
-            self.log_dict(metrics, on_step=True, on_epoch=False)
+                self._log_replicas(metrics, "test/relative_error", err / self._test_scale)
+        if self.replica_active is not None:
+            metrics["replicas/active"] = self.replica_active.sum().to(losses.dtype)
+        self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
+        self.log_dict(metrics, on_step=True, on_epoch=False)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.replica_active is None:
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+        from lightning_flat.optim import ReplicaSGD
+
+        def per_replica(v):
+            return torch.tensor(v, dtype=torch.float64) if isinstance(v, (list, tuple)) else v
+
+        return ReplicaSGD(self.parameters(), lr=per_replica(self.lr), momentum=self.momentum,
+                          weight_decay=per_replica(self.weight_decay), active=self.replica_active)
 
 
 LinearNetBase.training_step.__signature__ = inspect.signature(LinearNetBase.training_step)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_flat._checks import check_choice, check_positive_int, check_real
+from lightning_flat._checks import check_choice, check_per_replica, check_positive_int, check_real
 from lightning_flat.models.base import LinearNetBase
 
 __all__ = ["DeepLinearNet", "INITS"]
@@ -64,13 +64,15 @@ class DeepLinearNet(LinearNetBase):
             ``init_scale``, default 1); ``"balanced"`` (a Gaussian end-to-end draw with entry std ``init_scale``,
             default :math:`1/\sqrt{d_0}`, truncated to rank ``min(dims)`` and split into factors with equal singular
             values, so :math:`W_{j+1}^\top W_{j+1} = W_jW_j^\top`).
-        init_scale: see ``init``; ``None`` for the default.
-        lr: SGD learning rate.
+        init_scale: see ``init``; ``None`` for the default; with replicas, a list gives one per replica.
+        lr: SGD learning rate (with replicas, a list gives one per replica).
         weight_decay: ridge :math:`\lambda` as in ``torch.optim.SGD``: the objective is
-            :math:`L + \frac\lambda2\sum_j\|W_j\|_F^2`.
+            :math:`L + \frac\lambda2\sum_j\|W_j\|_F^2` (with replicas, a list gives one per replica).
         momentum: SGD momentum.
-        replicas: number of independent networks trained in one module (not yet available: must be 1).
-        seed: seed of the initial draw (weights are drawn in float64 on the CPU, then cast).
+        replicas: number ``R`` of independent networks trained in one module (weights ``(R, d_j, d_{j-1})``, see
+            :class:`~lightning_flat.models.LinearNetBase`).
+        seed: seed of the initial draw (weights are drawn in float64 on the CPU, then cast); with replicas, replica
+            ``r`` uses ``seed + r``, or ``seed[r]`` when a list is given, and equals a single run with that seed.
 
     The model is float32 by default; ``.double()`` or ``Trainer(precision="64-true")`` runs it in float64.
 
@@ -84,12 +86,12 @@ class DeepLinearNet(LinearNetBase):
         self,
         dims: Sequence[int],
         init: str = "gaussian",
-        init_scale: float | None = None,
-        lr: float = 0.01,
-        weight_decay: float = 0.0,
+        init_scale: float | list[float] | None = None,
+        lr: float | list[float] = 0.01,
+        weight_decay: float | list[float] = 0.0,
         momentum: float = 0.0,
         replicas: int = 1,
-        seed: int = 0,
+        seed: int | list[int] = 0,
     ) -> None:
         super().__init__()
         if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
@@ -98,26 +100,34 @@ class DeepLinearNet(LinearNetBase):
             raise ValueError(f"dims must list at least [d_in, d_out], got {list(dims)}")
         dims = [check_positive_int(f"dims[{i}]", d) for i, d in enumerate(dims)]
         check_choice("init", init, INITS)
-        if init_scale is not None:
-            init_scale = check_real("init_scale", init_scale, low=0.0)
-        self.lr = check_real("lr", lr, low=0.0)
-        self.weight_decay = check_real("weight_decay", weight_decay, low=0.0)
-        self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         replicas = check_positive_int("replicas", replicas)
-        if replicas != 1:
-            raise NotImplementedError("replicas > 1 is not available yet; train one network per module for now")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        init_scale = check_per_replica("init_scale", init_scale, replicas, allow_none=True)
+        self.lr = check_per_replica("lr", lr, replicas)
+        self.weight_decay = check_per_replica("weight_decay", weight_decay, replicas)
+        self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        for s in (seed if isinstance(seed, (list, tuple)) else [seed]):
+            if isinstance(s, bool) or not isinstance(s, int):
+                raise TypeError(f"seed must be an int or a list of ints, got {seed!r}")
+        if replicas == 1 and isinstance(seed, (list, tuple)):
+            raise ValueError(f"seed must be an int without replicas, got {seed!r}")
+        if replicas == 1 and any(isinstance(v, list) for v in (init_scale, self.lr, self.weight_decay)):
+            raise ValueError("init_scale, lr and weight_decay take lists only with replicas > 1")
         self.save_hyperparameters()
         self.dims = dims
         self.depth = len(dims) - 1
-        self.replicas = replicas
-        gen = torch.Generator().manual_seed(seed)
+        self._init_replicas(replicas, seed)
         dtype = torch.get_default_dtype()
-        self.layers = nn.ParameterList(
-            [nn.Parameter(W.to(dtype)) for W in _init_weights(dims, init, init_scale, gen)]
-        )
+        draws = []
+        for r, s in enumerate(self.replica_seeds):
+            scale = init_scale[r] if isinstance(init_scale, list) else init_scale
+            draws.append(_init_weights(dims, init, scale, torch.Generator().manual_seed(s)))
+        if replicas == 1:
+            factors = draws[0]
+        else:
+            factors = [torch.stack([d[j] for d in draws]) for j in range(self.depth)]
+        self.layers = nn.ParameterList([nn.Parameter(W.to(dtype)) for W in factors])
 
     def weights(self) -> list[Tensor]:
-        """The factors ``[W_1, ..., W_L]`` (the module's parameters, in that order)."""
+        """The factors ``[W_1, ..., W_L]`` (the module's parameters, in that order; ``(R, d_j, d_{j-1})`` with
+        replicas)."""
         return list(self.layers._parameters.values())  # ParameterList's own __iter__ costs ~40 us per call

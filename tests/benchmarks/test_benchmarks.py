@@ -40,3 +40,11 @@ def test_sam_quick():
         assert row["speedup"] > 2.0
     steps = result["step_us"]
     assert steps["n-SAM"] > steps["SGD"]
+
+
+@pytest.mark.slow
+def test_replicas_quick():
+    rows = load("replicas").main(["--quick"])
+    wj, mc = rows
+    assert wj["max_abs_diff"] < 1e-5 and mc["max_abs_diff"] < 1e-9  # the replicas are the single runs
+    assert wj["speedup"] > 4 and mc["speedup"] > 4  # >= 10x in the full benchmark; loose for a shared CI machine

@@ -48,7 +48,7 @@ def run_dln(sam, batch_size):
     W0 = [w.detach().double().clone() for w in net.weights()]
     tr, _ = trainer(1, [sam])
     tr.fit(net, dm)
-    batch = MeasurementSampler(dm.measurements, dm.targets, batch_size, dm.seed, 10).batch(0)
+    batch = MeasurementSampler(dm.measurements, dm.targets, batch_size, dm.seed, 10, streams=[1]).batch(0)
     return [w.detach() for w in net.weights()], W0, batch.measurements.A, batch.targets
 
 
@@ -140,8 +140,8 @@ def test_label_noise_enters_ascent_and_descent_alike():
     W0 = [w.detach().double().clone() for w in net.weights()]
     tr, _ = trainer(1, [SAM(rho=RHO), noise])  # SAM listed first: the order must not matter
     tr.fit(net, dm)
-    batch = MeasurementSampler(dm.measurements, dm.targets, 6, dm.seed, 10).batch(0)
-    b = batch.targets + 0.5 * noise.noise((6,), 0, 0, F64, torch.device("cpu"))
+    batch = MeasurementSampler(dm.measurements, dm.targets, 6, dm.seed, 10, streams=[1]).batch(0)
+    b = batch.targets + 0.5 * noise.noise((6,), 0, 0, F64, torch.device("cpu"), streams=[1])
     ref = dln_reference(W0, batch.measurements.A, b, [list(range(6))])
     assert all(rel(w, r) < 1e-10 for w, r in zip(net.weights(), ref))
 
