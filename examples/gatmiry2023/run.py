@@ -80,7 +80,11 @@ def train_run(dm, depth, mode, cfg, out, use_wandb, progress):
     loggers = [memory]
     name = f"gatmiry2023-L{depth}-{mode}"
     if use_wandb:
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
+
+        if wandb.run is not None:  # a run left open by the caller would swallow this one
+            wandb.finish()
         loggers.append(WandbLogger(project="lightning-flat", name=name, save_dir=out, offline=True,
                                    group=os.path.basename(out.rstrip("/")), config={**cfg, "depth": depth, "mode": mode}))
     trainer = L.Trainer(max_steps=steps, precision="64-true", logger=loggers, callbacks=callbacks,

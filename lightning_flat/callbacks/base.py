@@ -76,11 +76,15 @@ class MeasuringCallback(Callback):
         self._last_step: int | None = None
         self._state_key: str | None = None
 
+    def _state_key_config(self) -> dict[str, Any]:
+        """What tells two instances of the class apart in a checkpoint (extended by subclasses)."""
+        return {"every_n_steps": self.every_n_steps}
+
     @property
     def state_key(self) -> str:
         # Lightning reads state_key on every hook call of every step: build the string once.
         if self._state_key is None:
-            self._state_key = self._generate_state_key(every_n_steps=self.every_n_steps)
+            self._state_key = self._generate_state_key(**self._state_key_config())
         return self._state_key
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:  # pragma: no cover

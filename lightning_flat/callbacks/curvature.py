@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -12,7 +13,8 @@ from torch import Tensor
 from lightning_flat import functional as F
 from lightning_flat._checks import check_choice, check_positive_int, check_real
 from lightning_flat.callbacks.base import MeasuringCallback, is_linear_net, problem_data
-from lightning_flat.measurements import Measurements
+from lightning_flat.datamodules.base import step_seed
+from lightning_flat.measurements import MeasurementBatch, Measurements
 
 __all__ = ["HessianTrace", "Sharpness"]
 
@@ -29,11 +31,55 @@ def default_loss_fn(pl_module: L.LightningModule, batch: Any) -> Tensor:
     return out["loss"] if isinstance(out, dict) else out
 
 
+def _copy_batch(batch: Any) -> Any:
+    """A shallow copy of the batch container (tensors shared), so later in-place changes of the training batch
+    (e.g. by LabelNoise at the next steps) do not reach the kept curvature batch."""
+    if isinstance(batch, MeasurementBatch):
+        return MeasurementBatch(batch.measurements, batch.targets, batch.index)
+    if isinstance(batch, dict):
+        return {k: _copy_batch(v) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_copy_batch(v) for v in batch]
+    if isinstance(batch, tuple):
+        return type(batch)(*(_copy_batch(v) for v in batch)) if hasattr(batch, "_fields") else \
+            tuple(_copy_batch(v) for v in batch)
+    return batch
+
+
+@contextmanager
+def isolated(pl_module: L.LightningModule, eval_mode: bool):
+    """Run a measurement without leaving a trace: every submodule's train/eval flag and the global CPU and CUDA
+    random states are restored afterwards (so dropout masks drawn while measuring do not change training); with
+    ``eval_mode`` the module is measured in eval mode (dropout off, a deterministic Hessian)."""
+    modes = [(m, m.training) for m in pl_module.modules()]
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        if eval_mode:
+            pl_module.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
 class _CurvatureCallback(MeasuringCallback):
-    """Shared parts: the exact path on lightning_flat models, the hessian-eigenthings path elsewhere."""
+    """Shared parts: the exact path on lightning_flat models, the hessian-eigenthings path elsewhere.
+
+    Generic path: the curvature batch is the first training batch (a shallow copy, kept on its device and saved in
+    the callback's state for resume) unless ``batch`` is given; the loss is ``loss_fn(pl_module, batch)``; the
+    module is measured in eval mode by default (``eval_mode``) and every train/eval flag and the global random state
+    are restored afterwards; Hessian-vector products come from ``torch.autograd.grad`` (no ``.grad`` is written, no
+    parameter moves). Under DDP the HVPs are averaged across ranks (hessian-eigenthings' ``DDPHessianOperator``), so
+    the curvature is that of the union of the ranks' batches, identical on every rank, and logged once.
+    """
 
     def __init__(self, every_n_steps: int, measurements: Measurements | None, targets: Tensor | None,
-                 loss_fn: Callable[[L.LightningModule, Any], Tensor] | None, seed: int) -> None:
+                 loss_fn: Callable[[L.LightningModule, Any], Tensor] | None, batch: Any, eval_mode: bool,
+                 seed: int) -> None:
         super().__init__(every_n_steps)
         if measurements is not None and not isinstance(measurements, Measurements):
             raise TypeError(f"measurements must be a lightning_flat Measurements, got {type(measurements).__name__}")
@@ -41,23 +87,51 @@ class _CurvatureCallback(MeasuringCallback):
             raise ValueError("measurements and targets must be given together")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(pl_module, batch), got {loss_fn!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         self.measurements, self.targets = measurements, targets
         self.loss_fn = loss_fn or default_loss_fn
+        self.eval_mode = bool(eval_mode)
         self.seed = seed
-        self._batch: Any = None
+        self._batch: Any = _copy_batch(batch) if batch is not None else None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._batch is None and not is_linear_net(pl_module):
-            self._batch = batch  # the fixed curvature batch of the generic path: the first training batch
+        if is_linear_net(pl_module):
+            return
+        if self._batch is None:
+            self._batch = _copy_batch(batch)  # the fixed curvature batch: the first training batch
+        if trainer.global_step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)  # weights of step global_step, before its update
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if is_linear_net(pl_module):  # the generic path has no batch before the first step
+        if is_linear_net(pl_module) or self._batch is not None:
             super().on_train_start(trainer, pl_module)
 
-    def _operator(self, pl_module: L.LightningModule):
-        from hessian_eigenthings import HessianOperator
-        return HessianOperator(pl_module, [self._batch], self.loss_fn, full_dataset=True)
+    def _operator(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        from hessian_eigenthings import DDPHessianOperator, HessianOperator
+
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        batch = move_data_to_device(self._batch, pl_module.device)  # e.g. a batch restored from a checkpoint
+        cls = DDPHessianOperator if trainer.world_size > 1 else HessianOperator
+        return cls(pl_module, [batch], self.loss_fn, full_dataset=True)
+
+    def _state_key_config(self) -> dict[str, Any]:
+        return {**super()._state_key_config(), "seed": self.seed, "eval_mode": self.eval_mode,
+                **{k: getattr(self, k) for k in ("num_matvecs", "method", "top_k", "warm_start") if hasattr(self, k)}}
+
+    def _probe_seed(self, trainer: L.Trainer) -> int:
+        # fresh probes at every read, the same on every rank and after a resume
+        return step_seed(self.seed, 0x7C5, trainer.global_step) % (2**31)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "batch": self._batch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("batch") is not None:
+            self._batch = state_dict["batch"]
 
 
 class HessianTrace(_CurvatureCallback):
@@ -66,23 +140,28 @@ class HessianTrace(_CurvatureCallback):
     On lightning_flat models the value is exact: :func:`lightning_flat.functional.hessian_trace`, the closed form
     :math:`\frac2n\sum_j\mathrm{curvature}(P_j^\top P_j, S_jS_j^\top)`, which is cheap (at the Gatmiry size, one
     product with the cached fourth-moment matrix). On any other LightningModule it is a Hutch++ estimate
-    (hessian-eigenthings) with ``num_matvecs`` Hessian-vector products of ``loss_fn(pl_module, batch)`` on the first
-    training batch.
+    (hessian-eigenthings) with ``num_matvecs`` Hessian-vector products of ``loss_fn(pl_module, batch)`` on a fixed
+    batch (see ``_CurvatureCallback`` for what the generic path guarantees: no trace left in the model or its
+    training, DDP, resume). Hutch++ is exact once ``num_matvecs`` reaches about 3x the parameter count.
 
-    Logged keys: ``hessian/trace``; on the Hutch++ path also ``hessian/trace_stderr``.
+    Logged keys: ``hessian/trace``; on the Hutch++ path also ``hessian/trace_stderr`` (the standard error of its
+    residual Hutchinson part).
 
     Args:
         every_n_steps: measuring period in optimizer steps.
-        measurements, targets: the training data; default: the datamodule's.
-        loss_fn: generic path only; default ``training_step(batch, 0)`` with logging silenced.
-        num_matvecs: generic path only; Hutch++ budget.
-        seed: generic path only; seed of the Hutch++ probes.
+        measurements, targets: the training data; default: the datamodule's (lightning_flat models).
+        loss_fn: generic path; ``loss_fn(pl_module, batch) -> scalar``, default ``training_step(batch, 0)`` (its
+            ``"loss"`` entry if it returns a dict) with logging silenced.
+        batch: generic path; the curvature batch, default the first training batch.
+        num_matvecs: generic path; Hutch++ budget.
+        eval_mode: generic path; measure in eval mode (dropout off), restoring the flags afterwards.
+        seed: generic path; base seed of the Hutch++ probes (fresh probes at every read, keyed by the step).
     """
 
     def __init__(self, every_n_steps: int = 100, measurements: Measurements | None = None,
-                 targets: Tensor | None = None, loss_fn: Callable | None = None, num_matvecs: int = 99,
-                 seed: int = 0) -> None:
-        super().__init__(every_n_steps, measurements, targets, loss_fn, seed)
+                 targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
+                 num_matvecs: int = 99, eval_mode: bool = True, seed: int = 0) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed)
         self.num_matvecs = check_positive_int("num_matvecs", num_matvecs)
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -90,8 +169,9 @@ class HessianTrace(_CurvatureCallback):
             meas, _ = problem_data(trainer, pl_module, self.measurements, self.targets, "HessianTrace")
             return {"hessian/trace": F.hessian_trace(pl_module.weights(), meas)}
         from hessian_eigenthings import trace
-        with torch.enable_grad():
-            res = trace(self._operator(pl_module), num_matvecs=self.num_matvecs, method="hutch++", seed=self.seed)
+        with isolated(pl_module, self.eval_mode), torch.enable_grad():
+            res = trace(self._operator(trainer, pl_module), num_matvecs=self.num_matvecs, method="hutch++",
+                        seed=self._probe_seed(trainer))
         return {"hessian/trace": res.estimate, "hessian/trace_stderr": res.stderr}
 
 
@@ -99,18 +179,23 @@ class Sharpness(_CurvatureCallback):
     r"""Log the sharpness (largest algebraic eigenvalue of the Hessian of the full training loss, residual term
     included) every ``every_n_steps``.
 
-    Restarted Lanczos over Hessian-vector products (``torch.func`` on lightning_flat models, hessian-eigenthings'
-    ``HessianOperator`` elsewhere), warm-started from the previous top eigenvector, so a read during training
-    costs a few HVPs; ``method="exact"`` uses ``eigvalsh`` of the dense Hessian (small models only).
+    Lanczos over Hessian-vector products (``torch.func`` on lightning_flat models, hessian-eigenthings'
+    ``HessianOperator`` on any other module, see ``_CurvatureCallback``), with early stopping and warm-started from
+    the previous top eigenvector, so a read during training costs a few HVPs; ``method="exact"`` uses ``eigvalsh``
+    of the dense Hessian (lightning_flat models with at most a few thousand parameters). ``top_k > 1`` also logs
+    the ``top_k`` largest eigenvalues (hessian-eigenthings' Lanczos, ``which="LA"``).
 
-    Logged keys: ``hessian/sharpness``, ``hessian/sharpness_hvps`` (HVPs used by this read, Lanczos only). With
-    replicas, each replica has its own Hessian, Lanczos run and warm-start vector.
+    Logged keys: ``hessian/sharpness``, ``hessian/sharpness_hvps`` (HVPs used by this read, Lanczos only),
+    ``hessian/eigenvalue_{i}`` for ``i < top_k`` when ``top_k > 1``. With replicas, each replica has its own
+    Hessian, Lanczos run and warm-start vector.
     """
 
     def __init__(self, every_n_steps: int = 100, method: str = "auto", max_iter: int = 100, tol: float = 1e-8,
-                 warm_start: bool = True, measurements: Measurements | None = None, targets: Tensor | None = None,
-                 loss_fn: Callable | None = None, seed: int = 0) -> None:
-        super().__init__(every_n_steps, measurements, targets, loss_fn, seed)
+                 warm_start: bool = True, top_k: int = 1, measurements: Measurements | None = None,
+                 targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
+                 eval_mode: bool = True, seed: int = 0) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed)
+        self.top_k = check_positive_int("top_k", top_k)
         self.method = check_choice("method", method, ("auto", "exact", "lanczos"))
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_real("tol", tol, low=0.0, low_open=True)
@@ -118,11 +203,15 @@ class Sharpness(_CurvatureCallback):
         self._v: dict[int, Tensor] = {}  # warm-start vector per replica
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        with torch.enable_grad():
-            if not is_linear_net(pl_module):
-                op = self._operator(pl_module)
+        if not is_linear_net(pl_module):
+            with isolated(pl_module, self.eval_mode), torch.enable_grad():
+                op = self._operator(trainer, pl_module)
                 theta, hvps = self._lanczos(op.matvec, op.size, op.dtype, op.device, 0)
-                return {"hessian/sharpness": theta, "hessian/sharpness_hvps": hvps}
+                out = {"hessian/sharpness": theta, "hessian/sharpness_hvps": hvps}
+                if self.top_k > 1:
+                    out.update(self._top_k(op, trainer))
+            return out
+        with torch.enable_grad():
             meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "Sharpness")
             weights = pl_module.weights()
             R = getattr(pl_module, "replicas", 1)
@@ -146,11 +235,23 @@ class Sharpness(_CurvatureCallback):
             out = {"hessian/sharpness": thetas[0]}
             if counts[0]:
                 out["hessian/sharpness_hvps"] = counts[0]
+            if self.top_k > 1:
+                from hessian_eigenthings import LambdaOperator
+                with torch.enable_grad():
+                    hvp, w0 = F.loss_hvp(weights, meas, targets)
+                    out.update(self._top_k(LambdaOperator(hvp, size, w0.device, w0.dtype), trainer))
             return out
         out = {"hessian/sharpness": torch.tensor(thetas, dtype=torch.float64)}
         if any(counts):
             out["hessian/sharpness_hvps"] = torch.tensor(counts, dtype=torch.float64)
         return out
+
+    def _top_k(self, op, trainer: L.Trainer) -> dict[str, float]:
+        from hessian_eigenthings import lanczos
+
+        k = min(self.top_k, op.size)
+        res = lanczos(op, k=k, max_iter=min(max(3 * k, 30), op.size), which="LA", seed=self._probe_seed(trainer))
+        return {f"hessian/eigenvalue_{i}": float(v) for i, v in enumerate(res.eigenvalues)}
 
     def _lanczos(self, hvp, size: int, dtype: torch.dtype, device: torch.device, key: int):
         v0 = self._v.get(key) if self.warm_start else None

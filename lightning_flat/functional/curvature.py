@@ -188,9 +188,11 @@ def top_hessian_eigenpair(hvp, size: int, *, dtype: torch.dtype, device: torch.d
     r"""Largest algebraic eigenpair of a symmetric operator ``hvp`` by Lanczos with early stopping and warm start.
 
     Lanczos with full reorthogonalization from ``v0`` (or a seeded random start, drawn from its own generator so
-    global random state is untouched), stopping as soon as the Ritz residual
-    :math:`\beta_j |s_j| \le \mathrm{tol}\cdot\max(|\theta|, 1)`; if ``max_iter`` steps do not reach it, it
-    restarts from the Ritz vector (up to ``max_restarts`` times). Started from the previous top eigenvector, a read
+    global random state is untouched), stopping as soon as the bound on the eigenvalue's error,
+    :math:`\min(r, r^2/\delta)` with the Ritz residual :math:`r = \beta_j |s_j|` and the Ritz gap
+    :math:`\delta = \theta_1 - \theta_2` (Kato-Temple; used once :math:`\delta > r`), is at most
+    :math:`\mathrm{tol}\cdot\max(|\theta|, 1)`; if ``max_iter`` steps do not reach it, it restarts from the Ritz
+    vector (up to ``max_restarts`` times). ``tol`` is thus the relative accuracy of the eigenvalue. Started from the previous top eigenvector, a read
     during training converges in a few products. (hessian-eigenthings' ``lanczos`` always runs its full Krylov
     dimension and takes no start vector, hence this small loop.)
 
@@ -227,7 +229,12 @@ def top_hessian_eigenpair(hvp, size: int, *, dtype: torch.dtype, device: torch.d
                 T = T + torch.diag(off, 1) + torch.diag(off, -1)
             evals, evecs = torch.linalg.eigh(T)
             theta_f, s = float(evals[-1]), evecs[:, -1]
-            if beta * abs(float(s[-1])) <= tol * max(abs(theta_f), 1.0) or beta <= 1e-300 or j == size - 1:
+            residual = beta * abs(float(s[-1]))  # ||H y - theta y|| of the Ritz pair
+            # eigenvalue error bound: the residual, or residual^2 / gap once the Ritz values show a gap
+            error = residual
+            if j > 0 and float(evals[-1] - evals[-2]) > residual:
+                error = min(residual, residual * residual / float(evals[-1] - evals[-2]))
+            if error <= tol * max(abs(theta_f), 1.0) or beta <= 1e-300 or j == size - 1:
                 converged = True
                 break
             if j < m - 1:

@@ -48,3 +48,13 @@ def test_replicas_quick():
     wj, mc = rows
     assert wj["max_abs_diff"] < 1e-5 and mc["max_abs_diff"] < 1e-9  # the replicas are the single runs
     assert wj["speedup"] > 4 and mc["speedup"] > 4  # >= 10x in the full benchmark; loose for a shared CI machine
+
+
+@pytest.mark.slow
+def test_curvature_generic_quick():
+    result = load("curvature_generic").main(["--quick"])
+    s, t = result["sharpness"], result["trace"]
+    assert s["max_rel_diff"] < 1e-6  # warm and cold reads find the same eigenvalue
+    assert s["warm_hvps"] <= s["cold_hvps"]
+    assert t["hutch++"]["median_rel_err"] <= 0.05 and t["hutchinson"]["median_rel_err"] <= 0.05
+    assert t["hutch++"]["hvps"] < t["hutchinson"]["hvps"]
