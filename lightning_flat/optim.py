@@ -54,6 +54,8 @@ class ReplicaSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         active = self.active
+        if active is not None and bool(active.all()):
+            active = None  # nobody is frozen: skip the masking
         for group in self.param_groups:
             momentum = group["momentum"]
             for p in group["params"]:

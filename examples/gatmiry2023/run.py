@@ -1,16 +1,20 @@
 """Gatmiry et al. (2023): label-noise SGD finds the flattest factorization and the minimum nuclear norm solution.
 
 Deep matrix factorization E = W_L ... W_1 on Gaussian matrix sensing, trained by label-noise SGD (then a noiseless
-polish) and by plain SGD, with the library's Trainer, datamodule and callbacks. Writes
+polish) and by plain SGD, with the library's Trainer, datamodule and callbacks. Per depth, the label-noise run and
+the plain run are the two replicas of one DeepLinearNet (same seed: same init and same minibatches, so the plain
+run is "the same loop with no noise"); the plain replica is frozen (lr 0) after ``plain_steps``. Depths run in
+parallel worker processes (``--workers``). Writes
 
 - ``fig1_losses.png``: train loss (full data, no noise) and test loss ||E - M*||_F^2 / ||M*||_F^2, log-y, one panel
   per depth, label noise vs plain;
 - ``fig2_trace_nuclear.png``: Hessian trace with the predicted minimum F_L = 2L (d_0 d_L)^{1/L} ||X||_*^{2-2/L}, and
   ||E||_* with the minimum nuclear norm ||X||_*;
-- ``results.json`` and one wandb run per training run (offline unless WANDB_MODE says otherwise),
+- ``results.json`` and one wandb run per depth (offline unless WANDB_MODE says otherwise; label noise is replica
+  r0, plain r1),
 
-and prints a results table with the spec's acceptance checks (``specs/gatmiry2023.md``: Q1-Q4 for ``--quick``).
-Exit status 1 when a check fails.
+and prints a results table next to the spec's calibration values and the spec's acceptance checks
+(``specs/gatmiry2023.md``: Q1-Q5 for ``--quick``, checks 1-5 for the full run). Exit status 1 when a check fails.
 
     python examples/gatmiry2023/run.py --quick            # d=20, n=200, r=2, depths 2 and 3 (< 1 minute)
     python examples/gatmiry2023/run.py                    # the paper's size: d=60, n=600, r=3, depths 2, 3, 5, 10
@@ -34,6 +38,13 @@ QUICK = dict(d=20, n=200, r=2, depths=[2, 3], c=0.9, lr=0.05, batch_size=50, std
 FULL = dict(d=60, n=600, r=3, depths=[2, 3, 5, 10], c=0.9, lr=0.01, batch_size=50, std=1.0, noise_steps=300_000,
             polish_steps=20_000, plain_steps=100_000, every=1000, seed=0)
 
+#: The spec's [calib] table (seed 0 of numpy's default_rng; our torch draw differs): per depth, initial trace,
+#: label-noise final trace / F_L, label-noise |E|_*/|X|_*, label-noise rel. test, plain trace, plain |E|_*,
+#: plain rel. test.
+CALIB = {2: (1.1e4, 1.005, 1.005, 0.076, 5500, 16.7, 3.30), 3: (2.1e4, 1.015, 1.006, 0.085, 4336, 10.7, 1.77),
+         5: (1.49e4, 1.035, 1.011, 0.108, 3990, 8.2, 1.38), 10: (9.2e3, 1.09, 1.013, 0.114, 4778, 6.6, 1.36)}
+MODES = ("label_noise", "plain")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -41,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default outputs/gatmiry2023[_quick])")
     p.add_argument("--depths", type=int, nargs="+", default=None, help="override the depths")
     p.add_argument("--seed", type=int, default=None, help="problem, init and noise seed")
+    p.add_argument("--noise-steps", type=int, default=None, help="override the label-noise steps")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes over depths (default: 1 quick, 2 full)")
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -53,8 +66,21 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def train_run(dm, depth, mode, cfg, out, use_wandb, progress):
-    """One training run (mode "label_noise" or "plain"); returns its curves and final values."""
+def make_data(cfg):
+    from lightning_flat.datamodules import MatrixSensingDataModule
+
+    return MatrixSensingDataModule(n=cfg["n"], d_out=cfg["d"], d_in=cfg["d"], rank=cfg["r"],
+                                   batch_size=cfg["batch_size"], seed=cfg["seed"])
+
+
+def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):
+    """Label-noise and plain SGD at one depth as two replicas of one model; returns curves and final values."""
+    if threads:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    import logging
+
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -63,90 +89,137 @@ def train_run(dm, depth, mode, cfg, out, use_wandb, progress):
     from lightning_flat.loggers import MemoryLogger
     from lightning_flat.models import DeepLinearNet
 
-    d, every = cfg["d"], cfg["every"]
-    model = DeepLinearNet([d] * (depth + 1), init="gaussian", init_scale=cfg["c"] / math.sqrt(d), lr=cfg["lr"],
-                          seed=cfg["seed"])
-    callbacks = [HessianTrace(every), MatrixNorms(every), FiniteLossGuard()]
-    if mode == "label_noise":
-        steps = cfg["noise_steps"] + cfg["polish_steps"]
-        callbacks += [LabelNoise(cfg["std"], seed=cfg["seed"]),
-                      HyperparameterSchedule(label_noise=[(0, cfg["std"]), (cfg["noise_steps"], 0.0)],
-                                             every_n_steps=every)]
-    else:
-        steps = cfg["plain_steps"]
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    dm = make_data(cfg)
+    d, every, lr = cfg["d"], cfg["every"], cfg["lr"]
+    steps = cfg["noise_steps"] + cfg["polish_steps"]
+    model = DeepLinearNet([d] * (depth + 1), init="gaussian", init_scale=cfg["c"] / math.sqrt(d), lr=lr,
+                          replicas=2, seed=[cfg["seed"], cfg["seed"]])
+    schedule = HyperparameterSchedule(
+        label_noise={"replicas": [[(0, cfg["std"]), (cfg["noise_steps"], 0.0)], 0.0]},
+        lr={"replicas": [lr, [(0, lr), (cfg["plain_steps"], 0.0)]]},  # the plain replica stops at plain_steps
+        every_n_steps=every)
+    trace, norms, guard = HessianTrace(every), MatrixNorms(every), FiniteLossGuard()
+    callbacks = [LabelNoise([cfg["std"], 0.0], seed=cfg["seed"]), schedule, trace, norms, guard]
     if progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(steps // 50, 1)))
+        callbacks.append(TQDMProgressBar(refresh_rate=max(steps // 100, 1), process_position=position))
     memory = MemoryLogger()
     loggers = [memory]
-    name = f"gatmiry2023-L{depth}-{mode}"
     if use_wandb:
         import wandb
         from lightning.pytorch.loggers import WandbLogger
 
         if wandb.run is not None:  # a run left open by the caller would swallow this one
             wandb.finish()
-        loggers.append(WandbLogger(project="lightning-flat", name=name, save_dir=out, offline=True,
-                                   group=os.path.basename(out.rstrip("/")), config={**cfg, "depth": depth, "mode": mode}))
+        loggers.append(WandbLogger(project="lightning-flat", name=f"gatmiry2023-L{depth}", save_dir=out,
+                                   offline=True, group=os.path.basename(out.rstrip("/")),
+                                   config={**cfg, "depth": depth, "replicas": "r0 label noise, r1 plain"}))
     trainer = L.Trainer(max_steps=steps, precision="64-true", logger=loggers, callbacks=callbacks,
                         log_every_n_steps=every, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=progress, accelerator="cpu", devices=1)
     meas, targets = dm.measurements, dm.targets
+    scale = float(dm.ground_truth.square().sum())
     with torch.no_grad():
-        E0 = model.end_to_end().double()
-        init_train = float(F.measurement_loss(E0, meas, targets))
-        init_test = float(dm.test_error(E0))
+        E0 = model.end_to_end().double()[0]
+        init = (float(F.measurement_loss(E0, meas, targets)), float(dm.test_error(E0)) / scale)
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        W = [w.detach().double() for w in model.weights()]
-        E = F.end_to_end(W)
-        P, S = F.partial_products(W)
-        r_terms = [float(P[j].square().sum() * S[j].square().sum()) for j in range(depth)]
-        final = dict(
-            train_loss=float(F.measurement_loss(E, meas, targets)),
-            test_error=float(dm.test_error(E)),
-            trace=float(F.hessian_trace(W, meas)),
-            nuclear=float(F.nuclear_norm(E)),
-            balancedness=float(F.balancedness(W)),
-            r_terms=r_terms,
-        )
     if use_wandb:
-        run = loggers[-1].experiment
-        run.summary.update({f"final/{k}": v for k, v in final.items() if not isinstance(v, list)})
-        run.finish()
-    scale = float(dm.ground_truth.square().sum())
-    train_steps, train_vals = memory.series("train/full_loss")
-    test_steps, test_vals = memory.series("test/error")
-    curves = dict(
-        train=([0] + train_steps, [init_train] + train_vals),
-        test=([0] + test_steps, [v / scale for v in [init_test] + test_vals]),
-        trace=memory.series("hessian/trace"),
-        nuclear=memory.series("norm/nuclear"),
-    )
-    guard = callbacks[2]
-    return dict(depth=depth, mode=mode, steps=steps, seconds=seconds, final=final, curves=curves,
-                init_trace=memory.history["hessian/trace"][0][1], stopped=guard.message)
+        loggers[-1].experiment.finish()
+    result = dict(depth=depth, steps=steps, seconds=seconds, stopped=guard.message, diverged=model.diverged)
+    for r, mode in enumerate(MODES):
+        with torch.no_grad():
+            W = [w.detach().double()[r] for w in model.weights()]
+            E = F.end_to_end(W)
+            P, S = F.partial_products(W)
+            final = dict(train_loss=float(F.measurement_loss(E, meas, targets)),
+                         test_error=float(dm.test_error(E)), rel_test=float(dm.test_error(E)) / scale,
+                         trace=float(F.hessian_trace(W, meas)), nuclear=float(F.nuclear_norm(E)),
+                         balancedness=float(F.balancedness(W)),
+                         r_terms=[float(P[j].square().sum() * S[j].square().sum()) for j in range(depth)],
+                         top_sv_first=[float(x) for x in torch.linalg.svdvals(W[0])[:cfg["r"]]],
+                         top_sv_last=[float(x) for x in torch.linalg.svdvals(W[-1])[:cfg["r"]]],
+                         sv_E=[float(x) for x in torch.linalg.svdvals(E)[:cfg["r"]]])
+        end = steps if mode == "label_noise" else cfg["plain_steps"]
+        cut = lambda pairs: [(s, v) for s, v in pairs if s <= end]  # noqa: E731
+        train = cut([(0, init[0])] + memory.history.get(f"train/full_loss/r{r}", []))
+        test = cut([(0, init[1])] + memory.history.get(f"test/relative_error/r{r}", []))
+        tr_h = cut([(s, v[r]) for s, v in trace.replica_history["hessian/trace"]])
+        nuc_h = cut([(s, v[r]) for s, v in norms.replica_history["norm/nuclear"]])
+        result[mode] = dict(final=final, init_trace=tr_h[0][1], curves=dict(
+            train=[list(x) for x in zip(*train)], test=[list(x) for x in zip(*test)],
+            trace=[list(x) for x in zip(*tr_h)], nuclear=[list(x) for x in zip(*nuc_h)]))
+    return result
+
+
+def theory_checks():
+    """Q5 / check 6: T1-T8 of the spec at the quick size, as pass/fail rows (float64)."""
+    from lightning_flat import functional as F
+    from lightning_flat.datamodules import MatrixSensingDataModule
+    from lightning_flat.measurements import Dense
+
+    g = torch.Generator().manual_seed(0)
+    f64 = torch.float64
+    rows = []
+    m = Dense(torch.randn(5, 3, 3, generator=g, dtype=f64))
+    W = [torch.randn(d1, d0, generator=g, dtype=f64) for d0, d1 in [(3, 4), (4, 5), (5, 3)]]
+    b = torch.randn(5, generator=g, dtype=f64)
+    t1 = abs(float(F.hessian_trace(W, m) - torch.trace(F.loss_hessian(W, m, b)))) / float(F.hessian_trace(W, m))
+    rows.append(("T1 trace formula vs torch.func.hessian (rel)", t1, t1 < 1e-10))
+    iso = torch.zeros(9, 3, 3, dtype=f64)
+    for k in range(3):
+        for l in range(3):
+            iso[3 * k + l, k, l] = 3.0
+    t2 = abs(float(F.lemma3_ratio(W, Dense(iso))) - 1)
+    rows.append(("T2 exact isometry: tr = 2R (rel)", t2, t2 < 1e-12))
+    M = torch.randn(6, 2, generator=g, dtype=f64) @ torch.randn(2, 4, generator=g, dtype=f64)
+    Wf = F.flattest_factorization(M, [4, 5, 6, 5, 6])
+    t3 = abs(float(F.trace_surrogate(Wf) / F.min_trace_surrogate(M, 4)) - 1)
+    rows.append(("T3 Lemma 4 minimizer attains L (d0 dL)^(1/L) |M|_*^(2-2/L) (rel)", t3, t3 < 1e-10))
+    m4 = Dense(torch.randn(7, 5, 4, generator=g, dtype=f64))
+    M4 = torch.randn(5, 2, generator=g, dtype=f64) @ torch.randn(2, 4, generator=g, dtype=f64)
+    t4 = abs(float(F.hessian_trace(F.depth2_flattest_factorization(M4, m4, 6), m4) / F.depth2_min_trace(M4, m4)) - 1)
+    rows.append(("T4 Thm 5: depth-2 minimum 4|B1 M B2|_* attained (rel)", t4, t4 < 1e-10))
+    A1 = torch.randn(1, 4, 4, generator=g, dtype=f64)
+    M5 = torch.randn(4, 4, generator=g, dtype=f64)
+    val, Wopt = F.min_trace_on_fiber([M5, torch.eye(4, dtype=f64), torch.eye(4, dtype=f64)], Dense(A1))
+    t5 = abs(float(val / F.n1_min_trace(A1[0], M5, 3)) - 1)
+    rows.append(("T5 Thm 7 (n=1, L=3): fiber BFGS minimum = closed form (rel)", t5, t5 < 1e-6))
+    t6 = float(F.fiber_stationarity_residual(Wopt, Dense(A1)))
+    rows.append(("T6 fiber stationarity at the T5 optimum (rel residual)", t6, t6 < 1e-5))
+    errs = []
+    for seed in range(50):
+        dm = MatrixSensingDataModule(n=200, d_out=20, d_in=20, rank=2, seed=seed)
+        X = F.min_frobenius_interpolant(dm.measurements, dm.targets)
+        errs.append(float(dm.test_error(X) / dm.ground_truth.square().sum()))
+    t7 = sum(errs) / len(errs)
+    rows.append(("T7 Thm 4: mean min-Frobenius rel error, d=20, n=200, 50 seeds (0.50 +- 0.02)", t7,
+                 abs(t7 - 0.5) <= 0.02))
+    dm = MatrixSensingDataModule(n=200, d_out=20, d_in=20, rank=2, seed=0)
+    ratios = [float(F.lemma3_ratio(F.flattest_factorization(dm.ground_truth, [20] * (L + 1)), dm.measurements))
+              for L in (2, 3, 5, 10)]
+    worst = max(abs(r - 1) for r in ratios)
+    rows.append(("T8 Lemma 3 ratio at d=20, n=200, L=2,3,5,10 (max |ratio - 1| <= 0.10)", worst, worst <= 0.10))
+    return rows
 
 
 def checks_quick(X_err, frob_err, runs, Fhat, Xnuc):
     """The spec's Q1-Q4 (``--quick``): list of (name, value, passed)."""
     out = [("Q1 nuclear-norm solution recovers M* (rel err < 1e-6)", X_err, X_err < 1e-6),
            ("Q1 min-Frobenius rel err in [0.4, 0.7]", frob_err, 0.4 <= frob_err <= 0.7)]
-    for L, pair in runs.items():
-        ln, pl = pair["label_noise"], pair["plain"]
+    for L, run in runs.items():
+        ln, pl = run["label_noise"], run["plain"]
         ratio = ln["final"]["nuclear"] / Xnuc
         tr_ratio = ln["final"]["trace"] / Fhat[L]
         fall = ln["init_trace"] / ln["final"]["trace"]
-        ln_test = ln["final"]["test_error"] / runs[L]["scale"]
-        pl_test = pl["final"]["test_error"] / runs[L]["scale"]
         out += [
             (f"Q2 L={L} label noise |E|_*/|X|_* in [0.995, 1.03]", ratio, 0.995 <= ratio <= 1.03),
             (f"Q3 L={L} label noise trace/F_L in [0.9, 1.1]", tr_ratio, 0.9 <= tr_ratio <= 1.1),
             (f"Q3 L={L} label noise trace fell >= 5x from init", fall, fall >= 5),
-            (f"Q4 L={L} label noise rel test <= 0.01", ln_test, ln_test <= 0.01),
+            (f"Q4 L={L} label noise rel test <= 0.01", ln["final"]["rel_test"], ln["final"]["rel_test"] <= 0.01),
             (f"Q4 L={L} plain train loss < 1e-8", pl["final"]["train_loss"], pl["final"]["train_loss"] < 1e-8),
-            (f"Q4 L={L} plain rel test >= 0.2", pl_test, pl_test >= 0.2),
+            (f"Q4 L={L} plain rel test >= 0.2", pl["final"]["rel_test"], pl["final"]["rel_test"] >= 0.2),
             (f"Q4 L={L} plain trace >= 3x label noise", pl["final"]["trace"] / ln["final"]["trace"],
              pl["final"]["trace"] >= 3 * ln["final"]["trace"]),
         ]
@@ -158,29 +231,32 @@ def checks_full(X_err, frob_err, Mnuc, Xnuc, Mrank, Mfro2, runs, Fhat):
     out = [("1 rank M* = 3", Mrank, Mrank == 3), ("1 |M*|_F^2 in [1.5, 5]", Mfro2, 1.5 <= Mfro2 <= 5),
            ("1 min-Frobenius rel err in [0.75, 0.90]", frob_err, 0.75 <= frob_err <= 0.90),
            ("1 |X|_* <= |M*|_* + 1e-6", Xnuc - Mnuc, Xnuc <= Mnuc + 1e-6)]
-    for L, pair in runs.items():
-        ln, pl = pair["label_noise"], pair["plain"]
-        s = runs[L]["scale"]
-        lt, pt = ln["final"]["test_error"] / s, pl["final"]["test_error"] / s
+    for L, run in runs.items():
+        ln, pl = run["label_noise"]["final"], run["plain"]["final"]
+        init = run["label_noise"]["init_trace"]
+        lt, pt = ln["rel_test"], pl["rel_test"]
         out += [
-            (f"2 L={L} trace fell >= 10x", ln["init_trace"] / ln["final"]["trace"],
-             ln["init_trace"] >= 10 * ln["final"]["trace"]),
-            (f"2 L={L} trace/F_L in [0.95, 1.15]", ln["final"]["trace"] / Fhat[L],
-             0.95 <= ln["final"]["trace"] / Fhat[L] <= 1.15),
-            (f"2 L={L} |E|_*/|X|_* in [0.995, 1.03]", ln["final"]["nuclear"] / Xnuc,
-             0.995 <= ln["final"]["nuclear"] / Xnuc <= 1.03),
-            (f"2 L={L} label noise rel test <= 0.15", lt, lt <= 0.15),
-            (f"3 L={L} plain train < 1e-10", pl["final"]["train_loss"], pl["final"]["train_loss"] < 1e-10),
+            (f"2 L={L} label-noise trace fell >= 10x", init / ln["trace"], init >= 10 * ln["trace"]),
+            (f"2 L={L} label-noise trace/F_L in [0.95, 1.15]", ln["trace"] / Fhat[L],
+             0.95 <= ln["trace"] / Fhat[L] <= 1.15),
+            (f"2 L={L} label-noise |E|_*/|X|_* in [0.995, 1.03]", ln["nuclear"] / Xnuc,
+             0.995 <= ln["nuclear"] / Xnuc <= 1.03),
+            (f"2 L={L} label-noise rel test <= 0.15", lt, lt <= 0.15),
+            (f"3 L={L} plain train < 1e-10", pl["train_loss"], pl["train_loss"] < 1e-10),
             (f"3 L={L} plain rel test >= 0.8", pt, pt >= 0.8),
-            (f"3 L={L} plain |E|_* >= 2|X|_*", pl["final"]["nuclear"] / Xnuc, pl["final"]["nuclear"] >= 2 * Xnuc),
-            (f"3 L={L} plain trace >= 5 F_L", pl["final"]["trace"] / Fhat[L], pl["final"]["trace"] >= 5 * Fhat[L]),
+            (f"3 L={L} plain |E|_* >= 2|X|_*", pl["nuclear"] / Xnuc, pl["nuclear"] >= 2 * Xnuc),
+            (f"3 L={L} plain trace >= 5 F_L", pl["trace"] / Fhat[L], pl["trace"] >= 5 * Fhat[L]),
             (f"4 L={L} plain rel test >= 5x label noise", pt / max(lt, 1e-300), pt >= 5 * lt),
         ]
         if L >= 3:
-            terms = ln["final"]["r_terms"]
+            terms = ln["r_terms"]
             spread = (max(terms) - min(terms)) / (sum(terms) / len(terms))
             out += [(f"5 L={L} R-terms agree within 5%", spread, spread <= 0.05),
-                    (f"5 L={L} balancedness not small", ln["final"]["balancedness"], ln["final"]["balancedness"] > 1.0)]
+                    (f"5 L={L} balancedness not small (> 1)", ln["balancedness"], ln["balancedness"] > 1.0)]
+            sv, s1, sL = ln["sv_E"], ln["top_sv_first"], ln["top_sv_last"]
+            dev = max(abs(a / b ** 0.5 - s1[0] / sv[0] ** 0.5) / (s1[0] / sv[0] ** 0.5) for a, b in zip(s1, sv))
+            out.append((f"5 L={L} W_1 top singular values follow sigma_k(E)^(1/2) (max rel deviation)", dev,
+                        dev <= 0.2))
     return out
 
 
@@ -202,7 +278,7 @@ def figures(runs, Fhat, Xnuc, out, title, noise_steps):
         for k, L in enumerate(depths):
             for r, (key, name, ref) in enumerate(rows):
                 ax = axes[r, k]
-                for mode in ("label_noise", "plain"):
+                for mode in MODES:
                     series(ax, *runs[L][mode]["curves"][key], label=mode.replace("_", " "), logy=True,
                            color=COLORS[mode])
                 ax.axvline(noise_steps, color="gray", ls=":", lw=1.0, label="noise off (polish)")
@@ -220,25 +296,23 @@ def main(argv=None) -> dict:
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    import logging
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
     from lightning_flat import functional as F
     from lightning_flat.baselines import min_nuclear_norm
-    from lightning_flat.datamodules import MatrixSensingDataModule
 
     cfg = dict(QUICK if args.quick else FULL)
     if args.depths:
         cfg["depths"] = args.depths
     if args.seed is not None:
         cfg["seed"] = args.seed
+    if args.noise_steps is not None:
+        cfg["noise_steps"] = args.noise_steps
+    workers = args.workers or (1 if args.quick else 2)
     out = args.out or os.path.join("outputs", "gatmiry2023_quick" if args.quick else "gatmiry2023")
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
 
-    d = cfg["d"]
-    dm = MatrixSensingDataModule(n=cfg["n"], d_out=d, d_in=d, rank=cfg["r"], batch_size=cfg["batch_size"],
-                                 seed=cfg["seed"])
+    dm = make_data(cfg)
     Mstar = dm.ground_truth
     scale = float(Mstar.square().sum())
     t0 = time.perf_counter()
@@ -248,48 +322,61 @@ def main(argv=None) -> dict:
     X_err = float((X - Mstar).square().sum() / scale)
     frob_err = float(dm.test_error(F.min_frobenius_interpolant(dm.measurements, dm.targets)) / scale)
     Fhat = {L: float(F.predicted_min_trace(X, L)) for L in cfg["depths"]}
-    print(f"problem: d={d} n={cfg['n']} r={cfg['r']} seed={cfg['seed']}  |M*|_F^2={scale:.4f}  "
-          f"|M*|_*={float(F.nuclear_norm(Mstar)):.4f}  |X|_*={Xnuc:.4f} (rel err {X_err:.2e}, {solve_seconds:.1f} s)  "
-          f"min-Frobenius rel err {frob_err:.3f}")
-    print("predicted min trace F_L: " + ", ".join(f"L={L}: {v:.2f}" for L, v in Fhat.items()))
+    print(f"problem: d={cfg['d']} n={cfg['n']} r={cfg['r']} seed={cfg['seed']}  |M*|_F^2={scale:.4f}  "
+          f"|M*|_*={float(F.nuclear_norm(Mstar)):.4f}  |X|_*={Xnuc:.4f} (rel err {X_err:.2e}, solved or loaded in "
+          f"{solve_seconds:.1f} s)  min-Frobenius rel err {frob_err:.3f}")
+    print("predicted min trace F_L: " + ", ".join(f"L={L}: {v:.2f}" for L, v in Fhat.items()), flush=True)
 
-    runs = {}
-    for L in cfg["depths"]:
-        runs[L] = {"scale": scale}
-        for mode in ("label_noise", "plain"):
-            r = train_run(dm, L, mode, cfg, out, not args.no_wandb, not args.no_progress)
-            runs[L][mode] = r
-            f = r["final"]
-            print(f"L={L:2d} {mode:11s} {r['steps']:7d} steps {r['seconds']:6.1f} s  train {f['train_loss']:.2e}  "
-                  f"rel test {f['test_error'] / scale:.4f}  trace {f['trace']:.2f} (init {r['init_trace']:.1f})  "
-                  f"|E|_* {f['nuclear']:.4f}" + (f"  STOPPED: {r['stopped']}" if r["stopped"] else ""))
+    progress = not args.no_progress
+    use_wandb = not args.no_wandb
+    t_train = time.perf_counter()
+    if workers > 1 and len(cfg["depths"]) > 1:
+        import multiprocessing as mp
 
-    title = f"Gatmiry et al. 2023, d={d}, n={cfg['n']}, r={cfg['r']}"
+        order = sorted(cfg["depths"], reverse=True)  # deepest (slowest) first
+        with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+            jobs = {L: pool.apply_async(train_depth, (L, cfg, out, use_wandb, progress, 1, i % workers))
+                    for i, L in enumerate(order)}
+            results = {L: jobs[L].get() for L in order}
+    else:
+        results = {L: train_depth(L, cfg, out, use_wandb, progress) for L in cfg["depths"]}
+    train_seconds = time.perf_counter() - t_train
+    runs = {L: {**results[L], "scale": scale} for L in cfg["depths"]}
+
+    title = f"Gatmiry et al. 2023, d={cfg['d']}, n={cfg['n']}, r={cfg['r']}"
     paths = figures(runs, Fhat, Xnuc, out, title, cfg["noise_steps"])
     if args.quick:
         checks = checks_quick(X_err, frob_err, runs, Fhat, Xnuc)
     else:
         checks = checks_full(X_err, frob_err, float(F.nuclear_norm(Mstar)), Xnuc,
                              int(torch.linalg.matrix_rank(Mstar)), scale, runs, Fhat)
+    theory = theory_checks()
+    checks += [(("Q5 " if args.quick else "6 ") + name, value, ok) for name, value, ok in theory]
 
-    print("\n| L | run | final train | rel test | trace | trace / F_L | |E|_* / |X|_* | balancedness |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| L | init trace | LN trace / F_L | LN |E|_*/|X|_* | LN rel test | LN train | plain trace | plain |E|_* "
+          "| plain rel test | plain train | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for L in cfg["depths"]:
-        for mode in ("label_noise", "plain"):
-            f = runs[L][mode]["final"]
-            print(f"| {L} | {mode} | {f['train_loss']:.2e} | {f['test_error'] / scale:.4f} | {f['trace']:.2f} | "
-                  f"{f['trace'] / Fhat[L]:.4f} | {f['nuclear'] / Xnuc:.4f} | {f['balancedness']:.3f} |")
+        ln, pl = runs[L]["label_noise"]["final"], runs[L]["plain"]["final"]
+        print(f"| {L} | {runs[L]['label_noise']['init_trace']:.4g} | {ln['trace'] / Fhat[L]:.4f} | "
+              f"{ln['nuclear'] / Xnuc:.4f} | {ln['rel_test']:.4f} | {ln['train_loss']:.1e} | {pl['trace']:.4g} | "
+              f"{pl['nuclear']:.3f} | {pl['rel_test']:.3f} | {pl['train_loss']:.1e} | {runs[L]['seconds']:.0f} |")
+        if not args.quick and L in CALIB:
+            c = CALIB[L]
+            print(f"| {L} (spec calib) | {c[0]:.4g} | {c[1]:.4f} | {c[2]:.4f} | {c[3]:.4f} | | {c[4]:.4g} | "
+                  f"{c[5]:.3f} | {c[6]:.3f} | | |")
     print("\nchecks (specs/gatmiry2023.md):")
     for name, value, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {value:.4g}")
     total = time.perf_counter() - t_start
-    print(f"\nwrote {', '.join(paths)}; total {total:.1f} s")
+    print(f"\nwrote {', '.join(paths)}; nuclear-norm solve {solve_seconds:.1f} s, training {train_seconds:.0f} s "
+          f"({workers} worker(s)), total {total:.0f} s")
     summary = dict(config=cfg, X_nuclear=Xnuc, X_rel_err=X_err, min_frobenius_rel_err=frob_err, F_hat=Fhat,
-                   solve_seconds=solve_seconds, seconds=total, figures=paths,
-                   checks=[dict(name=n, value=v, passed=bool(ok)) for n, v, ok in checks],
-                   runs={str(L): {m: {k: v for k, v in runs[L][m].items() if k != "curves"}
-                                  for m in ("label_noise", "plain")} for L in cfg["depths"]})
+                   solve_seconds=solve_seconds, train_seconds=train_seconds, seconds=total, workers=workers,
+                   figures=paths, checks=[dict(name=n, value=v, passed=bool(ok)) for n, v, ok in checks],
+                   runs={str(L): {k: v for k, v in runs[L].items()} for L in cfg["depths"]})
     _write_json(os.path.join(out, "results.json"), summary)
+    summary["F_hat"] = Fhat
     return summary
 
 

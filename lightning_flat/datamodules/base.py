@@ -36,7 +36,8 @@ class MeasurementSampler:
     generator reseeded by ``step_seed(seed, rank, stream, step)``: one ``randint`` and one gather per step, no
     per-sample indexing, and a resumed run sees the same batches as an uninterrupted one. ``streams`` are the seeds
     of the runs being trained (a lightning_flat model's ``replica_seeds``): one stream gives indices ``(B,)``,
-    several (replicas) give ``(R, B)``, row ``r`` being exactly what a single run with seed ``streams[r]`` draws.
+    several (replicas) give ``(R, B)``, row ``r`` being exactly what a single run with seed ``streams[r]`` draws;
+    replicas that all share one seed share one ``(B,)`` draw (and one gather).
     ``batch_size=None`` yields the full data every step (gradient descent). ``start_step()`` is read when iteration
     starts (the trainer's global step).
     """
@@ -58,7 +59,8 @@ class MeasurementSampler:
         device = self.targets.device
         g = generator if generator is not None else torch.Generator(device=device)
         n, B = len(self.measurements), self.batch_size
-        if self.streams is None or len(self.streams) == 1:
+        if self.streams is None or len(set(self.streams)) == 1:
+            # one run, or replicas that share their seed (hence their minibatches): one draw, one gather
             keys = (self.seed, self.rank, step) if self.streams is None else (self.seed, self.rank, self.streams[0], step)
             g.manual_seed(step_seed(*keys))
             return torch.randint(n, (B,), generator=g, device=device)

@@ -7,7 +7,7 @@ write constants for a loss with :math:`\frac1{2n}`, which is half of ours: ``F_l
 
 References:
     Gatmiry, Li, Chuang, Reddi, Ma, Jegelka (2023), "What is the inductive bias of flatness regularization? A study
-    of deep matrix factorization models", Lemma 3, Lemma 4, Thm 1, Thm 4, Thm 5.
+    of deep matrix factorization models", Lemma 3, Lemma 4, Thm 1, Thm 4, Thm 5, Thm 7, eq. 35.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ __all__ = [
     "depth2_min_trace",
     "depth2_flattest_factorization",
     "min_frobenius_interpolant",
+    "lemma3_ratio",
+    "n1_min_trace",
+    "fiber_stationarity_residual",
+    "min_trace_on_fiber",
 ]
 
 
@@ -173,3 +177,111 @@ def min_frobenius_interpolant(measurements: Measurements, targets: Tensor) -> Te
     return x.reshape(measurements.shape).to(dtype=targets.dtype, device=targets.device)
 
 
+
+
+def lemma3_ratio(weights: Sequence[Tensor], measurements: Measurements) -> Tensor:
+    r"""Gatmiry et al.'s Lemma 3 ratio :math:`\operatorname{tr}_{lib}(W) / (2R(W))`: within :math:`1\pm\delta` for
+    measurements with RIP constant :math:`\delta`, exactly 1 in expectation for Gaussian ones."""
+    from lightning_flat.functional.curvature import hessian_trace, trace_surrogate
+
+    return hessian_trace(weights, measurements) / (2.0 * trace_surrogate(weights))
+
+
+def n1_min_trace(A: Tensor, M: Tensor, depth: int) -> Tensor:
+    r"""Minimum Hessian trace over depth-``L`` factorizations of ``M`` for one measurement ``A`` (Thm 7, n = 1):
+
+    .. math:: F_{lib}(M) = 2L\,\|(A^\top M)^{L-1}A^\top\|_{S_{2/L}}^{2/L}
+
+    with ``A``, ``M`` of shape ``(d_L, d_0)``; :math:`(A^\top M)^{L-1}A^\top` is ``d_0 x d_L`` (not the PSD-only form
+    of their eq. 38). For ``A = I`` and symmetric ``M``: :math:`2L\sum_k|\lambda_k|^{2(L-1)/L}`.
+    """
+    check_tensor("A", A, ndim=2, floating=True)
+    check_tensor("M", M, ndim=2, floating=True)
+    if A.shape != M.shape:
+        raise ValueError(f"A and M must have the same shape (d_L, d_0), got {tuple(A.shape)} and {tuple(M.shape)}")
+    L = check_positive_int("depth", depth)
+    B = torch.linalg.matrix_power(A.T @ M, L - 1) @ A.T
+    return 2.0 * L * torch.linalg.svdvals(B).pow(2.0 / L).sum()
+
+
+def fiber_stationarity_residual(weights: Sequence[Tensor], measurements: Measurements) -> Tensor:
+    r"""Relative residual of the stationarity conditions of the trace on the fiber :math:`\{E(W) = M\}`:
+
+    .. math:: \frac{\sum_{j<L}\|\sum_i G_{ij}G_{ij}^\top - \sum_i G_{i,j+1}^\top G_{i,j+1}\|_F}
+                   {\sum_{j<L}\|\sum_i G_{ij}G_{ij}^\top\|_F},\qquad G_{ij} = \nabla_{W_j} f_i = S_j^\top A_i P_j^\top
+
+    (a generalization of Gatmiry et al.'s eq. 35): 0 at a minimizer of the trace over factorizations of a fixed
+    end-to-end matrix, about 1 at a generic point of the fiber. Dense measurements only (small problems).
+    """
+    from lightning_flat.functional.curvature import partial_products
+
+    weights = list(weights)
+    if len(weights) < 2:
+        return weights[0].new_zeros(())
+    P, S = partial_products(weights)
+    A = measurements.dense().to(weights[0].dtype)
+    num = den = weights[0].new_zeros(())
+    for j in range(len(weights) - 1):
+        Gj = S[j].T @ A @ P[j].T  # (n, d_j, d_{j-1})
+        Gk = S[j + 1].T @ A @ P[j + 1].T  # (n, d_{j+1}, d_j)
+        X = torch.einsum("nab,ncb->ac", Gj, Gj)
+        Y = torch.einsum("nba,nbc->ac", Gk, Gk)
+        num = num + torch.linalg.matrix_norm(X - Y)
+        den = den + torch.linalg.matrix_norm(X)
+    return num / den
+
+
+def min_trace_on_fiber(weights: Sequence[Tensor], measurements: Measurements, *, restarts: int = 5,
+                       scale: float = 0.3, seed: int = 0, gtol: float = 1e-10) -> tuple[Tensor, list[Tensor]]:
+    r"""Numerically minimize the Hessian trace over the GL fiber of ``weights`` (square hidden widths):
+    :math:`W_j \mapsto C_j W_j C_{j-1}^{-1}` with :math:`C_0 = C_L = I`, which keeps :math:`E(W)` fixed.
+
+    BFGS (scipy) over the hidden :math:`C_j`, gradients by torch autograd in float64, from :math:`C_j = I` and
+    ``restarts - 1`` random starts :math:`I + \mathrm{scale}\cdot N`. Returns ``(min trace, minimizing weights)``;
+    the check of Thm 7 (:func:`n1_min_trace`) and of fiber stationarity.
+    """
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from lightning_flat.functional.curvature import hessian_trace
+
+    W0 = [w.detach().to(torch.float64) for w in weights]
+    hidden = [w.shape[0] for w in W0[:-1]]
+    sizes = [h * h for h in hidden]
+    meas = measurements.to(torch.float64)
+
+    def unpack(x):
+        C, k = [], 0
+        for h, size in zip(hidden, sizes):
+            C.append(x[k:k + size].reshape(h, h))
+            k += size
+        return C
+
+    def moved(C):
+        out = []
+        for j, W in enumerate(W0):
+            V = W
+            if j < len(C):
+                V = C[j] @ V
+            if j > 0:
+                V = torch.linalg.solve(C[j - 1].T, V.T).T  # V @ C_{j-1}^{-1}
+            out.append(V)
+        return out
+
+    def f(x):
+        t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        value = hessian_trace(moved(unpack(t)), meas)
+        (g,) = torch.autograd.grad(value, t)
+        return float(value.detach()), g.numpy()
+
+    rng = np.random.default_rng(seed)
+    eye = np.concatenate([np.eye(h).ravel() for h in hidden])
+    best = None
+    for r in range(restarts):
+        x0 = eye if r == 0 else np.concatenate([(np.eye(h) + scale * rng.standard_normal((h, h))).ravel()
+                                                for h in hidden])
+        res = minimize(f, x0, jac=True, method="BFGS", options={"gtol": gtol, "maxiter": 5000})
+        if best is None or res.fun < best.fun:
+            best = res
+    Wopt = moved(unpack(torch.tensor(best.x, dtype=torch.float64)))
+    return torch.tensor(best.fun, dtype=torch.float64), Wopt

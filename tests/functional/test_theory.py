@@ -149,3 +149,35 @@ def test_theory_bad_arguments(gen):
         F.predicted_min_trace(M, 0)
     with pytest.raises(ValueError, match="targets must have length"):
         F.min_frobenius_interpolant(Dense(randn(4, 3, 3, g=gen)), randn(5, g=gen))
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4], ids=lambda L: f"L{L}")
+def test_T5_thm7_single_measurement_and_T6_stationarity(depth, gen):
+    """Minimizing the trace over the GL fiber (BFGS, 5 restarts) attains 2L ||(A^T M)^{L-1} A^T||_{S_2/L}^{2/L}, and
+    the minimizer satisfies the fiber stationarity conditions."""
+    A = randn(1, 4, 4, g=gen)
+    M = randn(4, 4, g=gen)
+    m = Dense(A)
+    W = [M] + [torch.eye(4, dtype=F64)] * (depth - 1)
+    value, Wopt = F.min_trace_on_fiber(W, m, restarts=5)
+    assert rel(value, F.n1_min_trace(A[0], M, depth)) < 1e-6
+    assert rel(F.end_to_end(Wopt), M) < 1e-10
+    assert F.fiber_stationarity_residual(Wopt, m) < 1e-5
+    assert F.fiber_stationarity_residual(W, m) > 0.1  # a generic fiber point is far from stationary
+
+
+def test_T5_special_cases(gen):
+    X = randn(4, 4, g=gen)
+    M = X + X.T
+    lam = torch.linalg.eigvalsh(M)
+    for L in (2, 3, 4):
+        assert rel(F.n1_min_trace(torch.eye(4, dtype=F64), M, L), 2 * L * lam.abs().pow(2 * (L - 1) / L).sum()) < 1e-12
+    A, M = randn(3, 5, g=gen), randn(3, 5, g=gen)  # n = 1 with L = 2 equals Thm 5 (T4)
+    assert rel(F.n1_min_trace(A, M, 2), F.depth2_min_trace(M, Dense(A[None]))) < 1e-10
+
+
+def test_T6_is_zero_at_the_lemma4_minimizer_under_isometry(gen):
+    M = rank_k(5, 4, 2, gen)
+    W = F.flattest_factorization(M, [4, 6, 6, 5])
+    assert F.fiber_stationarity_residual(W, isometry_design(5, 4)) < 1e-12
+    assert rel(F.lemma3_ratio(W, isometry_design(5, 4)), 1.0) < 1e-12
