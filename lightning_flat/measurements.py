@@ -84,6 +84,18 @@ class Measurements:
         """The tensors with one row per measurement (for splitting a batch into chunks, e.g. under ``vmap``)."""
         raise NotImplementedError
 
+    def traces(self) -> Tensor:  # pragma: no cover - abstract
+        """:math:`\operatorname{tr}(A_i)` for every measurement, shape ``(n,)`` (square measurements only)."""
+        raise NotImplementedError
+
+    def second_moments(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """:math:`(\sum_i A_iA_i^\top, \sum_i A_i^\top A_i)`, shapes ``(d_out, d_out)`` and ``(d_in, d_in)``."""
+        raise NotImplementedError
+
+    def _check_square_measurements(self) -> None:
+        if self.shape[0] != self.shape[1]:
+            raise ValueError(f"traces need square measurements, got shape {self.shape}")
+
     def with_fields(self, fields: dict[str, Tensor]) -> Measurements:  # pragma: no cover - abstract
         """The same kind of measurements over other rows (the inverse of :meth:`fields`)."""
         raise NotImplementedError
@@ -189,6 +201,14 @@ class Dense(Measurements):
     def fields(self) -> dict[str, Tensor]:
         """The tensors with one row per measurement (for splitting a batch into chunks, e.g. under ``vmap``)."""
         return {"A": self.A}
+
+    def traces(self) -> Tensor:
+        self._check_square_measurements()
+        return self.A.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    def second_moments(self) -> tuple[Tensor, Tensor]:
+        self._check_unbatched("second_moments()")
+        return torch.einsum("iab,icb->ac", self.A, self.A), torch.einsum("iab,iac->bc", self.A, self.A)
 
     def with_fields(self, fields: dict[str, Tensor]) -> Dense:
         """The same kind of measurements over other rows (the inverse of :meth:`fields`)."""
@@ -331,6 +351,15 @@ class RankOne(Measurements):
     def fields(self) -> dict[str, Tensor]:
         return {"u": self.u, "v": self.v}
 
+    def traces(self) -> Tensor:
+        self._check_square_measurements()
+        return (self.u * self.v).sum(-1)
+
+    def second_moments(self) -> tuple[Tensor, Tensor]:
+        # A_i A_i^T = ||v_i||^2 u_i u_i^T and A_i^T A_i = ||u_i||^2 v_i v_i^T
+        vv, uu = self.v.square().sum(-1), self.u.square().sum(-1)
+        return (self.u * vv.unsqueeze(-1)).transpose(-1, -2) @ self.u, (self.v * uu.unsqueeze(-1)).transpose(-1, -2) @ self.v
+
     def with_fields(self, fields: dict[str, Tensor]) -> RankOne:
         return RankOne(fields["u"], fields["v"])
 
@@ -419,6 +448,17 @@ class Entries(Measurements):
 
     def fields(self) -> dict[str, Tensor]:
         return {"rows": self.rows, "cols": self.cols}
+
+    def traces(self) -> Tensor:
+        self._check_square_measurements()
+        return (self.rows == self.cols).to(self._dtype)
+
+    def second_moments(self) -> tuple[Tensor, Tensor]:
+        # e_r e_c^T (e_r e_c^T)^T = e_r e_r^T: the diagonal row and column counts
+        d_out, d_in = self.shape
+        rows = torch.bincount(self.rows.reshape(-1), minlength=d_out).to(self._dtype)
+        cols = torch.bincount(self.cols.reshape(-1), minlength=d_in).to(self._dtype)
+        return torch.diag(rows), torch.diag(cols)
 
     def with_fields(self, fields: dict[str, Tensor]) -> Entries:
         # Rows of already checked entries: skip the range checks (they sync with the device and fail under vmap).

@@ -166,8 +166,8 @@ class HessianTrace(_CurvatureCallback):
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if is_linear_net(pl_module):
-            meas, _ = problem_data(trainer, pl_module, self.measurements, self.targets, "HessianTrace")
-            return {"hessian/trace": F.hessian_trace(pl_module.weights(), meas)}
+            meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "HessianTrace")
+            return {"hessian/trace": pl_module.hessian_trace(meas, targets)}
         from hessian_eigenthings import trace
         with isolated(pl_module, self.eval_mode), torch.enable_grad():
             res = trace(self._operator(trainer, pl_module), num_matvecs=self.num_matvecs, method="hutch++",
@@ -224,10 +224,11 @@ class Sharpness(_CurvatureCallback):
                     thetas.append(float("nan"))  # a diverged replica is not measured
                     counts.append(0)
                 elif self.method == "exact" or (self.method == "auto" and size <= 1024):
-                    thetas.append(float(F.sharpness(ws, meas, targets, method="exact")))
+                    thetas.append(float(F.sharpness(ws, meas, targets, method="exact",
+                                                    end_to_end=pl_module.end_to_end_from)))
                     counts.append(0)
                 else:
-                    hvp, w0 = F.loss_hvp(ws, meas, targets)
+                    hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=pl_module.end_to_end_from)
                     theta, hvps = self._lanczos(hvp, size, w0.dtype, w0.device, r)
                     thetas.append(float(theta))
                     counts.append(hvps)
@@ -238,7 +239,7 @@ class Sharpness(_CurvatureCallback):
             if self.top_k > 1:
                 from hessian_eigenthings import LambdaOperator
                 with torch.enable_grad():
-                    hvp, w0 = F.loss_hvp(weights, meas, targets)
+                    hvp, w0 = F.loss_hvp(weights, meas, targets, end_to_end=pl_module.end_to_end_from)
                     out.update(self._top_k(LambdaOperator(hvp, size, w0.device, w0.dtype), trainer))
             return out
         out = {"hessian/sharpness": torch.tensor(thetas, dtype=torch.float64)}

@@ -2,5 +2,17 @@
 
 from lightning_flat.datamodules.base import MeasurementDataModule, MeasurementSampler
 from lightning_flat.datamodules.matrix_sensing import MatrixSensingDataModule
+from lightning_flat.datamodules.recovery import (
+    BilinearSensingDataModule,
+    MatrixCompletionDataModule,
+    QuadraticSensingDataModule,
+)
 
-__all__ = ["MatrixSensingDataModule", "MeasurementDataModule", "MeasurementSampler"]
+__all__ = [
+    "BilinearSensingDataModule",
+    "MatrixCompletionDataModule",
+    "MatrixSensingDataModule",
+    "MeasurementDataModule",
+    "MeasurementSampler",
+    "QuadraticSensingDataModule",
+]

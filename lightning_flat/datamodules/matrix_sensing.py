@@ -28,6 +28,7 @@ class MatrixSensingDataModule(MeasurementDataModule):
         noise_std: std of the additive label noise stored in the targets (0 for noiseless labels).
         seed: seed of the draw and of the sampler.
         steps_per_epoch: batches per (bookkeeping) epoch.
+        unit_norm: scale :math:`M^*` to unit Frobenius norm (Ding et al.) instead of Gatmiry et al.'s :math:`/d_{in}`.
 
     Example:
         >>> dm = MatrixSensingDataModule(n=20, d_out=4, d_in=3, rank=1, seed=0)
@@ -36,7 +37,7 @@ class MatrixSensingDataModule(MeasurementDataModule):
     """
 
     def __init__(self, n: int = 600, d_out: int = 60, d_in: int = 60, rank: int = 3, batch_size: int | None = 50,
-                 noise_std: float = 0.0, seed: int = 0, steps_per_epoch: int = 1000) -> None:
+                 noise_std: float = 0.0, seed: int = 0, steps_per_epoch: int = 1000, unit_norm: bool = False) -> None:
         super().__init__(batch_size=batch_size, seed=seed, steps_per_epoch=steps_per_epoch)
         self.n = check_positive_int("n", n)
         self.d_out = check_positive_int("d_out", d_out)
@@ -52,6 +53,8 @@ class MatrixSensingDataModule(MeasurementDataModule):
         M1 = torch.randn(d_out, rank, generator=g, dtype=f64)
         M2 = torch.randn(rank, d_in, generator=g, dtype=f64)
         self.ground_truth = M1 @ M2 / d_in
+        if unit_norm:  # Ding et al.'s normalization, ||M*||_F = 1
+            self.ground_truth = self.ground_truth / torch.linalg.matrix_norm(self.ground_truth)
         self.measurements = Dense(A)
         self.targets = self.measurements(self.ground_truth)
         if self.noise_std > 0:

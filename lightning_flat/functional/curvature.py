@@ -154,19 +154,22 @@ def unflatten_weights(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor
     return out
 
 
-def _flat_loss(shapes, measurements, targets):
+def _flat_loss(shapes, measurements, targets, e2e=None):
+    e2e = e2e or end_to_end
+
     def f(w: Tensor) -> Tensor:
-        return measurement_loss(end_to_end(unflatten_weights(w, shapes)), measurements, targets)
+        return measurement_loss(e2e(unflatten_weights(w, shapes)), measurements, targets)
     return f
 
 
-def loss_hvp(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor):
+def loss_hvp(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor, end_to_end=None):
     """Return ``(hvp, w0)``: a function ``v -> H v`` for the Hessian of the full measurement loss at ``weights``
-    (flattened coordinates, forward-over-reverse with ``torch.func``) and the flat point ``w0``."""
-    weights = _check_weights(weights)
+    (flattened coordinates, forward-over-reverse with ``torch.func``) and the flat point ``w0``. ``end_to_end`` maps
+    the factors to ``E`` (default: the product ``W_L ... W_1``; e.g. a model's ``end_to_end_from``)."""
+    weights = list(weights) if end_to_end is not None else _check_weights(weights)
     shapes = [W.shape for W in weights]
     w0 = flatten_weights([W.detach() for W in weights])
-    grad_f = torch.func.grad(_flat_loss(shapes, measurements, targets))
+    grad_f = torch.func.grad(_flat_loss(shapes, measurements, targets, end_to_end))
 
     def hvp(v: Tensor) -> Tensor:
         return torch.func.jvp(grad_f, (w0,), (v.to(w0.dtype),))[1]
@@ -174,12 +177,13 @@ def loss_hvp(weights: Sequence[Tensor], measurements: Measurements, targets: Ten
     return hvp, w0
 
 
-def loss_hessian(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor) -> Tensor:
+def loss_hessian(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor,
+                 end_to_end=None) -> Tensor:
     """Dense Hessian of the measurement loss in the flattened weights (``torch.func.hessian``); small models only."""
-    weights = _check_weights(weights)
+    weights = list(weights) if end_to_end is not None else _check_weights(weights)
     shapes = [W.shape for W in weights]
     w0 = flatten_weights([W.detach() for W in weights])
-    return torch.func.hessian(_flat_loss(shapes, measurements, targets))(w0)
+    return torch.func.hessian(_flat_loss(shapes, measurements, targets, end_to_end))(w0)
 
 
 def top_hessian_eigenpair(hvp, size: int, *, dtype: torch.dtype, device: torch.device, v0: Tensor | None = None,
@@ -249,7 +253,8 @@ def top_hessian_eigenpair(hvp, size: int, *, dtype: torch.dtype, device: torch.d
 
 
 def sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor, *, method: str = "auto",
-              max_iter: int = 100, tol: float = 1e-10, seed: int = 0, v0: Tensor | None = None) -> Tensor:
+              max_iter: int = 100, tol: float = 1e-10, seed: int = 0, v0: Tensor | None = None,
+              end_to_end=None) -> Tensor:
     r"""Sharpness: the largest algebraic eigenvalue of the Hessian of the full measurement loss, shape ``(...)``.
 
     The full Hessian, residual term included (no label noise, no ridge). ``method``: ``"exact"`` (``eigvalsh`` of
@@ -257,7 +262,7 @@ def sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Te
     ``torch.func`` Hessian-vector products, see :func:`top_hessian_eigenpair`) or ``"auto"`` (exact up to 1024
     parameters). Leading replica dimensions of the weights are handled one replica at a time.
     """
-    weights = _check_weights(weights)
+    weights = list(weights) if end_to_end is not None else _check_weights(weights)
     check_choice("method", method, ("auto", "exact", "lanczos"))
     check_positive_int("max_iter", max_iter)
     batch = torch.broadcast_shapes(*(W.shape[:-2] for W in weights))
@@ -265,14 +270,14 @@ def sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Te
         flat_w = [W.expand(*batch, *W.shape[-2:]).reshape(-1, *W.shape[-2:]) for W in weights]
         t = targets.expand(*batch, targets.shape[-1]).reshape(-1, targets.shape[-1])
         vals = [sharpness([W[r] for W in flat_w], measurements, t[r], method=method, max_iter=max_iter, tol=tol,
-                          seed=seed) for r in range(flat_w[0].shape[0])]
+                          seed=seed, end_to_end=end_to_end) for r in range(flat_w[0].shape[0])]
         return torch.stack(vals).reshape(batch)
     size = sum(W.numel() for W in weights)
     with torch.enable_grad():
         if method == "exact" or (method == "auto" and size <= 1024):
-            H = loss_hessian(weights, measurements, targets)
+            H = loss_hessian(weights, measurements, targets, end_to_end)
             return torch.linalg.eigvalsh(H)[-1]
-        hvp, w0 = loss_hvp(weights, measurements, targets)
+        hvp, w0 = loss_hvp(weights, measurements, targets, end_to_end)
         theta, _, _ = top_hessian_eigenpair(hvp, size, dtype=w0.dtype, device=w0.device, v0=v0,
                                             max_iter=max_iter, tol=tol, seed=seed)
     return theta

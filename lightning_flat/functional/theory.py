@@ -126,11 +126,9 @@ def psd_sqrt(C: Tensor, inverse: bool = False) -> Tensor:
 def measurement_covariances(measurements: Measurements) -> tuple[Tensor, Tensor]:
     r"""``(C1, C2)`` with :math:`C_1 = \frac1n\sum_i A_iA_i^\top` (``d_out x d_out``) and
     :math:`C_2 = \frac1n\sum_i A_i^\top A_i` (``d_in x d_in``)."""
-    A = measurements.dense()
+    S1, S2 = measurements.second_moments()
     n = len(measurements)
-    C1 = torch.einsum("iab,icb->ac", A, A) / n
-    C2 = torch.einsum("iab,iac->bc", A, A) / n
-    return C1, C2
+    return S1 / n, S2 / n
 
 
 def depth2_min_trace(M: Tensor, measurements: Measurements) -> Tensor:

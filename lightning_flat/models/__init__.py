@@ -2,5 +2,6 @@
 
 from lightning_flat.models.base import LinearNetBase
 from lightning_flat.models.deep_linear import DeepLinearNet
+from lightning_flat.models.quadratic import QuadraticNet
 
-__all__ = ["DeepLinearNet", "LinearNetBase"]
+__all__ = ["DeepLinearNet", "LinearNetBase", "QuadraticNet"]

@@ -168,8 +168,37 @@ class LinearNetBase(L.LightningModule):
             self._test_error = dm.test_error
             self._test_scale = float(dm.ground_truth.square().sum())
 
+    def hessian_trace(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
+        """Exact Hessian trace of the full measurement loss in the trained factors, per replica (the closed form of
+        :func:`lightning_flat.functional.hessian_trace`; models with another structure override this)."""
+        return F.hessian_trace(self.weights(), measurements, targets)
+
+    def penalty(self, weights: list[Tensor]) -> Tensor | None:
+        """Terms added to the training loss besides the data fit: ``trace_penalty * hessian_trace`` (the flatness
+        regularizer, differentiable) and, with L-BFGS, the ridge ``weight_decay / 2 * sum_j ||W_j||^2``."""
+        out = None
+        lam = getattr(self, "trace_penalty", 0.0)
+        if lam:
+            if self._full_data is None:
+                raise RuntimeError("trace_penalty needs the training measurements: fit with a lightning_flat datamodule")
+            meas, targets = self._full_data
+            out = lam * self.hessian_trace_from(weights, meas, targets)
+        if getattr(self, "optimizer", "sgd") == "lbfgs" and self.weight_decay:
+            ridge = 0.5 * self.weight_decay * sum(W.square().sum((-2, -1)) for W in weights)
+            out = ridge if out is None else out + ridge
+        return out
+
+    def hessian_trace_from(self, weights: list[Tensor], measurements: Measurements, targets: Tensor) -> Tensor:
+        """:meth:`hessian_trace` as a function of the factors (for the differentiable penalty)."""
+        return F.hessian_trace(weights, measurements, targets)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        losses = self.replica_losses_from_weights(self.weights(), batch)
+        weights = self.weights()
+        losses = self.replica_losses_from_weights(weights, batch)
+        extra = self.penalty(weights) if (getattr(self, "trace_penalty", 0.0) or getattr(self, "optimizer", "sgd")
+                                          == "lbfgs") else None
+        if extra is not None:
+            losses = losses + extra
         if self.replica_active is not None:
             self._mask_diverged(losses.detach())
             loss = torch.where(self.replica_active, losses, torch.zeros_like(losses)).sum()
@@ -218,6 +247,10 @@ class LinearNetBase(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if getattr(self, "optimizer", "sgd") == "lbfgs":
+            return torch.optim.LBFGS(self.parameters(), lr=self.lr, max_iter=getattr(self, "lbfgs_iterations", 20),
+                                     history_size=100, tolerance_grad=1e-15, tolerance_change=1e-18,
+                                     line_search_fn="strong_wolfe")
         if self.replica_active is None:
             return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
                                    weight_decay=self.weight_decay)

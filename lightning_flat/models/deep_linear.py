@@ -73,6 +73,10 @@ class DeepLinearNet(LinearNetBase):
             :class:`~lightning_flat.models.LinearNetBase`).
         seed: seed of the initial draw (weights are drawn in float64 on the CPU, then cast); with replicas, replica
             ``r`` uses ``seed + r``, or ``seed[r]`` when a list is given, and equals a single run with that seed.
+        optimizer: ``"sgd"`` (default) or ``"lbfgs"`` (full-batch L-BFGS with strong-Wolfe line search, ``lr`` its
+            step scale, 1.0 typical; ridge then enters the objective as ``weight_decay/2 * sum ||W_j||^2``).
+        trace_penalty: :math:`\lambda` of the flatness regularizer: the training loss becomes
+            :math:`L + \lambda\operatorname{tr}\nabla^2L` (exact, differentiable; needs a lightning_flat datamodule).
 
     The model is float32 by default; ``.double()`` or ``Trainer(precision="64-true")`` runs it in float64.
 
@@ -92,6 +96,8 @@ class DeepLinearNet(LinearNetBase):
         momentum: float = 0.0,
         replicas: int = 1,
         seed: int | list[int] = 0,
+        optimizer: str = "sgd",
+        trace_penalty: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
@@ -105,6 +111,10 @@ class DeepLinearNet(LinearNetBase):
         self.lr = check_per_replica("lr", lr, replicas)
         self.weight_decay = check_per_replica("weight_decay", weight_decay, replicas)
         self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        self.optimizer = check_choice("optimizer", optimizer, ("sgd", "lbfgs"))
+        self.trace_penalty = check_real("trace_penalty", trace_penalty, low=0.0)
+        if self.optimizer == "lbfgs" and (replicas > 1 or momentum):
+            raise ValueError("optimizer='lbfgs' takes no replicas and no momentum")
         for s in (seed if isinstance(seed, (list, tuple)) else [seed]):
             if isinstance(s, bool) or not isinstance(s, int):
                 raise TypeError(f"seed must be an int or a list of ints, got {seed!r}")

@@ -1,0 +1,79 @@
+"""Symmetric quadratic factor model :math:`E = U_1U_1^\\top - U_2U_2^\\top` (Ding et al. 2022, Section 7)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lightning_flat._checks import check_nonnegative_int, check_per_replica, check_positive_int, check_real
+from lightning_flat.functional.flat import quadratic_hessian_trace
+from lightning_flat.measurements import Measurements
+from lightning_flat.models.base import LinearNetBase
+
+__all__ = ["QuadraticNet"]
+
+
+class QuadraticNet(LinearNetBase):
+    r"""Quadratic-activation network / symmetric factorization :math:`E = U_1U_1^\top - U_2U_2^\top`,
+    ``U1 (d, k1)``, ``U2 (d, k2)``.
+
+    On quadratic sensing measurements :math:`A_i = x_ix_i^\top` (``RankOne(x, x)``) the prediction
+    :math:`\langle A_i, E\rangle = \sum_j (u_j^\top x_i)^2 - \sum_j (w_j^\top x_i)^2` is a one-hidden-layer network
+    with quadratic activation and output weights :math:`(1_{k_1}, -1_{k_2})`. Each :math:`f_i` is quadratic in
+    :math:`U`, so its Hessian trace has a residual term: :meth:`hessian_trace` is
+    :func:`lightning_flat.functional.quadratic_hessian_trace` (exact at every point), which the callbacks use.
+    ``k2 = 0`` is covariance estimation, ``k1 = 1, k2 = 0`` phase retrieval.
+
+    Args:
+        d: dimension.
+        k1, k2: widths of the positive and negative parts.
+        init_scale: std of the i.i.d. Gaussian initial entries (default :math:`1/\sqrt d`).
+        lr, weight_decay, momentum, replicas, seed: as in :class:`DeepLinearNet`.
+        trace_penalty: the flatness regularizer :math:`\lambda\operatorname{tr}\nabla^2L`.
+    """
+
+    def __init__(self, d: int, k1: int, k2: int = 0, init_scale: float | None = None, lr: float = 0.01,
+                 weight_decay: float = 0.0, momentum: float = 0.0, replicas: int = 1, seed: int | list[int] = 0,
+                 trace_penalty: float = 0.0) -> None:
+        super().__init__()
+        d = check_positive_int("d", d)
+        k1 = check_positive_int("k1", k1)
+        k2 = check_nonnegative_int("k2", k2)
+        replicas = check_positive_int("replicas", replicas)
+        scale = 1.0 / math.sqrt(d) if init_scale is None else check_real("init_scale", init_scale, low=0.0)
+        self.lr = check_per_replica("lr", lr, replicas)
+        self.weight_decay = check_per_replica("weight_decay", weight_decay, replicas)
+        self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        self.trace_penalty = check_real("trace_penalty", trace_penalty, low=0.0)
+        self.optimizer = "sgd"
+        self.save_hyperparameters()
+        self.d, self.k1, self.k2 = d, k1, k2
+        self._init_replicas(replicas, seed)
+        draws = []
+        for s in self.replica_seeds:
+            g = torch.Generator().manual_seed(s)
+            draws.append([torch.randn(d, k, generator=g, dtype=torch.float64) * scale for k in (k1, k2)])
+        dtype = torch.get_default_dtype()
+        factors = draws[0] if replicas == 1 else [torch.stack([x[j] for x in draws]) for j in range(2)]
+        self.factors = nn.ParameterList([nn.Parameter(U.to(dtype)) for U in factors])
+
+    def weights(self) -> list[Tensor]:
+        """``[U1, U2]`` (shapes ``(d, k1)``, ``(d, k2)``; a leading ``R`` with replicas)."""
+        return list(self.factors._parameters.values())
+
+    def end_to_end_from(self, weights: list[Tensor]) -> Tensor:
+        U1, U2 = weights
+        return U1 @ U1.transpose(-1, -2) - U2 @ U2.transpose(-1, -2)
+
+    def hessian_trace(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
+        return self.hessian_trace_from(self.weights(), measurements, targets)
+
+    def hessian_trace_from(self, weights: list[Tensor], measurements: Measurements, targets: Tensor | None) -> Tensor:
+        if targets is None:
+            raise ValueError("QuadraticNet's Hessian trace has a residual term: it needs the targets")
+        return quadratic_hessian_trace(weights[0], weights[1], measurements, targets)
+
+
+
