@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (used by the doctest)
 from torch import Tensor
 
 __all__ = ["ReplicaGrid"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_flat import functional as F
 from lightning_flat.measurements import MeasurementBatch, Measurements

@@ -1,0 +1,1 @@
+"""Experiment kernels shared by the example scripts (importable by worker processes)."""
