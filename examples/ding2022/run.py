@@ -218,7 +218,7 @@ def cell_table(trials, setting, dims, xs):
     for d in dims:
         for x in xs:
             rows = [t for t in trials if t["setting"] == setting and t["d"] == d and t["x"] == x]
-            ok = [t for t in rows if not t["singular"]]
+            ok = [t for t in rows if not t["singular"] and t.get("solver_error") is None]
             out[(d, x)] = dict(
                 flat=sum(t["error_flat"] < TAU for t in rows) / len(rows),
                 nuc=sum(t["error_nuc"] < TAU for t in rows) / len(rows),
@@ -276,7 +276,7 @@ def figures(tables, dims, axes_x, out):
 
 
 def v2_checks(trials):
-    ok = [t for t in trials if not t["singular"]]
+    ok = [t for t in trials if not t["singular"] and t.get("solver_error") is None]
     feas = all(t["feasibility"] <= 1e-6 + 1e-6 * t["b_inf"] for t in ok)
     worst_feas = max(t["feasibility"] / (1e-6 + 1e-6 * t["b_inf"]) for t in ok)
     bal = max(t["d_balance"] for t in ok)
@@ -416,6 +416,10 @@ def main(argv=None) -> dict:
         for d in dims:
             print(f"  d={d:2d}: " + "  ".join(
                 f"{x:g}:{tables[s][(d, x)]['flat']:.1f}/{tables[s][(d, x)]['nuc']:.1f}" for x in axes_x[s]))
+    failed = [t for t in trials if t.get("solver_error")]
+    print(f"\nsolver failures (counted as failed trials): {len(failed)} of {2 * len(trials)} programs")
+    for t in failed[:5]:
+        print(f"  {t['setting']} d={t['d']} x={t['x']} trial {t['trial']}: {t['solver_error'][:120]}")
     print("\nchecks (specs/ding2022.md):")
     for name, value, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {value:.4g}")

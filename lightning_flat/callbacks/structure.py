@@ -41,7 +41,11 @@ class Balancedness(MeasuringCallback):
         self.per_layer = bool(per_layer)
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        terms = F.balancedness(_weights(pl_module, "Balancedness"), per_layer=True)
+        weights = _weights(pl_module, "Balancedness")
+        if any(weights[j].shape[-1] != weights[j - 1].shape[-2] for j in range(1, len(weights))):
+            raise TypeError(f"Balancedness needs a chain of factors E = W_L ... W_1 (e.g. DeepLinearNet); "
+                            f"{type(pl_module).__name__}'s weights are not one")
+        terms = F.balancedness(weights, per_layer=True)
         out = {"balance/total": terms.sum(-1)}
         if self.per_layer:
             for j in range(terms.shape[-1]):

@@ -62,12 +62,22 @@ def solve_trial(args):
     meas, b, M = make_problem(setting, d, x, trial)
     out = dict(setting=setting, d=d, x=x, trial=trial, n=len(meas))
     t = time.perf_counter()
-    X_nuc = min_nuclear_norm(meas, b)
+    out["solver_error"] = None
+    try:
+        X_nuc = min_nuclear_norm(meas, b)
+    except RuntimeError as err:  # a failed solve is a failed trial, never a crashed grid
+        out.update(singular=False, solver_error=f"nuclear: {err}", error_nuc=float("inf"), error_flat=float("inf"),
+                   normmin=1e20, balance=1e20, seconds=time.perf_counter() - t)
+        return out
     out["error_nuc"] = float(torch.linalg.matrix_norm(X_nuc - M))
     try:
         parts = flat_relaxation(meas, b, return_parts=True)
     except SingularRescalingError:
         out.update(singular=True, error_flat=float("inf"), normmin=1e20, balance=1e20, seconds=time.perf_counter() - t)
+        return out
+    except RuntimeError as err:
+        out.update(singular=False, solver_error=f"flat: {err}", error_flat=float("inf"), normmin=1e20, balance=1e20,
+                   seconds=time.perf_counter() - t)
         return out
     X, Y, D1, D2 = parts["X"], parts["Y"], parts["D1"], parts["D2"]
     out["singular"] = False
