@@ -1,10 +1,19 @@
 """Small shared pieces for the Lightning-level tests."""
 
+import importlib.util
+import os
+import time
 import warnings
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
 
+from conftest import F64, randn
 from lightning_flat.loggers import MemoryLogger
+from lightning_flat.measurements import Dense, Entries, RankOne
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def trainer(max_steps, callbacks=(), precision="64-true", log_every_n_steps=1, **kw):
@@ -15,3 +24,40 @@ def trainer(max_steps, callbacks=(), precision="64-true", log_every_n_steps=1, *
                    enable_model_summary=False, log_every_n_steps=log_every_n_steps, accelerator="cpu", devices=1,
                    **kw)
     return tr, mem
+
+
+def make_measurements(kind, n, d_out, d_in, g):
+    """Random ``Dense``, ``RankOne`` or ``Entries`` measurements (float64)."""
+    if kind == "dense":
+        return Dense(randn(n, d_out, d_in, g=g))
+    if kind == "rankone":
+        return RankOne(randn(n, d_out, g=g), randn(n, d_in, g=g))
+    return Entries(torch.randint(d_out, (n,), generator=g), torch.randint(d_in, (n,), generator=g), (d_out, d_in),
+                   dtype=F64)
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAt(Callback):
+    """Kill the run (an exception) at the start of global step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Killed(f"killed at step {self.step}")
+
+
+def run_example(relpath, argv):
+    """Import an example script by path and run its ``main(argv)``; returns ``(summary, seconds)``."""
+    path = os.path.join(ROOT, "examples", relpath)
+    name = "example_" + relpath.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    t = time.perf_counter()
+    summary = mod.main(argv)
+    return summary, time.perf_counter() - t

@@ -2,24 +2,17 @@ import pytest
 import torch
 
 from conftest import F64, randn, rel
+from helpers import make_measurements
 from lightning_flat.measurements import Dense, Entries, MeasurementBatch, RankOne
 
 KINDS = ["dense", "rankone", "entries"]
 
 
-def make(kind, n, d_out, d_in, g):
-    if kind == "dense":
-        return Dense(randn(n, d_out, d_in, g=g))
-    if kind == "rankone":
-        return RankOne(randn(n, d_out, g=g), randn(n, d_in, g=g))
-    rows = torch.randint(d_out, (n,), generator=g)
-    cols = torch.randint(d_in, (n,), generator=g)
-    return Entries(rows, cols, (d_out, d_in), dtype=F64)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_call_and_adjoint_match_dense_definition(kind, gen):
-    m = make(kind, 7, 3, 5, gen)
+    m = make_measurements(kind, 7, 3, 5, gen)
     A = m.dense()
     assert A.shape == (7, 3, 5) and m.shape == (3, 5) and len(m) == 7
     E = randn(4, 3, 5, g=gen)  # replica batch
@@ -30,7 +23,7 @@ def test_call_and_adjoint_match_dense_definition(kind, gen):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_adjoint_is_the_adjoint(kind, gen):
-    m = make(kind, 9, 4, 3, gen)
+    m = make_measurements(kind, 9, 4, 3, gen)
     E, r = randn(4, 3, g=gen), randn(9, g=gen)
     lhs = (m(E) * r).sum()
     rhs = (E * m.adjoint(r)).sum()
@@ -39,7 +32,7 @@ def test_adjoint_is_the_adjoint(kind, gen):
 
 @pytest.mark.parametrize("kind", ["rankone", "entries"])
 def test_structured_curvature_equals_dense(kind, gen):
-    m = make(kind, 11, 4, 3, gen)
+    m = make_measurements(kind, 11, 4, 3, gen)
     dense = Dense(m.dense())
     P, S = randn(2, 5, 3, g=gen), randn(2, 4, 6, g=gen)
     G, K = P.transpose(-1, -2) @ P, S @ S.transpose(-1, -2)
@@ -73,7 +66,7 @@ def test_dense_moment_is_cached_and_moves_with_to(gen):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_subset_is_one_gather(kind, gen):
-    m = make(kind, 10, 3, 4, gen)
+    m = make_measurements(kind, 10, 3, 4, gen)
     idx = torch.tensor([3, 3, 0, 9])
     s = m.subset(idx)
     assert len(s) == 4 and s.shape == m.shape
@@ -87,7 +80,7 @@ def test_subset_is_one_gather(kind, gen):
 
 
 def test_measurement_batch_moves_and_is_mutable(gen):
-    m = make("dense", 5, 2, 2, gen)
+    m = make_measurements("dense", 5, 2, 2, gen)
     b = MeasurementBatch(m, randn(5, g=gen))
     assert b.to("cpu") is b
     b32 = b.to(torch.float32)
@@ -111,7 +104,7 @@ def test_bad_inputs_name_the_argument(gen):
         Entries(torch.tensor([0]), torch.tensor([0]), (3, 0))
     with pytest.raises(TypeError, match="rows must be an integer"):
         Entries(torch.tensor([0.0]), torch.tensor([0]), (3, 3))
-    m = make("dense", 4, 2, 3, gen)
+    m = make_measurements("dense", 4, 2, 3, gen)
     with pytest.raises(ValueError, match=r"E must have shape \(\.\.\., 2, 3\)"):
         m(torch.zeros(3, 2, dtype=F64))
     with pytest.raises(ValueError, match=r"r must have shape \(\.\.\., 4\)"):

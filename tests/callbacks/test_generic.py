@@ -3,11 +3,11 @@ trace left in the model or its training."""
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import rel
 from generic_modules import TanhMLP, dense_hessian
-from helpers import trainer
+from helpers import KillAt, Killed, trainer
 from lightning_flat.callbacks import HessianTrace, Sharpness
 
 
@@ -75,17 +75,6 @@ def test_seeded_run_is_bitwise_the_same_with_and_without_callbacks(dropout, eval
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), measured.parameters()))
 
 
-class Killed(RuntimeError):
-    pass
-
-
-class KillAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Killed()
 
 
 def test_resume_continues_states_and_curves(tmp_path):

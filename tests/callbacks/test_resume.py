@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import trainer
+from helpers import KillAt, Killed, trainer
 from lightning_flat.callbacks import SAM, FiniteLossGuard, HessianTrace, HyperparameterSchedule, LabelNoise
 from lightning_flat.datamodules import MatrixSensingDataModule
 from lightning_flat.models import DeepLinearNet
@@ -16,17 +16,6 @@ from lightning_flat.models import DeepLinearNet
 STEPS = 12
 
 
-class Killed(RuntimeError):
-    pass
-
-
-class KillAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Killed(f"killed at step {self.step}")
 
 
 def setup(tmp, extra=()):

@@ -1,23 +1,17 @@
 """The Ding et al. --quick reproduction: the spec's Q1-Q3 and check 6, under 60 s."""
 
-import importlib.util
 import os
-import time
 
 import pytest
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "ding2022", "run.py")
+from helpers import run_example
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("ding_quick")
-    spec = importlib.util.spec_from_file_location("ding_run", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    t = time.perf_counter()
-    summary = mod.main(["--quick", "--out", str(out), "--no-progress"])
-    return summary, out, time.perf_counter() - t
+    summary, seconds = run_example("ding2022/run.py", ["--quick", "--out", str(out), "--no-progress"])
+    return summary, out, seconds
 
 
 @pytest.mark.parametrize("prefix", ["Q1", "Q2", "Q3", "6"])

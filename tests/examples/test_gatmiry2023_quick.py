@@ -1,24 +1,18 @@
 """The Gatmiry et al. --quick reproduction: the spec's Q1-Q4 on the library's own Trainer-based training."""
 
 import glob
-import importlib.util
 import os
-import time
 
 import pytest
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "gatmiry2023", "run.py")
+from helpers import run_example
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("gatmiry_quick")
-    spec = importlib.util.spec_from_file_location("gatmiry_run", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    t = time.perf_counter()
-    summary = mod.main(["--quick", "--out", str(out), "--no-progress"])
-    return summary, out, time.perf_counter() - t
+    summary, seconds = run_example("gatmiry2023/run.py", ["--quick", "--out", str(out), "--no-progress"])
+    return summary, out, seconds
 
 
 def check(summary, prefix):

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import F64, randn, rel
+from helpers import make_measurements
 from lightning_flat import functional as F
-from lightning_flat.measurements import Dense, Entries, RankOne
+from lightning_flat.measurements import Dense
 
 DIMS = {
     1: [3, 4],
@@ -15,13 +16,6 @@ DIMS = {
 }
 
 
-def make(kind, n, d_out, d_in, g):
-    if kind == "dense":
-        return Dense(randn(n, d_out, d_in, g=g))
-    if kind == "rankone":
-        return RankOne(randn(n, d_out, g=g), randn(n, d_in, g=g))
-    return Entries(torch.randint(d_out, (n,), generator=g), torch.randint(d_in, (n,), generator=g), (d_out, d_in),
-                   dtype=F64)
 
 
 def weights(dims, g, scale=1.0):
@@ -32,7 +26,7 @@ def weights(dims, g, scale=1.0):
 @pytest.mark.parametrize("depth", [1, 2, 3, 4], ids=lambda L: f"L{L}")
 def test_trace_equals_dense_hessian_trace(kind, depth, gen):
     dims = DIMS[depth]
-    m = make(kind, 5, dims[-1], dims[0], gen)
+    m = make_measurements(kind, 5, dims[-1], dims[0], gen)
     W = weights(dims, gen)
     b = randn(5, g=gen)  # random targets: W is not an interpolating point
     assert F.measurement_loss(F.end_to_end(W), m, b) > 1e-2
@@ -52,7 +46,7 @@ def test_dense_trace_methods(method, gen, monkeypatch):
 
 
 def test_trace_broadcasts_over_replicas(gen):
-    m = make("dense", 6, 4, 3, gen)
+    m = make_measurements("dense", 6, 4, 3, gen)
     Ws = [randn(3, 5, 3, g=gen), randn(3, 4, 5, g=gen)]
     batched = F.hessian_trace(Ws, m)
     single = torch.stack([F.hessian_trace([W[r] for W in Ws], m) for r in range(3)])
@@ -60,7 +54,7 @@ def test_trace_broadcasts_over_replicas(gen):
 
 
 def test_trace_is_differentiable(gen):
-    m = make("dense", 6, 3, 3, gen)
+    m = make_measurements("dense", 6, 3, 3, gen)
     W = [w.requires_grad_() for w in weights([3, 4, 3], gen)]
     torch.autograd.gradcheck(lambda a, b: F.hessian_trace([a, b], m), tuple(W))
 
@@ -71,7 +65,7 @@ def test_trace_surrogate_and_loss(gen):
     ref = sum(torch.linalg.matrix_norm(P[j]) ** 2 * torch.linalg.matrix_norm(S[j]) ** 2 for j in range(2))
     assert rel(F.trace_surrogate(W), ref) < 1e-13
     assert rel(P[1], W[0]) == 0 and rel(S[0], W[1]) == 0
-    m = make("dense", 5, 2, 3, gen)
+    m = make_measurements("dense", 5, 2, 3, gen)
     b = randn(5, g=gen)
     E = W[1] @ W[0]
     assert rel(F.measurement_loss(E, m, b), ((torch.einsum("nij,ij->n", m.A, E) - b) ** 2).mean()) < 1e-13
@@ -80,7 +74,7 @@ def test_trace_surrogate_and_loss(gen):
 @pytest.mark.parametrize("kind", ["dense", "entries"])
 @pytest.mark.parametrize("method", ["exact", "lanczos"])
 def test_sharpness_equals_eigvalsh(kind, method, gen):
-    m = make(kind, 8, 4, 3, gen)
+    m = make_measurements(kind, 8, 4, 3, gen)
     W = weights([3, 5, 4], gen)
     b = randn(8, g=gen)
     top = torch.linalg.eigvalsh(F.loss_hessian(W, m, b))[-1]
@@ -96,7 +90,7 @@ def test_lanczos_finds_largest_algebraic_not_largest_magnitude(gen):
 
 
 def test_lanczos_warm_start_uses_fewer_hvps(gen):
-    m = make("dense", 30, 6, 6, gen)
+    m = make_measurements("dense", 30, 6, 6, gen)
     W = weights([6, 8, 8, 6], gen)
     b = randn(30, g=gen)
     hvp, w0 = F.loss_hvp(W, m, b)
@@ -106,7 +100,7 @@ def test_lanczos_warm_start_uses_fewer_hvps(gen):
 
 
 def test_sharpness_replicas(gen):
-    m = make("dense", 5, 2, 2, gen)
+    m = make_measurements("dense", 5, 2, 2, gen)
     Ws = [randn(2, 3, 2, g=gen), randn(2, 2, 3, g=gen)]
     b = randn(5, g=gen)
     out = F.sharpness(Ws, m, b)

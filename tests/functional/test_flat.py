@@ -4,24 +4,18 @@ import pytest
 import torch
 
 from conftest import F64, randn, rel
+from helpers import make_measurements
 from lightning_flat import functional as F
 from lightning_flat.functional import flat as FF
-from lightning_flat.measurements import Dense, Entries, RankOne
+from lightning_flat.measurements import Dense, RankOne
 
 
-def measurements(kind, n, d_out, d_in, g):
-    if kind == "dense":
-        return Dense(randn(n, d_out, d_in, g=g))
-    if kind == "rankone":
-        return RankOne(randn(n, d_out, g=g), randn(n, d_in, g=g))
-    return Entries(torch.randint(d_out, (n,), generator=g), torch.randint(d_in, (n,), generator=g), (d_out, d_in),
-                   dtype=F64)
 
 
 @pytest.mark.parametrize("kind", ["dense", "rankone", "entries"])
 def test_V1_trace_and_scaled_blocks(kind, gen):
     d_out, d_in, k, n = 3, 4, 5, 7  # d_out != d_in, k > d
-    m = measurements(kind, n, d_out, d_in, gen)
+    m = make_measurements(kind, n, d_out, d_in, gen)
     L, R, b = randn(d_out, k, g=gen), randn(d_in, k, g=gen), randn(n, g=gen)
     H = F.loss_hessian([R.T, L], m, b)  # W1 = R^T, W2 = L; b makes the point non-interpolating
     D1, D2 = FF.rescaling_matrices(m)
@@ -35,7 +29,7 @@ def test_V1_trace_and_scaled_blocks(kind, gen):
 
 @pytest.mark.parametrize("kind", ["rankone", "entries"])
 def test_rescaling_matrices_from_structure_equal_dense(kind, gen):
-    m = measurements(kind, 9, 3, 4, gen)
+    m = make_measurements(kind, 9, 3, 4, gen)
     for a, b in zip(FF.rescaling_matrices(m), FF.rescaling_matrices(Dense(m.dense()))):
         assert rel(a, b) < 1e-12
 
