@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
 
 __all__ = ["figure", "series", "reference", "save"]
 
@@ -34,6 +35,11 @@ def series(ax, steps: Sequence[float], values: Sequence[float], label: str | Non
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("step")
+    # step counts up to 1e6 on narrow panels: few ticks, powers of ten in the offset label, so they never overlap
+    ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+    fmt = ScalarFormatter(useMathText=True)
+    fmt.set_powerlimits((-3, 4))
+    ax.xaxis.set_major_formatter(fmt)
 
 
 def reference(ax, y: float, label: str, color: str = COLORS["theory"], ls: str = "--"):

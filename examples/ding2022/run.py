@@ -391,7 +391,9 @@ def main(argv=None) -> dict:
     if args.workers > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(args.workers) as pool:
+        # workers do not inherit the filter above: without it cvxpy warns once per inaccurate solve
+        with mp.get_context("spawn").Pool(args.workers, initializer=warnings.filterwarnings,
+                                          initargs=("ignore",)) as pool:
             it = pool.imap_unordered(solve_trial, jobs, chunksize=2)
             trials = list(_progress(it, len(jobs), not args.no_progress))
     else:

@@ -84,6 +84,20 @@ def test_feasible_and_optimal_when_undersampled(solver):
     assert rel(X, ref) < 1e-5
 
 
+@pytest.mark.parametrize("kind, n", [("dense", 24), ("entries", 0.5)])
+def test_inaccurate_solve_is_projected_onto_the_constraints(kind, n):
+    """At a loose tolerance SCS stops early and the dual's X misses A(X) = b by ~eps; the returned X is projected onto
+    the affine set, so it is feasible to rounding and its nuclear norm stays within the solver's accuracy."""
+    g = torch.Generator().manual_seed(3)
+    M = low_rank(8, 8, 2, g)
+    meas = make(kind, n, 8, 8, g)
+    b = meas(M)
+    X = min_nuclear_norm(meas, b, solver="scs", eps=1e-3)
+    assert float((meas(X) - b).abs().max()) < 1e-12 * float(b.abs().max())
+    ref = primal_reference(meas, b)
+    assert abs(nuc(X) - nuc(ref)) < 1e-2 * nuc(ref)
+
+
 def test_float32_targets_give_float32_solution():
     g = torch.Generator().manual_seed(2)
     M = low_rank(6, 6, 1, g)

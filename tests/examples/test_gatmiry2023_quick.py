@@ -44,3 +44,13 @@ def test_outputs_and_time(quick):
         assert os.path.getsize(out / name) > 1000
     assert len(glob.glob(str(out / "wandb" / "offline-run-*"))) == 2  # one per depth (label noise r0, plain r1)
     assert seconds < 90  # spec: < 60 s on 2 cores; margin for a loaded CI machine
+
+
+def test_replot_redraws_from_results_json(quick, tmp_path):
+    _, out, _ = quick
+    summary, seconds = run_example("gatmiry2023/run.py", ["--replot", str(out / "results.json"), "--out",
+                                                           str(tmp_path)])
+    assert sorted(os.path.basename(p) for p in summary["figures"]) == ["fig1_losses.png", "fig2_trace_nuclear.png"]
+    for p in summary["figures"]:
+        assert os.path.dirname(p) == str(tmp_path) and os.path.getsize(p) > 1000
+    assert seconds < 30  # no training, no solve
