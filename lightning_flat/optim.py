@@ -58,11 +58,14 @@ class ReplicaSGD(torch.optim.Optimizer):
             active = None  # nobody is frozen: skip the masking
         for group in self.param_groups:
             momentum = group["momentum"]
+            shaped: dict[tuple, tuple] = {}  # per (ndim, dtype, device): lr and weight decay shaped to broadcast
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                lr = _per_replica(group["lr"], p)
-                wd = _per_replica(group["weight_decay"], p)
+                key = (p.ndim, p.dtype, p.device)
+                if key not in shaped:
+                    shaped[key] = (_per_replica(group["lr"], p), _per_replica(group["weight_decay"], p))
+                lr, wd = shaped[key]
                 d_p = p.grad
                 if isinstance(wd, Tensor) or wd != 0:
                     d_p = d_p + wd * p

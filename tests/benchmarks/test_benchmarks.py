@@ -58,3 +58,11 @@ def test_curvature_generic_quick():
     assert s["warm_hvps"] <= s["cold_hvps"]
     assert t["hutch++"]["median_rel_err"] <= 0.05 and t["hutchinson"]["median_rel_err"] <= 0.05
     assert t["hutch++"]["hvps"] < t["hutchinson"]["hvps"]
+
+
+def test_measurements_quick():
+    result = load("measurements").main(["--quick"])
+    for row in result["predictions"]:
+        assert row["rel_diff"] < (1e-5 if row["dtype"] == "float32" else 1e-12)
+        if row["replicas"] > 1:
+            assert row["speedup"] > 1.5  # 3-4.5x in the full run
