@@ -151,7 +151,8 @@ def _solve_dual(op: np.ndarray | sp.csr_matrix, b: np.ndarray, shape: tuple[int,
                            f"||A(X) - b|| / ||b|| = {residual:.3g} > sqrt(eps) = {eps ** 0.5:.3g}; try a larger eps")
     # The X read off the dual is feasible only to the solver's accuracy (SCS: up to ~1e-4 relative on hard, unrecovered
     # completion instances). Q has orthonormal rows, so one orthogonal projection onto {X : Q vec(X) = c} makes it
-    # feasible to rounding; it moves X by the residual's norm, which changes ||X||_* by at most sqrt(rank) times that.
+    # feasible to rounding; it moves X by the residual's norm, which changes ||X||_* by at most
+    # sqrt(min(d_out, d_in)) times that.
     x = X.ravel()
     X = (x - _adjoint(op, op @ x - b)).reshape(shape)
     return X
