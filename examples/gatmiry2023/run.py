@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--depths", type=int, nargs="+", default=None, help="override the depths")
     p.add_argument("--seed", type=int, default=None, help="problem, init and noise seed")
     p.add_argument("--noise-steps", type=int, default=None, help="override the label-noise steps")
+    p.add_argument("--polish-steps", type=int, default=None, help="override the noise-free polish steps")
     p.add_argument("--workers", type=int, default=None, help="parallel processes over depths (default: 1 quick, 2 full)")
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -328,6 +329,8 @@ def main(argv=None) -> dict:
         cfg["seed"] = args.seed
     if args.noise_steps is not None:
         cfg["noise_steps"] = args.noise_steps
+    if args.polish_steps is not None:
+        cfg["polish_steps"] = args.polish_steps
     workers = args.workers or (1 if args.quick else 2)
     out = args.out or os.path.join("outputs", "gatmiry2023_quick" if args.quick else "gatmiry2023")
     os.makedirs(out, exist_ok=True)
