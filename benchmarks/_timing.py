@@ -27,3 +27,13 @@ def interleaved(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, d
         for k, fn in fns.items():
             results[k].append(fn())
     return {k: {"median": statistics.median(v), "min": min(v)} for k, v in results.items()}
+
+
+def per_call(fn: Callable[[], object], calls: int) -> Callable[[], float]:
+    """A contender for :func:`interleaved`: runs ``fn`` ``calls`` times and returns the seconds per call."""
+    def run() -> float:
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t) / calls
+    return run

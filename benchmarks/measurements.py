@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _timing import interleaved  # noqa: E402
+from _timing import interleaved, per_call  # noqa: E402
 
 from lightning_flat.measurements import Dense  # noqa: E402
 
@@ -28,17 +28,6 @@ CASES = [  # replicas, batch, d, dtype
     (2, 50, 60, torch.float32),
     (32, 50, 20, torch.float64),
 ]
-
-
-def per_call(fn, calls):
-    def run():
-        import time
-
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return (time.perf_counter() - t) / calls
-    return run
 
 
 def predictions(R, B, d, dtype, calls, rounds):

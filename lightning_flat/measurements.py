@@ -186,11 +186,10 @@ class Dense(Measurements):
 
     def __call__(self, E: Tensor) -> Tensor:
         self._check_matrix("E", E)
-        if E.ndim == 2 and self._A2.ndim == 2:
-            return torch.mv(self._A2, E.reshape(-1))  # the training step's case: one gemv
-        if math.prod(E.shape[:-2]) == 1 and math.prod(self._A2.shape[:-2]) == 1:  # one replica: still one gemv
-            shape = torch.broadcast_shapes(E.shape[:-2], self._A2.shape[:-2]) + self._A2.shape[-2:-1]
-            return torch.mv(self._A2.reshape(self._A2.shape[-2:]), E.reshape(-1)).reshape(shape)
+        if math.prod(E.shape[:-2]) == 1 and math.prod(self._A2.shape[:-2]) == 1:  # one model: one gemv
+            y = torch.mv(self._A2.reshape(self._A2.shape[-2:]), E.reshape(-1))
+            lead = max(E.ndim, self._A2.ndim) - 2  # the broadcast leading dims, all of size 1
+            return y.reshape((1,) * lead + y.shape) if lead else y
         # (..., 1, D) @ (..., D, n), not (..., n, D) @ (..., D, 1): torch's CPU batched matmul with one output column
         # takes a slow path (forward, and again in the backward for E): 3.7x slower at R = 2, batch 50, 60 x 60 and
         # 4.5x at R = 32 (benchmarks/measurements.py)

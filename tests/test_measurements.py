@@ -21,6 +21,16 @@ def test_call_and_adjoint_match_dense_definition(kind, gen):
     assert rel(m.adjoint(r), torch.einsum("nij,rn->rij", A, r)) < 1e-13
 
 
+@pytest.mark.parametrize("a_lead, e_lead", [((), ()), ((), (1,)), ((1,), ()), ((1,), (1,)), ((1, 1), (1,)),
+                                             ((3,), (3,)), ((3,), ()), ((), (3,)), ((2, 1), (1, 3))])
+def test_dense_call_broadcasts_leading_dims(a_lead, e_lead, gen):
+    """Every path of Dense.__call__ (one gemv for a single model, the batched form otherwise) against einsum."""
+    A, E = randn(*a_lead, 7, 3, 5, g=gen), randn(*e_lead, 3, 5, g=gen)
+    y = Dense(A)(E)
+    ref = torch.einsum("...nij,...ij->...n", A, E)
+    assert y.shape == ref.shape and rel(y, ref) < 1e-13
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_adjoint_is_the_adjoint(kind, gen):
     m = make_measurements(kind, 9, 4, 3, gen)

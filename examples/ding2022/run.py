@@ -411,7 +411,7 @@ def main(argv=None) -> dict:
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     dims = cfg["dims"]
-    axes_x = {s: (cfg["p"] if s == "completion" else cfg["m"]) for s in SETTINGS}
+    axes_x = _axes(cfg)
     jobs = [(s, d, x, k) for s in SETTINGS for d in dims for x in axes_x[s] for k in range(cfg["trials"])]
     jobs.sort(key=lambda j: -j[1] * (j[2] if j[0] != "completion" else 100))  # big solves first
     if args.workers > 1:
@@ -449,19 +449,32 @@ def main(argv=None) -> dict:
     for t in failed[:5]:
         print(f"  {t['setting']} d={t['d']} x={t['x']} trial {t['trial']}: {t['solver_error'][:200]}")
     print("\nchecks (specs/ding2022.md):")
-    for name, value, ok in checks:
-        print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {value:.4g}")
+    _print_checks(checks)
     total = time.perf_counter() - t0
     print(f"\n{len(trials)} trials ({2 * len(trials)} convex programs) in {solve_seconds:.0f} s on {args.workers} "
           f"worker(s); wrote {', '.join(paths)}; total {total:.0f} s")
     summary = dict(config=cfg, seconds=total, solve_seconds=solve_seconds, figures=paths,
-                   checks=[dict(name=n, value=float(v), passed=bool(ok)) for n, v, ok in checks])
+                   checks=_check_rows(checks))
     fd, tmp = tempfile.mkstemp(suffix=".json", dir=out)
     with os.fdopen(fd, "w") as f:
         json.dump({**summary, "trials": trials}, f, indent=1,
                   default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
     os.replace(tmp, os.path.join(out, "trials.json"))
     return summary
+
+
+def _axes(cfg) -> dict:
+    """Per setting, the grid's x values: m, or p for completion."""
+    return {s: (cfg["p"] if s == "completion" else cfg["m"]) for s in SETTINGS}
+
+
+def _print_checks(checks) -> None:
+    for name, value, ok in checks:
+        print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {value:.4g}")
+
+
+def _check_rows(checks) -> list[dict]:
+    return [dict(name=n, value=float(v), passed=bool(ok)) for n, v, ok in checks]
 
 
 def replot(path, out=None) -> dict:
@@ -474,16 +487,13 @@ def replot(path, out=None) -> dict:
             if v is None and key != "solver_error":
                 t[key] = math.nan
     dims = cfg["dims"]
-    axes_x = {s: (cfg["p"] if s == "completion" else cfg["m"]) for s in SETTINGS}
+    axes_x = _axes(cfg)
     tables = {s: cell_table(trials, s, dims, axes_x[s]) for s in SETTINGS}
     paths = figures(tables, dims, axes_x, out or os.path.dirname(os.path.abspath(path)))
-    quick = len(dims) == 1 and cfg.get("trials", 0) <= QUICK["trials"]
-    checks = checks_quick(tables, trials, axes_x, dims) if quick else checks_full(tables, trials, axes_x, dims)
-    for name, value, ok in checks:
-        print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {value:.4g}")
+    checks = (checks_quick if cfg == QUICK else checks_full)(tables, trials, axes_x, dims)
+    _print_checks(checks)
     print(f"wrote {', '.join(paths)}")
-    return dict(config=cfg, figures=paths,
-                checks=[dict(name=n, value=float(v), passed=bool(ok)) for n, v, ok in checks])
+    return dict(config=cfg, figures=paths, checks=_check_rows(checks))
 
 
 def _progress(iterable, total, enabled):

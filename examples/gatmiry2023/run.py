@@ -69,9 +69,12 @@ def replot(path, out=None) -> list[str]:
     cfg = summary["config"]
     runs = {int(L): run for L, run in summary["runs"].items()}
     Fhat = {int(L): v for L, v in summary["F_hat"].items()}
-    title = f"Gatmiry et al. 2023, d={cfg['d']}, n={cfg['n']}, r={cfg['r']}"
-    return figures(runs, Fhat, summary["X_nuclear"], out or os.path.dirname(os.path.abspath(path)), title,
+    return figures(runs, Fhat, summary["X_nuclear"], out or os.path.dirname(os.path.abspath(path)), _title(cfg),
                    cfg["noise_steps"])
+
+
+def _title(cfg) -> str:
+    return f"Gatmiry et al. 2023, d={cfg['d']}, n={cfg['n']}, r={cfg['r']}"
 
 
 def _write_json(path, obj):
@@ -367,8 +370,7 @@ def main(argv=None) -> dict:
     train_seconds = time.perf_counter() - t_train
     runs = {L: {**results[L], "scale": scale} for L in cfg["depths"]}
 
-    title = f"Gatmiry et al. 2023, d={cfg['d']}, n={cfg['n']}, r={cfg['r']}"
-    paths = figures(runs, Fhat, Xnuc, out, title, cfg["noise_steps"])
+    paths = figures(runs, Fhat, Xnuc, out, _title(cfg), cfg["noise_steps"])
     if args.quick:
         checks = checks_quick(X_err, frob_err, runs, Fhat, Xnuc)
     else:

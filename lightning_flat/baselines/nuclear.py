@@ -145,7 +145,9 @@ def _solve_dual(op: np.ndarray | sp.csr_matrix, b: np.ndarray, shape: tuple[int,
     S = lmi.dual_value
     X = -(S[:d_out, d_out:] + S[d_out:, :d_out].T)
     # An iteration-capped SCS run also reports optimal_inaccurate and may return a far-off iterate: check feasibility.
-    residual = np.linalg.norm(op @ X.ravel() - b) / max(np.linalg.norm(b), np.finfo(np.float64).tiny)
+    x = X.ravel()
+    r = op @ x - b
+    residual = np.linalg.norm(r) / max(np.linalg.norm(b), np.finfo(np.float64).tiny)
     if residual > eps ** 0.5:
         raise RuntimeError(f"min_nuclear_norm: {solver} ended with status {problem.status!r} and relative residual "
                            f"||A(X) - b|| / ||b|| = {residual:.3g} > sqrt(eps) = {eps ** 0.5:.3g}; try a larger eps")
@@ -153,14 +155,7 @@ def _solve_dual(op: np.ndarray | sp.csr_matrix, b: np.ndarray, shape: tuple[int,
     # completion instances). Q has orthonormal rows, so one orthogonal projection onto {X : Q vec(X) = c} makes it
     # feasible to rounding; it moves X by the residual's norm, which changes ||X||_* by at most
     # sqrt(min(d_out, d_in)) times that.
-    x = X.ravel()
-    X = (x - _adjoint(op, op @ x - b)).reshape(shape)
-    return X
-
-
-def _adjoint(op: np.ndarray | sp.csr_matrix, v: np.ndarray) -> np.ndarray:
-    """``op.T @ v`` for a dense or sparse operator, as a flat array."""
-    return np.asarray(op.T @ v).ravel()
+    return (x - op.T @ r).reshape(shape)
 
 
 def min_nuclear_norm(measurements: Measurements, targets: Tensor, *, solver: str = "auto", eps: float | None = None,
