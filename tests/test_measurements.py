@@ -8,8 +8,6 @@ from lightning_flat.measurements import Dense, Entries, MeasurementBatch, RankOn
 KINDS = ["dense", "rankone", "entries"]
 
 
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_call_and_adjoint_match_dense_definition(kind, gen):
     m = make_measurements(kind, 7, 3, 5, gen)
