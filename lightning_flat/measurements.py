@@ -36,7 +36,7 @@ from torch import Tensor
 
 from lightning_flat._checks import check_choice, check_tensor
 
-__all__ = ["Measurements", "Dense", "RankOne", "Entries", "MeasurementBatch", "MOMENT_BUDGET_BYTES"]
+__all__ = ["Measurements", "Dense", "RankOne", "Entries", "MeasurementBatch", "unpack_batch", "MOMENT_BUDGET_BYTES"]
 
 #: Largest fourth-moment matrix (in bytes) that :meth:`Dense.curvature` caches for the ``"moment"`` method.
 MOMENT_BUDGET_BYTES = 512 * 2**20
@@ -74,7 +74,11 @@ class Measurements:
         """``sum_i tr(A_i G A_i^T K)``; ``symmetric=True`` promises symmetric ``G`` and ``K`` (a faster path may use it)."""
         raise NotImplementedError
 
-    def subset(self, index: Tensor | slice) -> Measurements:  # pragma: no cover - abstract
+    def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> Measurements:  # pragma: no cover
+        """The measurements ``index`` (a 1-D index, or ``(R, B)`` for one minibatch per replica, giving leading
+        dimensions). ``out``, a dict the caller keeps between calls, lets a subset reuse its memory from the last
+        call (the previous subset is then overwritten): the engine's chunks do this, so a large gathered batch stays
+        in the CPU caches instead of being allocated afresh at every step."""
         raise NotImplementedError
 
     def dense(self) -> Tensor:  # pragma: no cover - abstract
@@ -198,6 +202,8 @@ class Dense(Measurements):
 
     def adjoint(self, r: Tensor) -> Tensor:
         self._check_residual(r)
+        if r.ndim == 1 and self._A2.ndim == 2:  # one model: one gemv (a 1-row gemm packs all of A first)
+            return torch.mv(self._A2.t(), r).reshape(self.shape)
         out = torch.matmul(r.unsqueeze(-2), self._A2).squeeze(-2)
         return out.reshape(*out.shape[:-1], *self.shape)
 
@@ -220,10 +226,29 @@ class Dense(Measurements):
         """The same kind of measurements over other rows (the inverse of :meth:`fields`)."""
         return Dense(fields["A"])
 
-    def subset(self, index: Tensor | slice) -> Dense:
-        if isinstance(index, Tensor) and index.ndim == 1 and self.A.ndim == 3 and not index.dtype == torch.bool:
-            return Dense(torch.index_select(self.A, 0, index))  # one gather, faster than advanced indexing
-        return Dense(self.A[index])
+    def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> Dense:
+        A = self.A
+        if not (isinstance(index, Tensor) and A.ndim == 3 and index.dtype != torch.bool):
+            return Dense(A[index])
+        # one gather (faster than advanced indexing), into the caller's buffer when it keeps one
+        flat = index.reshape(-1)
+        rows = (flat.numel(), *A.shape[1:])
+        buf = None if out is None else out.get("A")
+        if out is not None and (buf is None or tuple(buf.shape) != rows or buf.dtype != A.dtype
+                                or buf.device != A.device):
+            buf = out["A"] = torch.empty(rows, dtype=A.dtype, device=A.device)
+        gathered = torch.index_select(A, 0, flat) if buf is None else torch.index_select(A, 0, flat, out=buf)
+        return Dense._trusted(gathered.view(*index.shape, *A.shape[1:]))
+
+    @classmethod
+    def _trusted(cls, A: Tensor) -> Dense:
+        """A ``Dense`` over ``A`` made from already checked measurements (a subset), without the checks."""
+        out = object.__new__(cls)
+        out.A = A
+        out.shape = (int(A.shape[-2]), int(A.shape[-1]))
+        out._A2 = A.reshape(*A.shape[:-2], -1)
+        out._moment = out._folded = None
+        return out
 
     def to(self, *args: Any, **kwargs: Any) -> Dense:
         device, dtype = _parse_to(args, kwargs)
@@ -369,7 +394,7 @@ class RankOne(Measurements):
     def with_fields(self, fields: dict[str, Tensor]) -> RankOne:
         return RankOne(fields["u"], fields["v"])
 
-    def subset(self, index: Tensor | slice) -> RankOne:
+    def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> RankOne:
         if isinstance(index, Tensor) and index.ndim == 1 and self.u.ndim == 2 and not index.dtype == torch.bool:
             return RankOne(torch.index_select(self.u, 0, index), torch.index_select(self.v, 0, index))
         return RankOne(self.u[index], self.v[index])
@@ -449,7 +474,7 @@ class Entries(Measurements):
         out.scatter_(-1, self._flat.unsqueeze(-1), 1.0)
         return out.reshape(*self._flat.shape, d_out, d_in)
 
-    def subset(self, index: Tensor | slice) -> Entries:
+    def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> Entries:
         return self.with_fields({"rows": self.rows[index], "cols": self.cols[index]})
 
     def fields(self) -> dict[str, Tensor]:
@@ -526,3 +551,17 @@ class MeasurementBatch:
 
     def __repr__(self) -> str:
         return f"MeasurementBatch({self.measurements!r}, targets={tuple(self.targets.shape)})"
+
+
+def unpack_batch(batch: Any) -> tuple[Measurements, Tensor]:
+    """``(measurements, targets)`` from a :class:`MeasurementBatch`, a dict with those keys or a pair."""
+    if isinstance(batch, MeasurementBatch):
+        return batch.measurements, batch.targets
+    if isinstance(batch, dict) and "measurements" in batch and "targets" in batch:
+        return batch["measurements"], batch["targets"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Measurements):
+        return batch[0], batch[1]
+    raise TypeError(
+        "batch must be a MeasurementBatch, a dict with 'measurements' and 'targets', or a pair "
+        f"(Measurements, targets), got {type(batch).__name__}"
+    )

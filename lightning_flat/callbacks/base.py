@@ -10,6 +10,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_flat._checks import check_positive_int
+from lightning_flat.engine.hooks import StepHook
+from lightning_flat.engine.replicas import LOG_REPLICAS, active_mean
 from lightning_flat.measurements import Measurements
 from lightning_flat.models.base import LinearNetBase
 
@@ -39,15 +41,7 @@ def problem_data(trainer: L.Trainer, pl_module: L.LightningModule, measurements:
     )
 
 
-def replica_mean(values: Tensor, active: Tensor | None) -> Tensor:
-    """Mean of per-replica values ``(R,)`` over the active replicas (NaN if none is active)."""
-    if active is None:
-        return values.mean()
-    keep = values[active]
-    return keep.mean() if keep.numel() else torch.tensor(float("nan"), dtype=values.dtype)
-
-
-class MeasuringCallback(Callback):
+class MeasuringCallback(StepHook, Callback):
     """Base of the callbacks that measure the model every ``every_n_steps`` optimizer steps.
 
     A measurement is taken whenever ``trainer.global_step`` is a multiple of ``every_n_steps`` (step 0 of a fresh
@@ -62,11 +56,13 @@ class MeasuringCallback(Callback):
     training a wandb logger gets them as a Table (``replica_table()``).
 
     Subclasses implement ``measure(trainer, pl_module) -> dict``; it runs under ``torch.no_grad()`` and must not
-    change the model or any global random state.
+    change the model or any global random state. On the lightning_flat models the training engine ends its fused
+    chunks at the measured steps (:meth:`next_boundary`).
     """
 
     group = "measure"
-    log_replicas = 4
+    log_replicas = LOG_REPLICAS
+    fused_safe_hooks = ("on_train_batch_end",)
 
     def __init__(self, every_n_steps: int = 100) -> None:
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
@@ -90,6 +86,9 @@ class MeasuringCallback(Callback):
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
+    def next_boundary(self, step: int) -> int:
+        return (step // self.every_n_steps + 1) * self.every_n_steps
+
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         if self._last_step == step:
@@ -104,7 +103,7 @@ class MeasuringCallback(Callback):
             v = v.detach() if isinstance(v, Tensor) else torch.as_tensor(v, dtype=torch.float64)
             if v.ndim >= 1:
                 self.replica_history.setdefault(k, []).append((step, [float(x) for x in v.cpu()]))
-                values[k] = float(replica_mean(v, active))
+                values[k] = float(active_mean(v, active))
                 for r in range(min(self.log_replicas, v.shape[0])):
                     singles[f"{k}/r{r}"] = float(v[r])
             else:

@@ -14,6 +14,7 @@ from lightning_flat import functional as F
 from lightning_flat._checks import check_choice, check_positive_int, check_real
 from lightning_flat.callbacks.base import MeasuringCallback, is_linear_net, problem_data
 from lightning_flat.datamodules.base import step_seed
+from lightning_flat.engine.compat import silenced_logging
 from lightning_flat.measurements import MeasurementBatch, Measurements
 
 __all__ = ["HessianTrace", "Sharpness"]
@@ -21,13 +22,8 @@ __all__ = ["HessianTrace", "Sharpness"]
 
 def default_loss_fn(pl_module: L.LightningModule, batch: Any) -> Tensor:
     """``training_step(batch, 0)`` (its ``"loss"`` entry if it returns a dict) with the module's logging silenced."""
-    pl_module.__dict__["log"] = lambda *a, **k: None
-    pl_module.__dict__["log_dict"] = lambda *a, **k: None
-    try:
+    with silenced_logging(pl_module):
         out = pl_module.training_step(batch, 0)
-    finally:
-        pl_module.__dict__.pop("log", None)
-        pl_module.__dict__.pop("log_dict", None)
     return out["loss"] if isinstance(out, dict) else out
 
 
@@ -94,6 +90,8 @@ class _CurvatureCallback(MeasuringCallback):
         self.eval_mode = bool(eval_mode)
         self.seed = seed
         self._batch: Any = _copy_batch(batch) if batch is not None else None
+
+    fused_safe_hooks = ("on_train_batch_start",)  # generic modules only: lightning_flat models return at once
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -13,13 +13,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_flat._checks import check_choice, check_positive_int
+from lightning_flat.engine.hooks import StepContext, StepHook, engine_drives
 
 __all__ = ["FiniteLossGuard"]
 
 log = logging.getLogger(__name__)
 
 
-class FiniteLossGuard(Callback):
+class FiniteLossGuard(StepHook, Callback):
     """Stop training when the training loss (or, with ``check_grads``, a gradient) is not finite.
 
     The check runs after the backward pass and before the optimizer step. On a non-finite value the gradients are
@@ -30,13 +31,19 @@ class FiniteLossGuard(Callback):
 
     With replicas (a lightning_flat model with ``replicas > 1``) the model itself freezes a replica whose loss turns
     non-finite; the guard then stops the run when all replicas have diverged (``replicas="all"``, default) or at
-    the first one (``replicas="any"``).
+    the first one (``replicas="any"``), and ``check_grads`` looks at the active replicas' gradients only.
+
+    On the lightning_flat models the training engine runs the check at every SGD step (also inside fused chunks,
+    see :class:`~lightning_flat.engine.StepHook`) and does not apply the update of a failed step; on any other
+    LightningModule it runs in ``on_before_optimizer_step``.
 
     Args:
         every_n_steps: check period in optimizer steps (1: every step; the check costs one scalar read).
         check_grads: also check every gradient (costs a reduction per parameter).
         replicas: ``"all"`` or ``"any"``, see above.
     """
+
+    fused_safe_hooks = ("on_before_backward", "on_before_optimizer_step")
 
     def __init__(self, every_n_steps: int = 1, check_grads: bool = False, replicas: str = "all") -> None:
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
@@ -47,11 +54,41 @@ class FiniteLossGuard(Callback):
         self.message: str | None = None
         self._loss: Tensor | None = None
 
+    def _stop(self, step: int, value: float, what: str) -> str:
+        self.stopped_step, self.stopped_value = step, value
+        self.message = (
+            f"FiniteLossGuard: non-finite {what} at step {step} (loss = {value}); stopping. "
+            f"The weights are those of step {step}: this update was not applied."
+        )
+        rank_zero_warn(self.message)
+        return self.message
+
+    def step_check(self, ctx: StepContext) -> None:
+        if ctx.step % self.every_n_steps:
+            return
+        losses, active = ctx.losses, getattr(ctx.module, "replica_active", None)
+        what = None
+        if active is None:
+            if not math.isfinite(float(losses)):
+                what = "training loss"
+        elif not (bool(active.any()) if self.replicas == "all" else bool(active.all())):
+            diverged = getattr(ctx.module, "diverged", {})
+            what = (f"loss in {'every replica' if self.replicas == 'all' else 'a replica'} "
+                    f"(diverged replicas and their (step, loss): {dict(sorted(diverged.items()))})")
+        if what is None and self.check_grads:
+            for g in ctx.grads:
+                if not bool(torch.isfinite(g if active is None else g[active]).all()):
+                    what = "gradient"
+                    break
+        if what is not None:
+            value = float(losses if active is None else torch.where(active, losses, torch.zeros_like(losses)).sum())
+            ctx.stop = self._stop(ctx.step, value, what)
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        self._loss = loss.detach()
+        self._loss = None if engine_drives(pl_module) else loss.detach()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if trainer.global_step % self.every_n_steps or self._loss is None:
+        if trainer.global_step % self.every_n_steps or self._loss is None or engine_drives(pl_module):
             return
         value = float(self._loss)
         bad = not math.isfinite(value)
@@ -76,12 +113,7 @@ class FiniteLossGuard(Callback):
             for p in group["params"]:
                 p.grad = None
         trainer.should_stop = True
-        self.stopped_step, self.stopped_value = trainer.global_step, value
-        self.message = (
-            f"FiniteLossGuard: non-finite {what} at step {trainer.global_step} (loss = {value}); stopping. "
-            f"The weights are those of step {trainer.global_step}: this update was not applied."
-        )
-        rank_zero_warn(self.message)
+        self._stop(trainer.global_step, value, what)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stopped_step": self.stopped_step, "stopped_value": self.stopped_value}

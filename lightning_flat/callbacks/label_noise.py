@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_flat._checks import check_nonnegative_int, check_real
 from lightning_flat.datamodules.base import step_seed
+from lightning_flat.engine.hooks import StepContext, StepHook, engine_drives, hparams_at
 from lightning_flat.measurements import MeasurementBatch
 
 __all__ = ["LabelNoise"]
@@ -18,7 +19,7 @@ __all__ = ["LabelNoise"]
 _STREAM = 0x4C4E  # keeps the noise stream apart from the minibatch sampler's
 
 
-class LabelNoise(Callback):
+class LabelNoise(StepHook, Callback):
     r"""Add fresh :math:`N(0, \mathrm{std}^2)` noise to the targets of each training batch.
 
     The loss optimised at step t is :math:`\frac1B\sum_{i\in B_t}(f_i - b_i - \xi_{t,i})^2`: the noise sits inside
@@ -26,7 +27,12 @@ class LabelNoise(Callback):
     new targets tensor). The noise of step t comes from a generator seeded by ``(seed, rank, t)``, so a run resumed
     from a checkpoint draws exactly the noise of the uninterrupted run; ``state_dict`` keeps ``std`` and ``seed``.
 
-    ``std`` may be changed during training (e.g. by :class:`HyperparameterSchedule`); ``std = 0`` draws nothing.
+    ``std = 0`` draws nothing. A :class:`HyperparameterSchedule` with ``label_noise=...`` sets the std of each step
+    (``std`` is then the value without a schedule, and is not changed); ``last_std`` is the std of the latest step.
+
+    On the lightning_flat models the noise is added by the training engine at every SGD step (also inside fused
+    chunks, see :class:`~lightning_flat.engine.StepHook`); the batch the sampler made is not modified. On any other
+    LightningModule it is added in ``on_train_batch_start``, by replacing the targets in the batch container.
     Batches: a :class:`MeasurementBatch`, a dict (``target_key``, default ``"targets"``) or a list (``target_key``
     an index, default the last entry). Tuples cannot be changed in place: use a list or a dict.
 
@@ -36,10 +42,13 @@ class LabelNoise(Callback):
         target_key: where the targets sit in a dict or list batch.
     """
 
+    fused_safe_hooks = ("on_train_batch_start",)
+
     def __init__(self, std: float | list[float] = 1.0, seed: int = 0, target_key: str | int | None = None) -> None:
         self.std = std
         self.seed = check_nonnegative_int("seed", seed)
         self.target_key = target_key
+        self.last_std: float | list[float] | None = None
         self._generator: torch.Generator | None = None
         self._state_key: str | None = None
 
@@ -105,24 +114,37 @@ class LabelNoise(Callback):
         else:
             batch[-1 if self.target_key is None else self.target_key] = value
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        std = self._std
-        if not isinstance(std, list) and std == 0.0:
-            return
-        y = self._get(batch)
-        streams = getattr(pl_module, "replica_seeds", None)
+    def noisy(self, y: Tensor, std: float | list[float], step: int, rank: int, streams: list[int] | None) -> Tensor:
+        """``y`` plus the noise of step ``step`` times ``std`` (a float, or one per replica); with several
+        ``streams`` a shared ``y (B,)`` becomes ``(R, B)`` (one draw per replica)."""
         if streams is not None and len(streams) > 1 and (y.ndim < 2 or y.shape[0] != len(streams)):
             y = y.expand(len(streams), *y.shape)  # full-batch targets shared by the replicas: noise per replica
-        xi = self.noise(y.shape, trainer.global_step, trainer.global_rank, y.dtype, y.device, streams)
+        xi = self.noise(y.shape, step, rank, y.dtype, y.device, streams)
         if isinstance(std, list):
             if y.ndim < 2 or y.shape[0] != len(std):
                 raise ValueError(f"LabelNoise: std has {len(std)} values (one per replica) but the targets have shape "
                                  f"{tuple(y.shape)}")
             scale = torch.tensor(std, dtype=y.dtype, device=y.device).reshape(-1, *([1] * (y.ndim - 1)))
-            self._set(batch, y + scale * xi)
-        else:
-            self._set(batch, y + std * xi)
+            return y + scale * xi
+        return y + std * xi
+
+    def step_targets(self, ctx: StepContext) -> None:
+        std = self.last_std = ctx.hparams.get("label_noise", self._std)
+        if not isinstance(std, list) and std == 0.0:
+            return
+        batch = ctx.batch
+        y = self.noisy(batch.targets, std, ctx.step, ctx.trainer.global_rank, ctx.streams)
+        ctx.batch = MeasurementBatch(batch.measurements, y, batch.index)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if engine_drives(pl_module):
+            return  # the engine adds the noise at every step (step_targets)
+        std = self.last_std = hparams_at(trainer, trainer.global_step).get("label_noise", self._std)
+        if not isinstance(std, list) and std == 0.0:
+            return
+        streams = getattr(pl_module, "replica_seeds", None)
+        self._set(batch, self.noisy(self._get(batch), std, trainer.global_step, trainer.global_rank, streams))
 
     def state_dict(self) -> dict[str, Any]:
         return {"std": self._std, "seed": self.seed}

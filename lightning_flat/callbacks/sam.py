@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from lightning_flat._checks import check_positive_int, check_real
 from lightning_flat.callbacks.base import is_linear_net
 from lightning_flat.callbacks.curvature import default_loss_fn
+from lightning_flat.engine.hooks import StepContext, StepHook, engine_drives, hparams_at
 from lightning_flat.functional.sam import sam_gradient, sam_perturbation
 from lightning_flat.measurements import MeasurementBatch
 
@@ -48,11 +49,10 @@ def _batch_fields(batch: Any) -> tuple[dict[str, Tensor], Callable[[dict[str, Te
     )
 
 
-class SAM(Callback):
+class SAM(StepHook, Callback):
     r"""Sharpness-aware minimization: the optimizer steps with the gradient at an ascent-perturbed point.
 
-    In ``on_before_optimizer_step`` (after Lightning's backward, before the update) the callback replaces each
-    parameter's ``.grad``:
+    The callback replaces the gradient of each step:
 
     - ``m=None`` (n-SAM): :math:`g = \nabla L_B(W)` (the gradient Lightning just computed),
       :math:`\varepsilon = \rho g/\|g\|`, new gradient :math:`\nabla L_B(W + \varepsilon)`: one extra forward and
@@ -62,14 +62,19 @@ class SAM(Callback):
     - ``adaptive=True`` (ASAM): :math:`\varepsilon = \rho T^2 g/\|Tg\|`, :math:`T = |W| + \eta`;
       ``normalize=False``: :math:`\varepsilon = \rho T^2 g` (unnormalized SAM).
 
-    The loss is ``loss_fn(pl_module, batch)``: on lightning_flat models their ``loss``; on any other module
-    ``training_step(batch, 0)`` (its ``"loss"`` entry if a dict) with logging silenced. The batch is the one of the
-    current step *as training sees it*: with :class:`LabelNoise` the noisy targets, so the label noise enters the
-    ascent and the descent gradient the same way (the same draw). Ridge (weight decay) stays in the optimizer and is
-    applied at the unperturbed weights. With replicas (a lightning_flat model with ``replicas > 1``) each replica
-    has its own ascent: norms per replica, chunks within each replica's minibatch. Gradient clipping, if configured, applies to the SAM gradient. Steps whose
-    gradients were dropped (e.g. by :class:`FiniteLossGuard`) are left alone. Under DDP the new gradients are
-    averaged across ranks.
+    On the lightning_flat models the training engine asks for the SAM gradient at every SGD step (also inside fused
+    chunks, see :class:`~lightning_flat.engine.StepHook`), with its gradient oracle (analytic by default) for the
+    ascent point. On any other LightningModule the callback replaces each parameter's ``.grad`` in
+    ``on_before_optimizer_step`` (after Lightning's backward, before the update); its loss is then
+    ``loss_fn(pl_module, batch)``, by default ``training_step(batch, 0)`` (its ``"loss"`` entry if a dict) with
+    logging silenced. The batch is the one of the current step *as training sees it*: with :class:`LabelNoise` the
+    noisy targets, so the label noise enters the ascent and the descent gradient the same way (the same draw). Ridge
+    (weight decay) stays in the optimizer and is applied at the unperturbed weights. With replicas (a lightning_flat
+    model with ``replicas > 1``) each replica has its own ascent: norms per replica, chunks within each replica's
+    minibatch. Gradient clipping, if configured, applies to the SAM gradient. Steps whose gradients were dropped
+    (e.g. by :class:`FiniteLossGuard`) are left alone. Under DDP the new gradients are averaged across ranks. A
+    :class:`HyperparameterSchedule` with ``sam_rho=...`` sets the radius of each step (``rho`` is then the value
+    without a schedule and is not changed).
 
     Args:
         rho: ascent radius (>= 0; may be scheduled by :class:`HyperparameterSchedule` ``sam_rho``).
@@ -83,6 +88,8 @@ class SAM(Callback):
         :func:`lightning_flat.functional.sam_perturbation`, :func:`lightning_flat.functional.sam_gradient`.
     """
 
+    fused_safe_hooks = ("on_train_batch_start", "on_before_optimizer_step")
+
     def __init__(self, rho: float = 0.05, m: int | None = None, adaptive: bool = False, normalize: bool = True,
                  eta: float = 0.01, loss_fn: Callable[[L.LightningModule, Any], Tensor] | None = None) -> None:
         self.rho = rho
@@ -94,6 +101,7 @@ class SAM(Callback):
             raise TypeError(f"loss_fn must be callable as loss_fn(pl_module, batch), got {loss_fn!r}")
         self.loss_fn = loss_fn
         self._batch: Any = None
+        self._step_rho = self._rho
         self._state_key: str | None = None
 
     @property
@@ -117,18 +125,33 @@ class SAM(Callback):
             return lambda module, batch: module.loss(batch)
         return default_loss_fn
 
+    def step_gradients(self, ctx: StepContext) -> None:
+        rho = ctx.hparams.get("sam_rho", self._rho)
+        if rho == 0.0:
+            return
+        if self.m is None:
+            eps = sam_perturbation(ctx.grads, rho, params=ctx.weights, adaptive=self.adaptive,
+                                   normalize=self.normalize, eta=self.eta, replica_dims=ctx.replica_dims)
+            _, ctx.grads = ctx.loss_and_grads([w.detach() + e for w, e in zip(ctx.weights, eps)], ctx.batch)
+        else:
+            with torch.enable_grad():
+                ctx.grads = self._msam(ctx.module, ctx.weights, ctx.batch, rho)
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._batch = batch  # the object itself: LabelNoise's targets, whenever it runs, are in it by the step
+        self._batch = None if engine_drives(pl_module) else batch  # LabelNoise's targets, whenever it runs, are in it
+        self._step_rho = hparams_at(trainer, trainer.global_step).get("sam_rho", self._rho)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if self._rho == 0.0 or self._batch is None:
+        rho = getattr(self, "_step_rho", self._rho)
+        if rho == 0.0 or self._batch is None:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         if not params or any(p.grad is None for p in params):
             return
         with torch.enable_grad():
-            grads = self._nsam(pl_module, params) if self.m is None else self._msam(pl_module, params)
+            grads = self._nsam(pl_module, params, rho) if self.m is None else \
+                self._msam(pl_module, params, self._batch, rho)
         if trainer.world_size > 1:
             grads = [trainer.strategy.reduce(g, reduce_op="mean") for g in grads]
         for p, g in zip(params, grads):
@@ -138,8 +161,8 @@ class SAM(Callback):
     def _replica_dims(pl_module: L.LightningModule) -> int:
         return 1 if is_linear_net(pl_module) and getattr(pl_module, "replicas", 1) > 1 else 0
 
-    def _nsam(self, pl_module: L.LightningModule, params: list[Tensor]) -> list[Tensor]:
-        eps = sam_perturbation([p.grad for p in params], self._rho, params=params, adaptive=self.adaptive,
+    def _nsam(self, pl_module: L.LightningModule, params: list[Tensor], rho: float) -> list[Tensor]:
+        eps = sam_perturbation([p.grad for p in params], rho, params=params, adaptive=self.adaptive,
                                normalize=self.normalize, eta=self.eta, replica_dims=self._replica_dims(pl_module))
         saved = [p.detach().clone() for p in params]
         try:
@@ -154,15 +177,16 @@ class SAM(Callback):
                     p.copy_(s)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
-    def _msam(self, pl_module: L.LightningModule, params: list[Tensor]) -> list[Tensor]:
-        fields, rebuild = _batch_fields(self._batch)
+    def _msam(self, pl_module: L.LightningModule, params: list[Tensor], batch: Any, rho: float) -> list[Tensor]:
+        fields, rebuild = _batch_fields(batch)
         replica_dims = self._replica_dims(pl_module)
-        if replica_dims and isinstance(self._batch, MeasurementBatch) and self._batch.index is not None \
-                and self._batch.index.ndim == 2:
-            # per-replica minibatches (R, B, ...): chunk along the examples, dim 1
+        if replica_dims and isinstance(batch, MeasurementBatch) and batch.targets.ndim == 2:
+            # per-replica targets (R, B) (per-replica minibatches, or per-replica label noise on a shared one): chunk
+            # along the examples, dim 1 of the per-replica fields
+            per = {k for k, v in fields.items() if k == "targets" or (batch.index is not None and batch.index.ndim == 2)}
             inner = rebuild
-            fields = {k: v.movedim(1, 0) for k, v in fields.items()}
-            rebuild = lambda f: inner({k: v.movedim(0, 1) for k, v in f.items()})  # noqa: E731
+            fields = {k: v.movedim(1, 0) if k in per else v for k, v in fields.items()}
+            rebuild = lambda f: inner({k: v.movedim(0, 1) if k in per else v for k, v in f.items()})  # noqa: E731
         loss_fn = self._loss_fn(pl_module)
         if is_linear_net(pl_module) and self.loss_fn is None:
             weights = pl_module.weights()
@@ -181,7 +205,7 @@ class SAM(Callback):
             def loss_at(ps, batch):
                 return torch.func.functional_call(wrapper, dict(zip(keys, ps)), (batch,))
 
-        return sam_gradient(loss_at, params, fields, rebuild, self._rho, self.m, adaptive=self.adaptive,
+        return sam_gradient(loss_at, params, fields, rebuild, rho, self.m, adaptive=self.adaptive,
                             normalize=self.normalize, eta=self.eta, replica_dims=replica_dims)
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_flat._checks import check_positive_int, check_real
+from lightning_flat.engine.hooks import StepContext, StepHook, engine_drives
 
 __all__ = ["HyperparameterSchedule", "Schedule", "SHAPES"]
 
@@ -187,21 +188,29 @@ def _parse(name: str, spec: Any) -> Schedule | ReplicaSchedule:
     return Schedule(name, spec)
 
 
-class HyperparameterSchedule(Callback):
+class HyperparameterSchedule(StepHook, Callback):
     """Set the learning rate, ridge (weight decay), label-noise std and SAM radius of each step from schedules.
 
     Each of ``lr``, ``weight_decay``, ``label_noise`` and ``sam_rho`` is ``None`` (left alone) or a :class:`Schedule`
     spec: a constant, a named shape (``"anneal"``, ``"periodic"``, ``"cosine"``, ``"linear_warmup"``) or a list of
     ``(step, value-or-shape)`` phases, e.g. ``label_noise=[(0, 1.0), (300000, 0.0)]`` (noisy phase, then a noiseless
     polish). With replicas, ``lr``, ``weight_decay`` and ``label_noise`` may be per replica:
-    ``{"replicas": [spec_0, ..., spec_{R-1}]}``, or a list of numbers for per-replica constants. The values of step ``s`` are in place before step ``s`` runs (set at the start of training and after
-    each optimizer step), on every param group of every optimizer, every :class:`LabelNoise` and every :class:`SAM`
-    callback, whatever the callbacks' order; lr and ridge change on the same step boundary. Values depend on the step
+    ``{"replicas": [spec_0, ..., spec_{R-1}]}``, or a list of numbers for per-replica constants.
+
+    The values of step ``s`` are in place when step ``s`` runs, whatever the callbacks' order: the learning rate and
+    ridge in every param group of every optimizer; the label-noise std and the SAM radius are read by
+    :class:`LabelNoise` and :class:`SAM` from this schedule (their own ``std``/``rho`` are the values without a
+    schedule and are never changed). On the lightning_flat models the training engine asks for the values of every
+    SGD step (also inside fused chunks, see :class:`~lightning_flat.engine.StepHook`); on any other LightningModule
+    the param groups are set at the start of training and after each optimizer step. Values depend on the step
     only, so a resumed run follows the same schedule.
 
-    Logged keys (at the start, on every change and every ``every_n_steps``): ``hparams/lr``,
-    ``hparams/weight_decay``, ``hparams/label_noise``, ``hparams/sam_rho`` for the scheduled ones.
+    Logged keys (at the first step, at every change of value and every ``every_n_steps``): ``hparams/lr``,
+    ``hparams/weight_decay``, ``hparams/label_noise``, ``hparams/sam_rho`` for the scheduled ones (per-replica
+    values: their mean and ``.../r{k}``).
     """
+
+    fused_safe_hooks = ("on_train_batch_end",)
 
     def __init__(self, lr: ScheduleSpec = None, weight_decay: ScheduleSpec = None, label_noise: ScheduleSpec = None,
                  sam_rho: ScheduleSpec = None, every_n_steps: int = 1000) -> None:
@@ -215,20 +224,21 @@ class HyperparameterSchedule(Callback):
         if not self.schedules:
             raise ValueError("HyperparameterSchedule needs at least one of lr, weight_decay, label_noise, sam_rho")
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
-        self.current: dict[str, float] = {}
+        self.current: dict[str, float | list[float]] = {}
 
     def values(self, step: int) -> dict[str, float | list[float]]:
+        """The scheduled values of global step ``step``."""
         return {name: s.value(step) for name, s in self.schedules.items()}
 
-    def _targets(self, trainer: L.Trainer, kind: type) -> list:
-        return [c for c in trainer.callbacks if isinstance(c, kind)]
+    def hparams(self, step: int) -> dict[str, float | list[float]]:
+        return self.values(step)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from lightning_flat.callbacks.label_noise import LabelNoise
         from lightning_flat.callbacks.sam import SAM
 
         for name, kind in (("label_noise", LabelNoise), ("sam_rho", SAM)):
-            if name in self.schedules and not self._targets(trainer, kind):
+            if name in self.schedules and not any(isinstance(c, kind) for c in trainer.callbacks):
                 raise ValueError(f"HyperparameterSchedule({name}=...) needs a {kind.__name__} callback in the Trainer")
         replicas = getattr(pl_module, "replicas", 1)
         for name, sched in self.schedules.items():
@@ -236,26 +246,9 @@ class HyperparameterSchedule(Callback):
                 raise ValueError(f"HyperparameterSchedule({name}=...) has {len(sched)} per-replica schedules but the "
                                  f"model has {replicas} replica(s)")
 
-    def _apply(self, trainer: L.Trainer, force: bool = False) -> None:
-        from lightning_flat.callbacks.label_noise import LabelNoise
-        from lightning_flat.callbacks.sam import SAM
-
-        step = trainer.global_step
-        values = self.values(step)
+    def _record(self, trainer: L.Trainer, step: int, values: dict[str, Any]) -> None:
+        """Keep ``values`` as the current ones and log them at a change or every ``every_n_steps``."""
         changed = values != self.current
-        if changed or force:
-            for opt in trainer.optimizers:
-                for group in opt.param_groups:
-                    for key in ("lr", "weight_decay"):
-                        if key in values:
-                            v = values[key]
-                            group[key] = torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v
-            if "label_noise" in values:
-                for cb in self._targets(trainer, LabelNoise):
-                    cb.std = values["label_noise"]
-            if "sam_rho" in values:
-                for cb in self._targets(trainer, SAM):
-                    cb.rho = values["sam_rho"]
         self.current = values
         if (changed or step % self.every_n_steps == 0) and trainer.is_global_zero:
             metrics = {}
@@ -268,12 +261,32 @@ class HyperparameterSchedule(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
+    def step_hparams(self, ctx: StepContext) -> None:
+        values = self.values(ctx.step)
+        ctx.hparams.update(values)
+        self._record(ctx.trainer, ctx.step, values)
+
+    def _apply(self, trainer: L.Trainer, force: bool = False) -> None:
+        """The Lightning path: the values of the coming step into the optimizers' param groups, then log."""
+        step = trainer.global_step
+        values = self.values(step)
+        if values != self.current or force:
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    for key in ("lr", "weight_decay"):
+                        if key in values:
+                            v = values[key]
+                            group[key] = torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v
+        self._record(trainer, step, values)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply(trainer, force=True)
+        if not engine_drives(pl_module):
+            self._apply(trainer, force=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._apply(trainer)
+        if not engine_drives(pl_module):
+            self._apply(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"current": dict(self.current)}

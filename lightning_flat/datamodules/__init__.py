@@ -1,6 +1,6 @@
 """LightningDataModules that generate measurement problems."""
 
-from lightning_flat.datamodules.base import MeasurementDataModule, MeasurementSampler
+from lightning_flat.datamodules.base import MeasurementDataModule, MeasurementSampler, StepChunk
 from lightning_flat.datamodules.matrix_sensing import MatrixSensingDataModule
 from lightning_flat.datamodules.recovery import (
     BilinearSensingDataModule,
@@ -15,4 +15,5 @@ __all__ = [
     "MeasurementDataModule",
     "MeasurementSampler",
     "QuadraticSensingDataModule",
+    "StepChunk",
 ]

@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_flat._checks import check_nonnegative_int, check_positive_int
 from lightning_flat.measurements import MeasurementBatch, Measurements
 
-__all__ = ["MeasurementDataModule", "MeasurementSampler", "step_seed"]
+__all__ = ["MeasurementDataModule", "MeasurementSampler", "StepChunk", "step_seed"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -29,8 +29,32 @@ def step_seed(*keys: int) -> int:
     return x >> 1
 
 
+class StepChunk:
+    """Global steps ``[start, start + length)`` of a :class:`MeasurementSampler`, run by one ``training_step`` call
+    of a lightning_flat model (a fused chunk). The batches are made when the engine runs each step
+    (:meth:`batch`), so a chunk costs nothing to yield."""
+
+    __slots__ = ("start", "length", "sampler", "_generator", "_scratch")
+
+    def __init__(self, start: int, length: int, sampler: MeasurementSampler,
+                 generator: torch.Generator | None = None, scratch: dict[str, Tensor] | None = None) -> None:
+        self.start, self.length, self.sampler = start, length, sampler
+        self._generator = generator
+        self._scratch = scratch
+
+    def batch(self, step: int) -> MeasurementBatch:
+        """The batch of global step ``step`` (the same values the sampler yields for that step one at a time). Its
+        measurements may reuse the memory of the previous step's batch: it is valid until the next call."""
+        if not self.start <= step < self.start + self.length:
+            raise IndexError(f"step {step} is outside this chunk's steps [{self.start}, {self.start + self.length})")
+        return self.sampler.batch(step, self._generator, self._scratch)
+
+    def __repr__(self) -> str:
+        return f"StepChunk(start={self.start}, length={self.length})"
+
+
 class MeasurementSampler:
-    """Iterable of :class:`MeasurementBatch` for one epoch of ``steps_per_epoch`` SGD steps.
+    """Iterable of :class:`MeasurementBatch` (one per SGD step) or :class:`StepChunk` (several) for one epoch.
 
     Minibatch indices are drawn i.i.d. uniformly **with replacement** at every step (``batch_size`` of them), from a
     generator reseeded by ``step_seed(seed, rank, stream, step)``: one ``randint`` and one gather per step, no
@@ -38,21 +62,39 @@ class MeasurementSampler:
     of the runs being trained (a lightning_flat model's ``replica_seeds``): one stream gives indices ``(B,)``,
     several (replicas) give ``(R, B)``, row ``r`` being exactly what a single run with seed ``streams[r]`` draws;
     replicas that all share one seed share one ``(B,)`` draw (and one gather).
-    ``batch_size=None`` yields the full data every step (gradient descent). ``start_step()`` is read when iteration
-    starts (the trainer's global step).
+    ``batch_size=None`` yields the full data every step (gradient descent).
+
+    An epoch is the global steps from ``start_step()`` (the trainer's global step, read when iteration starts) up to
+    the next multiple of ``steps_per_epoch``. ``steps_in_call(step)`` (a lightning_flat model's, when it trains in
+    fused chunks) says how many steps the item starting at ``step`` covers: 1 yields the step's batch, more a
+    :class:`StepChunk`. The batches of a step depend on ``(seed, rank, stream, step)`` only, never on the chunking.
     """
 
     def __init__(self, measurements: Measurements, targets: Tensor, batch_size: int | None, seed: int,
                  steps_per_epoch: int, start_step: Callable[[], int] = lambda: 0, rank: int = 0,
-                 streams: list[int] | None = None) -> None:
+                 streams: list[int] | None = None, steps_in_call: Callable[[int], int] | None = None) -> None:
         self.measurements, self.targets = measurements, targets
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.steps_per_epoch = steps_per_epoch
         self.start_step = start_step
         self.streams = None if streams is None else [int(s) for s in streams]
+        self.steps_in_call = steps_in_call
+
+    def _items(self, start: int) -> Iterator[tuple[int, int]]:
+        """``(first step, number of steps)`` of every item of the epoch that starts at ``start``."""
+        spe = self.steps_per_epoch
+        end = (start // spe + 1) * spe
+        step = start
+        while step < end:
+            k = 1 if self.steps_in_call is None else max(1, min(int(self.steps_in_call(step)), end - step))
+            yield step, k
+            step += k
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        start = int(self.start_step())
+        if self.steps_in_call is None:
+            return (start // self.steps_per_epoch + 1) * self.steps_per_epoch - start
+        return sum(1 for _ in self._items(start))
 
     def indices(self, step: int, generator: torch.Generator | None = None) -> Tensor:
         """The minibatch indices of global step ``step``: ``(B,)``, or ``(R, B)`` for several streams."""
@@ -70,13 +112,14 @@ class MeasurementSampler:
             rows.append(torch.randint(n, (B,), generator=g, device=device))
         return torch.stack(rows)
 
-    def batch(self, step: int, generator: torch.Generator | None = None) -> MeasurementBatch:
-        """The batch of global step ``step``."""
+    def batch(self, step: int, generator: torch.Generator | None = None,
+              scratch: dict[str, Tensor] | None = None) -> MeasurementBatch:
+        """The batch of global step ``step`` (``scratch``: see :meth:`Measurements.subset`'s ``out``)."""
         if self.batch_size is None:
             return MeasurementBatch(self.measurements, self.targets)
         idx = self.indices(step, generator)
         targets = torch.index_select(self.targets, 0, idx) if idx.ndim == 1 else self.targets[idx]
-        return MeasurementBatch(self.measurements.subset(idx), targets, idx)
+        return MeasurementBatch(self.measurements.subset(idx, scratch), targets, idx)
 
     def state_dict(self) -> dict:
         """Nothing to save: the batches of a step follow from ``(seed, rank, stream, step)``. Having this (and
@@ -90,11 +133,11 @@ class MeasurementSampler:
             rank_zero_warn(f"resuming with sampler seed/batch_size {self.seed}/{self.batch_size}, but the checkpoint "
                            f"was written with {state_dict.get('seed')}/{state_dict.get('batch_size')}")
 
-    def __iter__(self) -> Iterator[MeasurementBatch]:
-        step = int(self.start_step())
+    def __iter__(self) -> Iterator[MeasurementBatch | StepChunk]:
         g = torch.Generator(device=self.targets.device)
-        for k in range(self.steps_per_epoch):
-            yield self.batch(step + k, g)
+        scratch: dict[str, Tensor] = {}  # the chunks' gather buffers (engine-internal batches only)
+        for step, k in self._items(int(self.start_step())):
+            yield self.batch(step, g) if k == 1 else StepChunk(step, k, self, g, scratch)
 
 
 class MeasurementDataModule(L.LightningDataModule):
@@ -177,8 +220,9 @@ class MeasurementDataModule(L.LightningDataModule):
         start = (lambda: trainer.global_step) if trainer is not None else (lambda: 0)
         module = trainer.lightning_module if trainer is not None else None
         streams = getattr(module, "replica_seeds", None)
+        chunks = getattr(module, "steps_in_call", None)  # a lightning_flat model's fused chunks
         return MeasurementSampler(meas, targets, self.batch_size, self.seed, self.steps_per_epoch, start, rank,
-                                  streams)
+                                  streams, chunks if callable(chunks) else None)
 
     def test_error(self, E: Tensor) -> Tensor:
         r"""Population error :math:`\|E - M^*\|_F^2`, shape ``(...)`` for ``E (..., d_out, d_in)``."""

@@ -1,8 +1,8 @@
-"""Shared Lightning shell of the linear-network models: measurement loss, SGD, cheap per-step logging."""
+"""Shared Lightning shell of the linear-network models: the parameterization interface and the hooks that hand
+training to the engine (:mod:`lightning_flat.engine`)."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,45 +11,37 @@ import torch
 from torch import Tensor
 
 from lightning_flat import functional as F
-from lightning_flat.measurements import MeasurementBatch, Measurements
+from lightning_flat.engine.loop import TrainingEngine
+from lightning_flat.engine.optim import ReplicaSGD
+from lightning_flat.engine.replicas import LOG_REPLICAS, active_mean, freeze_nonfinite, replica_metrics, replica_seeds
+from lightning_flat.functional.gradients import chain_prefixes, chain_vjp
+from lightning_flat.measurements import Measurements, unpack_batch
 
 __all__ = ["LinearNetBase", "unpack_batch"]
-
-_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
-
-
-def unpack_batch(batch: Any) -> tuple[Measurements, Tensor]:
-    """``(measurements, targets)`` from a :class:`MeasurementBatch`, a dict with those keys or a pair."""
-    if isinstance(batch, MeasurementBatch):
-        return batch.measurements, batch.targets
-    if isinstance(batch, dict) and "measurements" in batch and "targets" in batch:
-        return batch["measurements"], batch["targets"]
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Measurements):
-        return batch[0], batch[1]
-    raise TypeError(
-        "batch must be a MeasurementBatch, a dict with 'measurements' and 'targets', or a pair "
-        f"(Measurements, targets), got {type(batch).__name__}"
-    )
 
 
 class LinearNetBase(L.LightningModule):
     r"""Base of the lightning_flat models: a network whose end-to-end map is a matrix ``E`` read by measurements.
 
-    Subclasses implement ``weights()`` (the trained factors) and may override ``end_to_end_from(weights)``. This
-    class provides
+    Subclasses implement ``weights()`` (the trained factors) and, for another parameterization than the chain
+    :math:`E = W_L\cdots W_1`, ``end_to_end_from(weights)``, ``end_to_end_and_cache(weights)`` and
+    ``end_to_end_vjp(weights, cache, G)`` (the analytic gradients). This class provides
 
     - ``loss(batch)``: :math:`\frac1B\sum_{i\in B}(\langle A_i, E\rangle - y_i)^2` (no 1/2) on a
       :class:`~lightning_flat.measurements.MeasurementBatch` (label noise, if any, is already in ``y``), summed over
       replicas (so their gradients never mix);
-    - ``training_step``, which logs, every ``Trainer(log_every_n_steps)`` steps (the only steps Lightning writes):
-      ``train/loss`` (the batch loss actually optimised), and when the datamodule has them ``train/full_loss`` (full
-      data, no noise), ``test/error`` (``datamodule.test_error(E)``) and ``test/relative_error``; with replicas the
-      mean over the active replicas under these keys plus ``key/r{k}`` for the first ``log_replicas`` replicas, and
-      ``replicas/active``;
-    - ``configure_optimizers``: ``torch.optim.SGD(lr, momentum, weight_decay)``, or with replicas
-      :class:`~lightning_flat.optim.ReplicaSGD` (per-replica ``lr`` and ``weight_decay``, frozen diverged replicas).
-      Ridge is weight decay: ``weight_decay=lam`` is the update ``W <- W - lr (grad + lam W)``, i.e. the objective
-      :math:`L + \frac\lambda2\sum_j\|W_j\|_F^2`.
+    - training by the engine (:class:`~lightning_flat.engine.TrainingEngine`): analytic SGD steps, several per
+      ``training_step`` call (at most ``chunk_size``), each one exactly the step Lightning would take; the engine
+      falls back to one step per call, or to Lightning's autograd path, where a Trainer needs it (``engine.mode``
+      and ``engine.reason`` say which and why);
+    - logging every ``Trainer(log_every_n_steps)`` steps, at ``step = global_step - 1`` of the logged step as
+      Lightning does: ``train/loss`` (the batch loss actually optimised), and when the datamodule has them
+      ``train/full_loss`` (full data, no noise), ``test/error`` (``datamodule.test_error(E)``) and
+      ``test/relative_error``; with replicas the mean over the active replicas under these keys plus ``key/r{k}`` for
+      the first ``log_replicas`` replicas, and ``replicas/active``;
+    - ``configure_optimizers``: :class:`~lightning_flat.engine.ReplicaSGD` (``lr``, ``momentum``, ``weight_decay``,
+      per-replica values, frozen replicas), or L-BFGS. Ridge is weight decay: ``weight_decay=lam`` is the update
+      ``W <- W - lr (grad + lam W)``, i.e. the objective :math:`L + \frac\lambda2\sum_j\|W_j\|_F^2`.
 
     **Replicas.** With ``replicas = R > 1`` every factor has a leading dimension ``R`` and ``end_to_end()`` is
     ``(R, d_out, d_in)``. Replica ``r`` has its own seed ``replica_seeds[r]`` (``seed + r`` unless a list is
@@ -58,13 +50,10 @@ class LinearNetBase(L.LightningModule):
     turns non-finite is frozen (``replica_active[r] = False``), reported in ``diverged`` and by a warning, and
     never touches the others; :class:`~lightning_flat.callbacks.FiniteLossGuard` stops the run only when all
     replicas have diverged (by default).
-
-    Per-step overhead matters for these tiny models, so the step does no work on non-logging steps and attribute
-    writes that Lightning makes on every hook call skip ``nn.Module.__setattr__``'s registry checks.
     """
 
     #: Replicas logged one by one as ``key/r{k}`` (all of them are in the callbacks' ``replica_history``).
-    log_replicas = 4
+    log_replicas = LOG_REPLICAS
 
     replicas: int = 1
     replica_seeds: list[int]
@@ -72,39 +61,27 @@ class LinearNetBase(L.LightningModule):
     lr: float | list[float]
     momentum: float
     weight_decay: float | list[float]
+    #: Most SGD steps one ``training_step`` call runs (fused chunks); 1 runs one step per call.
+    chunk_size: int = 100
+    #: ``"analytic"`` (default) or ``"autograd"`` (the reference; also used for what the analytic path lacks).
+    gradients: str = "analytic"
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # Lightning inspects `training_step`'s signature on every step (inspect.getfullargspec, ~0.1 ms); a cached
-        # __signature__ on the function makes that a dictionary lookup.
-        step = cls.__dict__.get("training_step")
-        if step is not None and not hasattr(step, "__signature__"):
-            step.__signature__ = inspect.signature(step)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets plain attributes (e.g. `_current_fx_name`) dozens of times per step. For a name that is
-        # already a plain attribute and a plain value (no parameter, module or tensor), nn.Module.__setattr__ ends
-        # in exactly this assignment, after isinstance checks that cost ~3 us each time.
-        if type(value) in _PLAIN_TYPES and name in self.__dict__:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine = TrainingEngine(self)
+        self.diverged: dict[int, tuple[int, float]] = {}
+        self._full_data: tuple[Measurements, Tensor] | None = None
+        self._test_error = None
+        self._test_scale = 0.0
 
     def _init_replicas(self, replicas: int, seed: int | Sequence[int]) -> None:
-        """Set ``replicas``, ``replica_seeds``, the ``replica_active`` buffer and ``diverged`` (call in __init__)."""
+        """Set ``replicas``, ``replica_seeds`` and the ``replica_active`` buffer (call in __init__)."""
         self.replicas = replicas
-        if isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
-            seeds = [int(s) for s in seed]
-            if len(seeds) != replicas:
-                raise ValueError(f"seed must be an int or a list of {replicas} ints (one per replica), got {len(seeds)}")
-        else:
-            seeds = [int(seed) + r for r in range(replicas)]
-        self.replica_seeds = seeds
+        self.replica_seeds = replica_seeds(seed, replicas)
         if replicas > 1:
             self.register_buffer("replica_active", torch.ones(replicas, dtype=torch.bool))
         else:
             self.replica_active = None
-        self.diverged: dict[int, tuple[int, float]] = {}
 
     # ------------------------------------------------------------------------------------------ model interface
     def weights(self) -> list[Tensor]:  # pragma: no cover - abstract
@@ -117,6 +94,15 @@ class LinearNetBase(L.LightningModule):
         """The end-to-end matrix as a function of the trained factors (``W_L ... W_1`` here)."""
         return F.end_to_end(weights)
 
+    def end_to_end_and_cache(self, weights: list[Tensor]) -> tuple[Tensor, Any]:
+        """``E`` and what :meth:`end_to_end_vjp` reuses (here the prefix products ``W_j ... W_1``)."""
+        prefixes = chain_prefixes(weights)
+        return prefixes[-1], prefixes
+
+    def end_to_end_vjp(self, weights: list[Tensor], cache: Any, G: Tensor) -> list[Tensor]:
+        r"""Gradients :math:`\partial\langle G, E(W)\rangle/\partial W_j` (here :math:`S_j^\top G P_j^\top`)."""
+        return chain_vjp(weights, cache, G)
+
     def forward(self, measurements: Measurements) -> Tensor:
         """Predictions :math:`\langle A_i, E\rangle` for the given measurements."""
         return measurements(self.end_to_end())
@@ -125,6 +111,12 @@ class LinearNetBase(L.LightningModule):
         """Per-replica batch losses, shape ``(R,)`` (``()`` without replicas), as a pure function of the factors."""
         measurements, targets = unpack_batch(batch)
         return (measurements(self.end_to_end_from(weights)) - targets).square().mean(-1)
+
+    def training_losses_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
+        """What training minimises, per replica: the batch loss plus :meth:`penalty` (autograd paths)."""
+        losses = self.replica_losses_from_weights(weights, batch)
+        extra = self.penalty(weights)
+        return losses if extra is None else losses + extra
 
     def loss_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
         """:meth:`loss` as a pure function of the factors (for ``torch.func``: per-example SAM, HVPs)."""
@@ -135,38 +127,9 @@ class LinearNetBase(L.LightningModule):
         return self.loss_from_weights(self.weights(), batch)
 
     def active_mean(self, values: Tensor) -> Tensor:
-        """Mean of per-replica ``values (R, ...)`` over the active replicas (the value itself without replicas)."""
-        if self.replica_active is None or values.ndim == 0:
-            return values
-        mask = self.replica_active.reshape(-1, *([1] * (values.ndim - 1)))
-        count = self.replica_active.sum().clamp(min=1)
-        return torch.where(mask, values, torch.zeros_like(values)).sum(0) / count
-
-    # ------------------------------------------------------------------------------------------ Lightning hooks
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning loads the state dict before the precision plugin converts the module (e.g. to float64 for
-        # precision="64-true"): cast first, so float64 weights are not rounded through float32 on resume.
-        for value in checkpoint.get("state_dict", {}).values():
-            if isinstance(value, Tensor) and value.is_floating_point():
-                if value.dtype != self.dtype:
-                    self.to(value.dtype)
-                break
-        self.diverged = {int(k): tuple(v) for k, v in checkpoint.get("lightning_flat_diverged", {}).items()}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.diverged:
-            checkpoint["lightning_flat_diverged"] = dict(self.diverged)
-
-    def on_fit_start(self) -> None:
-        self._log_every = max(int(self.trainer.log_every_n_steps), 1) if self.trainer.log_every_n_steps else 0
-        self._full_data = None
-        self._test_error = None
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "measurements_as"):
-            self._full_data = dm.measurements_as(self.dtype, self.device)
-        if dm is not None and callable(getattr(dm, "test_error", None)) and getattr(dm, "ground_truth", None) is not None:
-            self._test_error = dm.test_error
-            self._test_scale = float(dm.ground_truth.square().sum())
+        """Mean of per-replica ``values (R, ...)`` over the active replicas (NaN if none is active; the value itself
+        without replicas)."""
+        return active_mean(values, self.replica_active)
 
     def hessian_trace(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
         """Exact Hessian trace of the full measurement loss in the trained factors, per replica (the closed form of
@@ -192,57 +155,92 @@ class LinearNetBase(L.LightningModule):
         """:meth:`hessian_trace` as a function of the factors (for the differentiable penalty)."""
         return F.hessian_trace(weights, measurements, targets)
 
+    # ---------------------------------------------------------------------------- the engine's declared interface
+    def engine_drives_step_hooks(self) -> bool:
+        """True when the engine runs the per-step callbacks' :class:`~lightning_flat.engine.StepHook` phases."""
+        return self.engine.mode != "lightning"
+
+    def steps_in_call(self, step: int) -> int:
+        """SGD steps of the ``training_step`` call starting at global step ``step`` (read by the sampler)."""
+        return self.engine.steps_in_call(step)
+
+    # ------------------------------------------------------------------------------------------ Lightning hooks
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads the state dict before the precision plugin converts the module (e.g. to float64 for
+        # precision="64-true"): cast first, so float64 weights are not rounded through float32 on resume.
+        for value in checkpoint.get("state_dict", {}).values():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                if value.dtype != self.dtype:
+                    self.to(value.dtype)
+                break
+        self.diverged = {int(k): tuple(v) for k, v in checkpoint.get("lightning_flat_diverged", {}).items()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.diverged:
+            checkpoint["lightning_flat_diverged"] = dict(self.diverged)
+
+    def on_fit_start(self) -> None:
+        self._full_data = None
+        self._test_error = None
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "measurements_as"):
+            self._full_data = dm.measurements_as(self.dtype, self.device)
+        if dm is not None and callable(getattr(dm, "test_error", None)) and getattr(dm, "ground_truth", None) is not None:
+            self._test_error = dm.test_error
+            self._test_scale = float(dm.ground_truth.square().sum())
+        self.engine.configure(self.trainer)
+
+    def on_train_start(self) -> None:
+        self.engine.prepare_step(self.trainer)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.engine.prepare_step(self.trainer)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        weights = self.weights()
-        losses = self.replica_losses_from_weights(weights, batch)
-        extra = self.penalty(weights) if (getattr(self, "trace_penalty", 0.0) or getattr(self, "optimizer", "sgd")
-                                          == "lbfgs") else None
-        if extra is not None:
-            losses = losses + extra
+        if self.engine.mode != "lightning":
+            return self.engine.training_step(batch)
+        losses = self.training_losses_from_weights(self.weights(), batch)
         if self.replica_active is not None:
-            self._mask_diverged(losses.detach())
+            freeze_nonfinite(losses.detach(), self.replica_active, self.diverged, self.global_step,
+                             self.replica_seeds)
             loss = torch.where(self.replica_active, losses, torch.zeros_like(losses)).sum()
         else:
             loss = losses.sum()
-        every = getattr(self, "_log_every", 0)
+        every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
-            self._log_step(losses.detach())
+            self.log_training_step(losses.detach())
         return loss
 
-    def _mask_diverged(self, losses: Tensor) -> None:
-        newly = self.replica_active & ~torch.isfinite(losses)
-        if bool(newly.any()):
-            from lightning.pytorch.utilities import rank_zero_warn
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self.engine.backward(loss):
+            super().backward(loss, *args, **kwargs)
 
-            for r in newly.nonzero().flatten().tolist():
-                self.diverged[r] = (int(self.global_step), float(losses[r]))
-                rank_zero_warn(f"replica {r} (seed {self.replica_seeds[r]}) diverged at step {self.global_step} "
-                               f"(loss = {float(losses[r])}); it is frozen, the other replicas go on")
-            self.replica_active &= ~newly
-
-    def _log_replicas(self, metrics: dict[str, Tensor], key: str, values: Tensor) -> None:
-        metrics[key] = self.active_mean(values)
-        if values.ndim > 0:
-            for r in range(min(self.log_replicas, values.shape[0])):
-                metrics[f"{key}/r{r}"] = values[r]
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.engine.mode == "fused":
+            optimizer_closure()  # the chunk ran its updates inside training_step
+        else:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
     @torch.no_grad()
-    def _log_step(self, losses: Tensor) -> None:
-        metrics: dict[str, Tensor] = {}
-        self._log_replicas(metrics, "train/loss", losses)
+    def log_training_step(self, losses: Tensor) -> None:
+        """Log the step's metrics (see the class docstring) with ``self.log``."""
+        active = self.replica_active
+        metrics = replica_metrics("train/loss", losses, active, self.log_replicas)
         E = None
         if self._full_data is not None:
             E = self.end_to_end()
             meas, targets = self._full_data
-            self._log_replicas(metrics, "train/full_loss", F.measurement_loss(E, meas, targets))
+            metrics.update(replica_metrics("train/full_loss", F.measurement_loss(E, meas, targets), active,
+                                           self.log_replicas))
         if self._test_error is not None:
             E = self.end_to_end() if E is None else E
             err = self._test_error(E)
-            self._log_replicas(metrics, "test/error", err)
+            metrics.update(replica_metrics("test/error", err, active, self.log_replicas))
             if self._test_scale > 0:
-                self._log_replicas(metrics, "test/relative_error", err / self._test_scale)
-        if self.replica_active is not None:
-            metrics["replicas/active"] = self.replica_active.sum().to(losses.dtype)
+                metrics.update(replica_metrics("test/relative_error", err / self._test_scale, active,
+                                               self.log_replicas))
+        if active is not None:
+            metrics["replicas/active"] = active.sum().to(losses.dtype)
         self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
         self.log_dict(metrics, on_step=True, on_epoch=False)
 
@@ -251,16 +249,9 @@ class LinearNetBase(L.LightningModule):
             return torch.optim.LBFGS(self.parameters(), lr=self.lr, max_iter=getattr(self, "lbfgs_iterations", 20),
                                      history_size=100, tolerance_grad=1e-15, tolerance_change=1e-18,
                                      line_search_fn="strong_wolfe")
-        if self.replica_active is None:
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
-                                   weight_decay=self.weight_decay)
-        from lightning_flat.optim import ReplicaSGD
 
         def per_replica(v):
             return torch.tensor(v, dtype=torch.float64) if isinstance(v, (list, tuple)) else v
 
         return ReplicaSGD(self.parameters(), lr=per_replica(self.lr), momentum=self.momentum,
                           weight_decay=per_replica(self.weight_decay), active=self.replica_active)
-
-
-LinearNetBase.training_step.__signature__ = inspect.signature(LinearNetBase.training_step)

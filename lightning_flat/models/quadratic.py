@@ -7,8 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_flat._checks import check_nonnegative_int, check_per_replica, check_positive_int, check_real
+from lightning_flat._checks import check_choice, check_nonnegative_int, check_per_replica, check_positive_int, check_real
 from lightning_flat.functional.flat import quadratic_hessian_trace
+from lightning_flat.functional.gradients import symmetric_vjp
 from lightning_flat.measurements import Measurements
 from lightning_flat.models.base import LinearNetBase
 
@@ -32,11 +33,12 @@ class QuadraticNet(LinearNetBase):
         init_scale: std of the i.i.d. Gaussian initial entries (default :math:`1/\sqrt d`).
         lr, weight_decay, momentum, replicas, seed: as in :class:`DeepLinearNet`.
         trace_penalty: the flatness regularizer :math:`\lambda\operatorname{tr}\nabla^2L`.
+        chunk_size, gradients: as in :class:`DeepLinearNet` (analytic gradients :math:`\pm(G + G^\top)U_k`).
     """
 
     def __init__(self, d: int, k1: int, k2: int = 0, init_scale: float | None = None, lr: float = 0.01,
                  weight_decay: float = 0.0, momentum: float = 0.0, replicas: int = 1, seed: int | list[int] = 0,
-                 trace_penalty: float = 0.0) -> None:
+                 trace_penalty: float = 0.0, chunk_size: int = 100, gradients: str = "analytic") -> None:
         super().__init__()
         d = check_positive_int("d", d)
         k1 = check_positive_int("k1", k1)
@@ -47,6 +49,8 @@ class QuadraticNet(LinearNetBase):
         self.weight_decay = check_per_replica("weight_decay", weight_decay, replicas)
         self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.trace_penalty = check_real("trace_penalty", trace_penalty, low=0.0)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.gradients = check_choice("gradients", gradients, ("analytic", "autograd"))
         self.optimizer = "sgd"
         self.save_hyperparameters()
         self.d, self.k1, self.k2 = d, k1, k2
@@ -61,11 +65,17 @@ class QuadraticNet(LinearNetBase):
 
     def weights(self) -> list[Tensor]:
         """``[U1, U2]`` (shapes ``(d, k1)``, ``(d, k2)``; a leading ``R`` with replicas)."""
-        return list(self.factors._parameters.values())
+        return list(self.factors)
 
     def end_to_end_from(self, weights: list[Tensor]) -> Tensor:
         U1, U2 = weights
         return U1 @ U1.transpose(-1, -2) - U2 @ U2.transpose(-1, -2)
+
+    def end_to_end_and_cache(self, weights: list[Tensor]) -> tuple[Tensor, None]:
+        return self.end_to_end_from(weights), None
+
+    def end_to_end_vjp(self, weights: list[Tensor], cache: None, G: Tensor) -> list[Tensor]:
+        return symmetric_vjp(weights, G)
 
     def hessian_trace(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
         return self.hessian_trace_from(self.weights(), measurements, targets)
@@ -74,6 +84,3 @@ class QuadraticNet(LinearNetBase):
         if targets is None:
             raise ValueError("QuadraticNet's Hessian trace has a residual term: it needs the targets")
         return quadratic_hessian_trace(weights[0], weights[1], measurements, targets)
-
-
-

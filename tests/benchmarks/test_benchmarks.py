@@ -1,5 +1,6 @@
-"""The benchmarks' --quick modes: their numbers are checked for correctness, their speed ratios loosely (CI
-machines are shared; the closing notes quote the full runs)."""
+"""The benchmarks' --quick modes. The default suite checks what they compute (values against their references);
+their speed ratios depend on the machine and its load, so they are printed by the benchmarks and asserted only
+under the opt-in marker: ``pytest -m perf``."""
 
 import importlib.util
 import os
@@ -18,43 +19,44 @@ def load(name):
 
 def test_trace_quick():
     (row,) = load("trace").main(["--quick"])
-    assert row["dense_rel_diff"] < 1e-10  # exact closed form = trace of the dense torch.func Hessian
-    assert row["exact_direct_rel_diff"] < 1e-12
-    assert row["hutchpp_rel_err"] < 0.2
-    assert row["speedup_vs_hutchpp"] > 5
-    assert row["speedup_vs_dense"] > 50
+    # closed form vs the trace of the dense torch.func Hessian, float64: both sum O(10^3) terms of similar size, so
+    # they agree to ~1e3 * eps = 2e-13; 1e-10 leaves room for the Hessian's own accumulation
+    assert row["dense_rel_diff"] < 1e-10
+    assert row["exact_direct_rel_diff"] < 1e-12  # two exact contractions of the same sums
+    assert row["hutchpp_rel_err"] < 0.2  # a seeded Hutch++ estimate with 99 HVPs
 
 
 @pytest.mark.slow
 def test_step_overhead_quick():
-    (row,) = load("step_overhead").main(["--quick"])
-    assert row["plain_us"] > 0 and row["ours_us"] > 0
-    assert row["ratio"] < 3.0
+    rows = load("step_overhead").main(["--quick"])
+    for row in rows:
+        # every contender ran the same SGD steps: the library's engine (analytic gradients, fused chunks) ends where
+        # the hand-written autograd loop ends, up to rounding amplified over the run (see the benchmark's bound)
+        assert row["max_rel_diff"] <= row["rounding_bound"], row
+        assert row["default_equals_stepwise"]  # the same step function and update on both Lightning paths
 
 
 @pytest.mark.slow
 def test_sam_quick():
     result = load("sam").main(["--quick"])
     for row in result["per_example"]:
-        assert row["rel_diff"] < 1e-12  # vmap 1-SAM = the per-example loop
-        assert row["speedup"] > 2.0
-    steps = result["step_us"]
-    assert steps["n-SAM"] > steps["SGD"]
+        assert row["rel_diff"] < 1e-12  # vmap 1-SAM = the per-example loop (same sums, float64)
 
 
 @pytest.mark.slow
 def test_replicas_quick():
     rows = load("replicas").main(["--quick"])
-    wj, mc = rows
-    assert wj["max_abs_diff"] < 1e-5 and mc["max_abs_diff"] < 1e-9  # the replicas are the single runs
-    assert wj["speedup"] > 4 and mc["speedup"] > 4  # >= 10x in the full benchmark; loose for a shared CI machine
+    for row in rows:
+        # replica r vs its single run: batched and unbatched kernels round differently, and training amplifies it;
+        # the bound is steps x the measured one-ulp sensitivity of replica r (first order), see the benchmark
+        assert row["tolerance_ratio"] <= 1.0, row
 
 
 @pytest.mark.slow
 def test_curvature_generic_quick():
     result = load("curvature_generic").main(["--quick"])
     s, t = result["sharpness"], result["trace"]
-    assert s["max_rel_diff"] < 1e-6  # warm and cold reads find the same eigenvalue
+    assert s["max_rel_diff"] < 1e-6  # warm and cold reads find the same eigenvalue (Lanczos tol 1e-8)
     assert s["warm_hvps"] <= s["cold_hvps"]
     assert t["hutch++"]["median_rel_err"] <= 0.05 and t["hutchinson"]["median_rel_err"] <= 0.05
     assert t["hutch++"]["hvps"] < t["hutchinson"]["hvps"]
@@ -63,6 +65,21 @@ def test_curvature_generic_quick():
 def test_measurements_quick():
     result = load("measurements").main(["--quick"])
     for row in result["predictions"]:
+        # the same dot products of length D = d^2 <= 3600 in another order: <= D eps relative
         assert row["rel_diff"] < (1e-5 if row["dtype"] == "float32" else 1e-12)
+
+
+# ------------------------------------------------------------------------- opt-in speed checks (pytest -m perf)
+@pytest.mark.perf
+def test_speed_ratios():
+    (trace,) = load("trace").main(["--quick"])
+    assert trace["speedup_vs_hutchpp"] > 5 and trace["speedup_vs_dense"] > 50
+    for row in load("measurements").main(["--quick"])["predictions"]:
         if row["replicas"] > 1:
             assert row["speedup"] > 1.5  # 3-4.5x in the full run
+    for row in load("replicas").main(["--quick"]):
+        assert row["speedup"] > 4
+    sam = load("sam").main(["--quick"])
+    assert all(row["speedup"] > 2.0 for row in sam["per_example"])
+    for row in load("step_overhead").main(["--quick"]):
+        assert row["default_ratio"] < 1.0 and row["stepwise_ratio"] < 1.5

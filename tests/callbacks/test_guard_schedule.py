@@ -1,11 +1,29 @@
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from helpers import trainer
 from lightning_flat.callbacks import FiniteLossGuard, HyperparameterSchedule, LabelNoise
 from lightning_flat.callbacks.schedule import Schedule
 from lightning_flat.datamodules import MatrixSensingDataModule
 from lightning_flat.models import DeepLinearNet
+
+
+class UserNet(L.LightningModule):
+    """A plain LightningModule on the same data: the callbacks act through Lightning's hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.eye(3))
+
+    def training_step(self, batch, batch_idx):
+        loss = (batch.measurements(self.W) - batch.targets).square().mean()
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
 def test_divergence_stops_cleanly_with_step_and_value():
@@ -39,21 +57,32 @@ def test_bad_phases(spec, match):
         HyperparameterSchedule(lr=spec)
 
 
-def test_schedule_applies_lr_and_label_noise_by_step():
-    seen = []
+class Record(Callback):
+    """A user's per-step callback: the lr it sees before each step, the noise std in effect after it."""
 
-    class Record(LabelNoise):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"], self.std))
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+    def __init__(self, noise):
+        self.noise, self.seen = noise, []
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append([trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen[-1].append(self.noise.last_std)
+
+
+@pytest.mark.parametrize("kind", ["linear_net", "user_module"])
+def test_schedule_applies_lr_and_label_noise_by_step(kind):
     dm = MatrixSensingDataModule(n=20, d_out=3, d_in=3, rank=1, batch_size=5, seed=0)
-    net = DeepLinearNet([3, 3], lr=1.0)
+    net = DeepLinearNet([3, 3], lr=1.0) if kind == "linear_net" else UserNet()
     # the schedule comes after LabelNoise in the list: values must still be in place before each step
     sched = HyperparameterSchedule(lr=[(0, 0.1), (3, 0.05)], label_noise=[(0, 1.0), (4, 0.0)], every_n_steps=2)
-    tr, mem = trainer(6, [Record(1.0), sched])
+    noise = LabelNoise(1.0)
+    record = Record(noise)
+    tr, mem = trainer(6, [record, noise, sched])
     tr.fit(net, dm)
-    assert seen == [(0, 0.1, 1.0), (1, 0.1, 1.0), (2, 0.1, 1.0), (3, 0.05, 1.0), (4, 0.05, 0.0), (5, 0.05, 0.0)]
+    assert noise.std == 1.0  # the configured value; the schedule never writes it
+    assert record.seen == [[0, 0.1, 1.0], [1, 0.1, 1.0], [2, 0.1, 1.0], [3, 0.05, 1.0], [4, 0.05, 0.0],
+                           [5, 0.05, 0.0]]
     steps, values = mem.series("hparams/label_noise")
     assert 4 in steps and values[steps.index(4)] == 0.0
 

@@ -45,7 +45,7 @@ def test_kill_and_resume_is_bitwise(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ref.weights(), resumed.weights()))
     # the measuring callback's curve continues exactly: restored history plus the resumed steps
     assert cbs[2].history["hessian/trace"] == ref_cbs[2].history["hessian/trace"]
-    assert cbs[0].std == ref_cbs[0].std == 0.1
+    assert cbs[0].last_std == ref_cbs[0].last_std == 0.1 and cbs[0].std == 0.5  # scheduled, configured
     # and the logged curves after the restart are the uninterrupted run's, step for step
     for key in ("hessian/trace", "train/loss", "train/full_loss", "hparams/lr", "hparams/label_noise"):
         assert mem.history[key] == [e for e in ref_mem.history[key] if e[0] >= 5], key

@@ -147,11 +147,23 @@ def test_label_noise_enters_ascent_and_descent_alike():
 
 
 def test_sam_rho_schedule_and_guard_interplay():
-    dm = MatrixSensingDataModule(n=20, d_out=3, d_in=3, rank=1, batch_size=6, seed=0)
-    sam = SAM(rho=1.0)
-    tr, mem = trainer(4, [sam, HyperparameterSchedule(sam_rho=[(0, 0.0), (2, 0.05)]), FiniteLossGuard()])
-    tr.fit(DeepLinearNet([3, 4, 3], lr=LR), dm)
-    assert sam.rho == 0.05 and mem.series("hparams/sam_rho")[1][0] == 0.0
+    def run(steps, rho, schedule=True):
+        dm = MatrixSensingDataModule(n=20, d_out=3, d_in=3, rank=1, batch_size=6, seed=0)
+        net, sam = DeepLinearNet([3, 4, 3], lr=LR), SAM(rho=rho)
+        cbs = [sam, FiniteLossGuard()] + ([HyperparameterSchedule(sam_rho=[(0, 0.0), (2, 0.05)])] if schedule else [])
+        tr, mem = trainer(steps, cbs)
+        tr.fit(net, dm)
+        return net.weights(), sam, mem
+
+    W2, _, _ = run(2, 1.0)
+    plain2, _, _ = run(2, 0.0, schedule=False)
+    assert all(torch.equal(a, b) for a, b in zip(W2, plain2))  # rho = 0 for steps 0 and 1: plain SGD
+    W4, sam, mem = run(4, 1.0)
+    other4, _, _ = run(4, 0.3)  # the configured rho does not matter under the schedule
+    plain4, _, _ = run(4, 0.0, schedule=False)
+    assert all(torch.equal(a, b) for a, b in zip(W4, other4))
+    assert not torch.equal(W4[0], plain4[0])  # rho = 0.05 from step 2 on
+    assert sam.rho == 1.0 and mem.series("hparams/sam_rho") == ([0, 2], [0.0, 0.05])
 
 
 def test_sam_perturbation_properties():
