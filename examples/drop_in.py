@@ -52,6 +52,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=os.path.join("outputs", "drop_in"))
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    from lightning_flat.threads import use_threads
+
+    use_threads()  # one intra-op thread unless LIGHTNING_FLAT_THREADS / OMP_NUM_THREADS say otherwise
     os.makedirs(args.out, exist_ok=True)
     L.seed_everything(0)
     model = MLPRegression()

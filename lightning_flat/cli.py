@@ -2,7 +2,9 @@
 
 ``lightning-flat fit --config examples/gatmiry2023/quick.yaml`` trains the model and datamodule named in the YAML
 (``class_path`` + ``init_args``, any LightningModule/LightningDataModule importable by path) with the trainer,
-callbacks and loggers given there. wandb runs offline unless ``WANDB_MODE`` says otherwise.
+callbacks and loggers given there. wandb runs offline unless ``WANDB_MODE`` says otherwise. It runs one intra-op
+thread (faster for these tiny models, see :mod:`lightning_flat.threads`) unless ``LIGHTNING_FLAT_THREADS`` or
+``OMP_NUM_THREADS`` says otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ __all__ = ["main"]
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
+    from lightning_flat.threads import use_threads
+
+    use_threads()
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 

@@ -404,6 +404,9 @@ def main(argv=None) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one BLAS thread per worker (inherited by spawned workers)
     os.environ.setdefault("MKL_NUM_THREADS", "1")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from lightning_flat.threads import use_threads
+
+    use_threads()  # this process too: one intra-op thread (tiny models)
     if args.replot:
         return replot(args.replot, args.out)
     cfg = QUICK if args.quick else FULL

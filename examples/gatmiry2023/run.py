@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--noise-steps", type=int, default=None, help="override the label-noise steps")
     p.add_argument("--polish-steps", type=int, default=None, help="override the noise-free polish steps")
     p.add_argument("--workers", type=int, default=None, help="parallel processes over depths (default: 1 quick, 2 full)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per process (default 1, or LIGHTNING_FLAT_THREADS / OMP_NUM_THREADS)")
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--replot", metavar="RESULTS_JSON", default=None,
@@ -93,8 +95,9 @@ def make_data(cfg):
 
 def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):
     """Label-noise and plain SGD at one depth as two replicas of one model; returns curves and final values."""
-    if threads:
-        torch.set_num_threads(threads)
+    from lightning_flat.threads import use_threads
+
+    use_threads(threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     import logging
@@ -120,7 +123,7 @@ def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):
     trace, norms, guard = HessianTrace(every), MatrixNorms(every), FiniteLossGuard()
     callbacks = [LabelNoise([cfg["std"], 0.0], seed=cfg["seed"]), schedule, trace, norms, guard]
     if progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(steps // 100, 1), process_position=position))
+        callbacks.append(TQDMProgressBar(process_position=position))  # redrawn once per chunk of steps
     memory = MemoryLogger()
     loggers = [memory]
     if use_wandb:
@@ -362,11 +365,11 @@ def main(argv=None) -> dict:
 
         order = sorted(cfg["depths"], reverse=True)  # deepest (slowest) first
         with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-            jobs = {L: pool.apply_async(train_depth, (L, cfg, out, use_wandb, progress, 1, i % workers))
+            jobs = {L: pool.apply_async(train_depth, (L, cfg, out, use_wandb, progress, args.threads, i % workers))
                     for i, L in enumerate(order)}
             results = {L: jobs[L].get() for L in order}
     else:
-        results = {L: train_depth(L, cfg, out, use_wandb, progress) for L in cfg["depths"]}
+        results = {L: train_depth(L, cfg, out, use_wandb, progress, args.threads) for L in cfg["depths"]}
     train_seconds = time.perf_counter() - t_train
     runs = {L: {**results[L], "scale": scale} for L in cfg["depths"]}
 

@@ -65,9 +65,12 @@ class MeasurementSampler:
     ``batch_size=None`` yields the full data every step (gradient descent).
 
     An epoch is the global steps from ``start_step()`` (the trainer's global step, read when iteration starts) up to
-    the next multiple of ``steps_per_epoch``. ``steps_in_call(step)`` (a lightning_flat model's, when it trains in
-    fused chunks) says how many steps the item starting at ``step`` covers: 1 yields the step's batch, more a
-    :class:`StepChunk`. The batches of a step depend on ``(seed, rank, stream, step)`` only, never on the chunking.
+    the next multiple of ``steps_per_epoch``; ``len()`` is its number of steps. ``steps_in_call(step)`` (a
+    lightning_flat model's, when it trains in fused chunks) says how many steps the item starting at ``step`` covers:
+    1 yields the step's batch, more a :class:`StepChunk` (the engine then counts every step as a Lightning batch). The
+    last step of an epoch is an item of its own, so that progress bars, which show the first step of each call, end
+    at the epoch's last step. The batches of a step depend on ``(seed, rank, stream, step)`` only, never on the
+    chunking.
     """
 
     def __init__(self, measurements: Measurements, targets: Tensor, batch_size: int | None, seed: int,
@@ -86,15 +89,13 @@ class MeasurementSampler:
         end = (start // spe + 1) * spe
         step = start
         while step < end:
-            k = 1 if self.steps_in_call is None else max(1, min(int(self.steps_in_call(step)), end - step))
+            k = 1 if self.steps_in_call is None else max(1, min(int(self.steps_in_call(step)), end - 1 - step))
             yield step, k
             step += k
 
     def __len__(self) -> int:
         start = int(self.start_step())
-        if self.steps_in_call is None:
-            return (start // self.steps_per_epoch + 1) * self.steps_per_epoch - start
-        return sum(1 for _ in self._items(start))
+        return (start // self.steps_per_epoch + 1) * self.steps_per_epoch - start
 
     def indices(self, step: int, generator: torch.Generator | None = None) -> Tensor:
         """The minibatch indices of global step ``step``: ``(B,)``, or ``(R, B)`` for several streams."""

@@ -4,23 +4,30 @@ Each function here has a test in ``tests/engine/test_compat.py`` that fails when
 changes (a new Lightning release), instead of training going silently wrong.
 
 - :func:`advance_global_step`: a fused chunk runs ``n + 1`` SGD steps in one ``training_step``; Lightning counts one
-  optimizer step per call, so the other ``n`` are added to its optimizer-step progress (which ``trainer.global_step``
-  reads) and to the step at which Lightning's logger connector writes ``self.log`` values
-  (``fit_loop.epoch_loop._batches_that_stepped``), so that ``max_steps``, checkpoints and logged curves count SGD
-  steps.
+  optimizer step and one batch per call, so the other ``n`` are added to its optimizer-step progress (which
+  ``trainer.global_step`` reads), to its batch progress (epochs, ``batch_idx``, progress bars) and to the step at
+  which its logger connector writes ``self.log`` values (``fit_loop.epoch_loop._batches_that_stepped``): ``max_steps``,
+  epochs, checkpoints, progress bars and logged curves all count SGD steps.
 - :func:`checkpoint_step_period`: ``ModelCheckpoint(every_n_train_steps=...)`` keeps its period in a private
   attribute; a chunk must end at those steps.
 - :func:`silenced_logging`: run a module's ``training_step`` for a measurement without it logging, by shadowing
   ``log``/``log_dict`` on the instance.
+- :class:`FastSetattr` and :func:`cache_signature`: Lightning's per-call overhead, which the one-step-per-call path
+  pays at every SGD step. Lightning sets plain attributes on the module dozens of times per call
+  (``_current_fx_name``, ...), each through ``nn.Module.__setattr__``'s registry checks, and inspects
+  ``training_step``'s signature at every call (``inspect.getfullargspec``, which honours ``__signature__``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["advance_global_step", "checkpoint_step_period", "silenced_logging"]
+__all__ = ["advance_global_step", "checkpoint_step_period", "silenced_logging", "FastSetattr", "cache_signature"]
+
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 def _epoch_loop(trainer: Any) -> Any:
@@ -28,16 +35,22 @@ def _epoch_loop(trainer: Any) -> Any:
 
 
 def advance_global_step(trainer: Any, n: int) -> None:
-    """Count ``n`` more optimizer steps (automatic optimization) and move Lightning's logging step along with them.
+    """Count ``n`` more optimizer steps and batches (automatic optimization) and move Lightning's logging step along.
 
-    Called inside ``training_step``, while Lightning's own step of this call is "ready" but not "completed": after
-    Lightning completes it, ``trainer.global_step`` has grown by ``n + 1``."""
+    Called inside ``training_step``, while Lightning's own step and batch of this call are started but not
+    completed: after Lightning completes them, ``trainer.global_step`` and the batch counters have grown by
+    ``n + 1``."""
     if n <= 0:
         return
     loop = _epoch_loop(trainer)
     step = loop.automatic_optimization.optim_progress.optimizer.step
     for tracker in (step.total, step.current):
         tracker.ready += n
+        tracker.completed += n
+    for tracker in (loop.batch_progress.total, loop.batch_progress.current):
+        tracker.ready += n
+        tracker.started += n
+        tracker.processed += n
         tracker.completed += n
     loop._batches_that_stepped += n
 
@@ -63,3 +76,23 @@ def silenced_logging(module: Any) -> Iterator[None]:
                 module.__dict__[name] = saved[name]
             else:
                 module.__dict__.pop(name, None)
+
+
+class FastSetattr:
+    """Mixin for an ``nn.Module``: assigning a plain value (``str``, ``int``, ``float``, ``bool``, ``None``) to a name
+    that already holds a plain attribute skips ``nn.Module.__setattr__``, which ends in the same assignment after
+    registry checks (~3 us each)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if type(value) in _PLAIN_TYPES and name in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+def cache_signature(function: Any) -> Any:
+    """Store ``inspect.signature(function)`` as its ``__signature__`` (read by ``inspect`` instead of recomputing it);
+    returns the function."""
+    if not hasattr(function, "__signature__"):
+        function.__signature__ = inspect.signature(function)
+    return function

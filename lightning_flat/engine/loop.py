@@ -185,8 +185,8 @@ class TrainingEngine:
         if self.mode != "fused":
             return 1
         end = step + max(int(self.module.chunk_size), 1)
-        if self._max_steps > step:
-            end = min(end, self._max_steps)
+        if self._max_steps > step:  # the last step is a call of its own: progress bars end on it
+            end = min(end, self._max_steps - 1 if self._max_steps - 1 > step else self._max_steps)
         for p in self._periods:
             end = min(end, (step // p + 1) * p)
         for h in self._boundary_hooks:
@@ -271,7 +271,7 @@ class TrainingEngine:
         if self.mode == "stepwise":
             ctx = self.run_step(trainer.global_step, batch)
             self._pending = ctx
-            self._after(ctx)
+            self._log(ctx)
             return self._loss_value(ctx)
         # fused: every step of the chunk, updates included
         chunk = batch if hasattr(batch, "length") and hasattr(batch, "batch") else None
@@ -286,12 +286,12 @@ class TrainingEngine:
         for t in range(start, start + length):
             ctx = self.run_step(t, chunk.batch(t) if chunk is not None else batch, weights)
             done += 1
+            self._log(ctx)  # at the weights of step t, as Lightning's path logs them (only a chunk's last step logs)
             if ctx.stop is not None:
                 break
             grads = ctx.grads
             opt.apply_gradients(grads if order is None else [None if k is None else grads[k] for k in order])
         compat.advance_global_step(trainer, done - 1)
-        self._after(ctx)
         return self._loss_value(ctx)
 
     @staticmethod
@@ -304,7 +304,7 @@ class TrainingEngine:
         index = {id(w): k for k, w in enumerate(weights)}
         return [index.get(id(p)) if p.requires_grad else None for p in params]
 
-    def _after(self, ctx: StepContext) -> None:
+    def _log(self, ctx: StepContext) -> None:
         every = self._log_every
         if every and (ctx.step + 1) % every == 0:
             self.module.log_training_step(ctx.losses)

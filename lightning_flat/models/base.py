@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_flat import functional as F
+from lightning_flat.engine.compat import FastSetattr, cache_signature
 from lightning_flat.engine.loop import TrainingEngine
 from lightning_flat.engine.optim import ReplicaSGD
 from lightning_flat.engine.replicas import LOG_REPLICAS, active_mean, freeze_nonfinite, replica_metrics, replica_seeds
@@ -20,7 +21,7 @@ from lightning_flat.measurements import Measurements, unpack_batch
 __all__ = ["LinearNetBase", "unpack_batch"]
 
 
-class LinearNetBase(L.LightningModule):
+class LinearNetBase(FastSetattr, L.LightningModule):
     r"""Base of the lightning_flat models: a network whose end-to-end map is a matrix ``E`` read by measurements.
 
     Subclasses implement ``weights()`` (the trained factors) and, for another parameterization than the chain
@@ -65,6 +66,11 @@ class LinearNetBase(L.LightningModule):
     chunk_size: int = 100
     #: ``"analytic"`` (default) or ``"autograd"`` (the reference; also used for what the analytic path lacks).
     gradients: str = "analytic"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "training_step" in cls.__dict__:  # Lightning inspects its signature at every call
+            cache_signature(cls.__dict__["training_step"])
 
     def __init__(self) -> None:
         super().__init__()
@@ -255,3 +261,6 @@ class LinearNetBase(L.LightningModule):
 
         return ReplicaSGD(self.parameters(), lr=per_replica(self.lr), momentum=self.momentum,
                           weight_decay=per_replica(self.weight_decay), active=self.replica_active)
+
+
+cache_signature(LinearNetBase.training_step)
