@@ -72,7 +72,9 @@ def fit(cfg, steps, replicas, seed, nudge=False):
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     steps = 200 if args.quick else 1000

@@ -183,7 +183,8 @@ class SAM(StepHook, Callback):
         if replica_dims and isinstance(batch, MeasurementBatch) and batch.targets.ndim == 2:
             # per-replica targets (R, B) (per-replica minibatches, or per-replica label noise on a shared one): chunk
             # along the examples, dim 1 of the per-replica fields
-            per = {k for k, v in fields.items() if k == "targets" or (batch.index is not None and batch.index.ndim == 2)}
+            per_replica_rows = batch.index is not None and batch.index.ndim == 2
+            per = {k for k in fields if k == "targets" or per_replica_rows}
             inner = rebuild
             fields = {k: v.movedim(1, 0) if k in per else v for k, v in fields.items()}
             rebuild = lambda f: inner({k: v.movedim(0, 1) if k in per else v for k, v in f.items()})  # noqa: E731

@@ -112,6 +112,7 @@ class TrainingEngine:
         self.oracle = self._pick_oracle()
         callbacks = list(trainer.callbacks)
         hooks = [cb for cb in callbacks if isinstance(cb, StepHook)]
+
         def overrides(h: StepHook, name: str) -> bool:
             return _owner(type(h), name) is not StepHook
 
@@ -125,7 +126,7 @@ class TrainingEngine:
         self._periods = sorted({p for p in periods if p > 0})
         self._max_steps = int(trainer.max_steps) if trainer.max_steps is not None else -1
         if self.mode != "fused" and trainer.is_global_zero:
-            log.info(f"{type(m).__name__}: one SGD step per training_step ({self.mode} path) because {self.reason}")
+            log.info(f"{type(m).__name__}: one SGD step per training_step ({self.mode} path) because of {self.reason}")
 
     def _pick_mode(self, trainer: Any) -> tuple[str, str]:
         from lightning_flat.models.base import LinearNetBase
@@ -162,20 +163,17 @@ class TrainingEngine:
         if getattr(m, "chunk_size", 1) <= 1:
             reasons.append("chunk_size=1")
         if reasons:
-            return "stepwise", "of " + ", ".join(reasons)
+            return "stepwise", ", ".join(reasons)
         return "fused", ""
 
     def _pick_oracle(self) -> str:
-        from lightning_flat.models.base import LinearNetBase
-
         m = self.module
         if self.mode == "lightning" or getattr(m, "gradients", "analytic") != "analytic":
             return "autograd"
         if getattr(m, "trace_penalty", 0.0):
             return "autograd"
         cls = type(m)
-        if _owner(cls, "end_to_end_from") is not _owner(cls, "end_to_end_vjp") and \
-                _owner(cls, "end_to_end_from") is not LinearNetBase:
+        if len({_owner(cls, n) for n in ("end_to_end_from", "end_to_end_and_cache", "end_to_end_vjp")}) > 1:
             return "autograd"  # a subclass changed the parameterization without its vector-Jacobian product
         return "analytic"
 

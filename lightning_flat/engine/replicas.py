@@ -43,8 +43,8 @@ def replica_seeds(seed: int | Sequence[int], replicas: int) -> list[int]:
 
 
 def active_mean(values: Tensor, active: Tensor | None) -> Tensor:
-    """Mean of per-replica ``values (R, ...)`` over the active replicas, NaN where none is active; without replicas
-    (``active is None`` or a 0-d value) the value itself.
+    """Mean of per-replica ``values (R, ...)`` over the active replicas, NaN where none is active; with
+    ``active=None`` (no replica is frozen, or no replicas) the plain mean over dim 0; a 0-d value is itself.
 
     Example:
         >>> active_mean(torch.tensor([1.0, 5.0, 3.0]), torch.tensor([True, False, True]))
@@ -52,8 +52,10 @@ def active_mean(values: Tensor, active: Tensor | None) -> Tensor:
         >>> active_mean(torch.tensor([1.0, 5.0]), torch.tensor([False, False]))
         tensor(nan)
     """
-    if active is None or values.ndim == 0:
+    if values.ndim == 0:
         return values
+    if active is None:
+        return values.mean(0)
     mask = active.to(values.device).reshape(-1, *([1] * (values.ndim - 1)))
     count = active.sum()
     total = torch.where(mask, values, torch.zeros_like(values)).sum(0)

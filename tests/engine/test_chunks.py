@@ -191,3 +191,14 @@ def test_sampler_items_cover_each_epoch_and_end_on_a_single_step():
         assert torch.equal(a.targets, b.targets) and torch.equal(a.measurements.A, b.measurements.A)
     with pytest.raises(IndexError, match="outside this chunk"):
         chunk.batch(17)
+
+
+def test_a_plain_trainer_takes_the_fused_path(tmp_path):
+    """DeepLinearNet, a lightning_flat datamodule, LabelNoise and Lightning's default callbacks (progress bar,
+    model summary, checkpoint): no flag needed."""
+    net = DeepLinearNet([4, 5, 3])
+    tr = L.Trainer(max_steps=30, callbacks=[LabelNoise(0.1)], default_root_dir=str(tmp_path), logger=False,
+                   enable_progress_bar=True, enable_model_summary=True, enable_checkpointing=True)
+    tr.fit(net, data())
+    assert net.engine.mode == "fused" and net.engine.oracle == "analytic" and net.engine.reason == ""
+    assert tr.global_step == 30

@@ -11,8 +11,8 @@ from helpers import run_example
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("gatmiry_quick")
-    summary, seconds = run_example("gatmiry2023/run.py", ["--quick", "--out", str(out), "--no-progress"])
-    return summary, out, seconds
+    summary = run_example("gatmiry2023/run.py", ["--quick", "--out", str(out), "--no-progress"])
+    return summary, out
 
 
 def check(summary, prefix):
@@ -23,13 +23,13 @@ def check(summary, prefix):
 
 @pytest.mark.parametrize("prefix", ["Q1", "Q2", "Q3", "Q4", "Q5"])
 def test_acceptance_checks(quick, prefix):
-    summary, _, _ = quick
+    summary, _ = quick
     failed = [f"{c['name']}: {c['value']:.4g}" for c in check(summary, prefix) if not c["passed"]]
     assert not failed, failed
 
 
 def test_values_against_calibration(quick):
-    summary, _, _ = quick
+    summary, _ = quick
     assert summary["X_rel_err"] < 1e-6 and 1.0 < summary["X_nuclear"] < 3.0  # ||M*||_* ~ 1.8 for r=2, d=20
     ln2 = summary["runs"]["2"]["label_noise"]["final"]
     pl2 = summary["runs"]["2"]["plain"]["final"]
@@ -38,19 +38,26 @@ def test_values_against_calibration(quick):
     assert 0.9 <= ln2["trace"] / summary["F_hat"][2] <= 1.1
 
 
-def test_outputs_and_time(quick):
-    summary, out, seconds = quick
+def test_outputs(quick):
+    summary, out = quick
     for name in ("fig1_losses.png", "fig2_trace_nuclear.png", "results.json"):
         assert os.path.getsize(out / name) > 1000
     assert len(glob.glob(str(out / "wandb" / "offline-run-*"))) == 2  # one per depth (label noise r0, plain r1)
-    assert seconds < 90  # spec: < 60 s on 2 cores; margin for a loaded CI machine
 
 
 def test_replot_redraws_from_results_json(quick, tmp_path):
-    _, out, _ = quick
-    summary, seconds = run_example("gatmiry2023/run.py", ["--replot", str(out / "results.json"), "--out",
+    _, out = quick
+    summary = run_example("gatmiry2023/run.py", ["--replot", str(out / "results.json"), "--out",
                                                            str(tmp_path)])
     assert sorted(os.path.basename(p) for p in summary["figures"]) == ["fig1_losses.png", "fig2_trace_nuclear.png"]
     for p in summary["figures"]:
         assert os.path.dirname(p) == str(tmp_path) and os.path.getsize(p) > 1000
-    assert seconds < 30  # no training, no solve
+    assert summary["checks"] == [] and "runs" not in summary  # figures only: no training, no solve
+
+
+@pytest.mark.perf
+def test_quick_runs_in_under_a_minute(tmp_path):
+    """Wall time on this machine, as the example reports it (opt-in: pytest -m perf); the default suite checks values
+    only."""
+    summary = run_example("gatmiry2023/run.py", ["--quick", "--out", str(tmp_path), "--no-progress"])
+    assert summary["seconds"] < 60
