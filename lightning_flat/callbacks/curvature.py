@@ -218,15 +218,15 @@ class Sharpness(_CurvatureCallback):
             size = sum(W.numel() for W in per[0])
             thetas, counts = [], []
             for r, ws in enumerate(per):
+                e2e = pl_module.replica_end_to_end(r if R > 1 else None)
                 if active is not None and not bool(active[r]):
                     thetas.append(float("nan"))  # a diverged replica is not measured
                     counts.append(0)
                 elif self.method == "exact" or (self.method == "auto" and size <= 1024):
-                    thetas.append(float(F.sharpness(ws, meas, targets, method="exact",
-                                                    end_to_end=pl_module.end_to_end_from)))
+                    thetas.append(float(F.sharpness(ws, meas, targets, method="exact", end_to_end=e2e)))
                     counts.append(0)
                 else:
-                    hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=pl_module.end_to_end_from)
+                    hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=e2e)
                     theta, hvps = self._lanczos(hvp, size, w0.dtype, w0.device, r)
                     thetas.append(float(theta))
                     counts.append(hvps)

@@ -7,6 +7,7 @@ from lightning_flat.datamodules.recovery import (
     MatrixCompletionDataModule,
     QuadraticSensingDataModule,
 )
+from lightning_flat.datamodules.regression import UnivariateRegressionDataModule
 
 __all__ = [
     "BilinearSensingDataModule",
@@ -16,4 +17,5 @@ __all__ = [
     "MeasurementSampler",
     "QuadraticSensingDataModule",
     "StepChunk",
+    "UnivariateRegressionDataModule",
 ]

@@ -17,6 +17,16 @@ from lightning_flat.functional.curvature import (
     trace_surrogate,
     unflatten_weights,
 )
+from lightning_flat.functional.regression import (
+    conserved_gaps,
+    epsilon_gd,
+    ideal_minimizer,
+    ideal_minimizer_sharpness,
+    least_squares,
+    minimizer_sharpness,
+    sharpness_lower_bound,
+    sharpness_upper_bound,
+)
 from lightning_flat.functional.sam import sam_gradient, sam_perturbation
 from lightning_flat.functional.spectral import (
     effective_rank,
@@ -42,14 +52,19 @@ from lightning_flat.functional.theory import (
 
 __all__ = [
     "balancedness",
+    "conserved_gaps",
     "depth2_flattest_factorization",
     "depth2_min_trace",
     "effective_rank",
     "end_to_end",
+    "epsilon_gd",
     "fiber_stationarity_residual",
     "flatten_weights",
     "flattest_factorization",
     "hessian_trace",
+    "ideal_minimizer",
+    "ideal_minimizer_sharpness",
+    "least_squares",
     "lemma3_ratio",
     "loss_hessian",
     "loss_hvp",
@@ -58,6 +73,7 @@ __all__ = [
     "min_frobenius_interpolant",
     "min_trace_on_fiber",
     "min_trace_surrogate",
+    "minimizer_sharpness",
     "n1_min_trace",
     "nuclear_norm",
     "partial_products",
@@ -68,6 +84,8 @@ __all__ = [
     "sam_perturbation",
     "schatten_norm",
     "sharpness",
+    "sharpness_lower_bound",
+    "sharpness_upper_bound",
     "singular_values",
     "top_hessian_eigenpair",
     "trace_surrogate",

@@ -12,8 +12,8 @@ diagonal Hessian blocks of :math:`f_i` vanish and, at every :math:`W` (not only 
           = \frac2n \sum_j \mathrm{curvature}(P_j^\top P_j,\; S_j S_j^\top).
 
 References:
-    Gatmiry, Li, Chuang, Reddi, Ma, Jegelka (2023), Lemma 2 (their Sec. 4 constants drop the factor 2, see
-    ``specs/gatmiry2023.md``).
+    Gatmiry, Li, Chuang, Reddi, Ma, Jegelka (2023), Lemma 2 (from their Sec. 4 on, constants are for a loss with
+    1/(2n), half of ours, so their traces are half of these).
 """
 
 from __future__ import annotations
@@ -98,13 +98,15 @@ def measurement_loss(E: Tensor, measurements: Measurements, targets: Tensor) -> 
     return (measurements(E) - targets).square().mean(-1)
 
 
-def hessian_trace(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor | None = None) -> Tensor:
+def hessian_trace(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor | None = None,
+                  per_layer: bool = False) -> Tensor:
     r"""Exact trace of the Hessian of the measurement loss in the weights, shape ``(...)``.
 
     .. math:: \operatorname{tr}\nabla^2 L(W) = \frac2n\sum_{j=1}^L\sum_i \operatorname{tr}(A_i P_j^\top P_j A_i^\top S_j S_j^\top)
 
     Exact at every ``W`` (the residual term has zero trace because each :math:`f_i` is linear in each layer), and
-    differentiable in the weights (usable as a regulariser). ``targets`` is not used: it is accepted so that the
+    differentiable in the weights (usable as a regulariser). ``per_layer=True`` returns the ``L`` terms (the traces of
+    the diagonal Hessian blocks, one per layer), shape ``(..., L)``. ``targets`` is not used: it is accepted so that the
     exact and the generic (Hutch++) paths share one signature. All :math:`L` layer terms go to
     ``measurements.curvature`` in one batched call (for :class:`~lightning_flat.measurements.Dense` at the Gatmiry
     size this is one product with the cached fourth-moment matrix).
@@ -124,7 +126,8 @@ def hessian_trace(weights: Sequence[Tensor], measurements: Measurements, targets
     P, S = partial_products(weights)
     G = torch.stack([Pj.transpose(-1, -2) @ Pj for Pj in P])  # (L, ..., d_in, d_in)
     K = torch.stack([Sj @ Sj.transpose(-1, -2) for Sj in S])  # (L, ..., d_out, d_out)
-    return measurements.curvature(G, K, symmetric=True).sum(0) * (2.0 / len(measurements))
+    terms = measurements.curvature(G, K, symmetric=True) * (2.0 / len(measurements))  # (L, ...)
+    return terms.movedim(0, -1) if per_layer else terms.sum(0)
 
 
 def trace_surrogate(weights: Sequence[Tensor]) -> Tensor:

@@ -2,8 +2,7 @@ r"""Closed forms from the theory of flat minima of deep matrix factorization (li
 
 Every constant here is for the library loss :math:`L = \frac1n\sum_i(\langle A_i,E\rangle - b_i)^2` (no 1/2) and the
 library trace :math:`\operatorname{tr}_{lib} = \operatorname{tr}\nabla^2 L`. From their Sec. 4 on, Gatmiry et al.
-write constants for a loss with :math:`\frac1{2n}`, which is half of ours: ``F_lib = 2 F_paper``
-(see ``specs/gatmiry2023.md``, "Factor 2").
+write constants for a loss with :math:`\frac1{2n}`, which is half of ours: ``F_lib = 2 F_paper``.
 
 References:
     Gatmiry, Li, Chuang, Reddi, Ma, Jegelka (2023), "What is the inductive bias of flatness regularization? A study

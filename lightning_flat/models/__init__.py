@@ -3,5 +3,6 @@
 from lightning_flat.models.base import LinearNetBase
 from lightning_flat.models.deep_linear import DeepLinearNet
 from lightning_flat.models.quadratic import QuadraticNet
+from lightning_flat.models.residual import ResidualLinearNet
 
-__all__ = ["DeepLinearNet", "LinearNetBase", "QuadraticNet"]
+__all__ = ["DeepLinearNet", "LinearNetBase", "QuadraticNet", "ResidualLinearNet"]

@@ -100,6 +100,11 @@ class LinearNetBase(FastSetattr, L.LightningModule):
         """The end-to-end matrix as a function of the trained factors (``W_L ... W_1`` here)."""
         return F.end_to_end(weights)
 
+    def replica_end_to_end(self, replica: int | None = None) -> Any:
+        """``weights -> E`` for the factors of one replica (``replica=None``: all of them, as
+        :meth:`end_to_end_from`); models with per-replica fixed parts (e.g. a buffer) bind replica ``replica``'s."""
+        return self.end_to_end_from
+
     def end_to_end_and_cache(self, weights: list[Tensor]) -> tuple[Tensor, Any]:
         """``E`` and what :meth:`end_to_end_vjp` reuses (here the prefix products ``W_j ... W_1``)."""
         prefixes = chain_prefixes(weights)
