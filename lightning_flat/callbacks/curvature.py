@@ -15,6 +15,7 @@ from lightning_flat._checks import check_choice, check_positive_int, check_real
 from lightning_flat.callbacks.base import MeasuringCallback, is_linear_net, problem_data
 from lightning_flat.datamodules.base import step_seed
 from lightning_flat.engine.compat import silenced_logging
+from lightning_flat.engine.hooks import hparams_at
 from lightning_flat.measurements import MeasurementBatch, Measurements
 
 __all__ = ["HessianTrace", "Sharpness"]
@@ -183,16 +184,23 @@ class Sharpness(_CurvatureCallback):
     of the dense Hessian (lightning_flat models with at most a few thousand parameters). ``top_k > 1`` also logs
     the ``top_k`` largest eigenvalues (hessian-eigenthings' Lanczos, ``which="LA"``).
 
+    ``edge_of_stability=True`` also logs ``hessian/two_over_lr``, :math:`2/\eta` for the step about to run (the
+    scheduled learning rate, else the optimizer's; per replica with per-replica rates): gradient descent cannot
+    settle where the sharpness exceeds it, and at the edge of stability the sharpness hovers around it (read it as a
+    median over 20 or more consecutive measurements, never one).
+
     Logged keys: ``hessian/sharpness``, ``hessian/sharpness_hvps`` (HVPs used by this read, Lanczos only),
-    ``hessian/eigenvalue_{i}`` for ``i < top_k`` when ``top_k > 1``. With replicas, each replica has its own
-    Hessian, Lanczos run and warm-start vector.
+    ``hessian/eigenvalue_{i}`` for ``i < top_k`` when ``top_k > 1``, ``hessian/two_over_lr``. With replicas, each
+    replica has its own Hessian (the dense ones all at once, :func:`lightning_flat.functional.replica_loss_hessians`),
+    Lanczos run and warm-start vector; diverged replicas are not measured (NaN, left out of the mean).
     """
 
     def __init__(self, every_n_steps: int = 100, method: str = "auto", max_iter: int = 100, tol: float = 1e-8,
                  warm_start: bool = True, top_k: int = 1, measurements: Measurements | None = None,
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
-                 eval_mode: bool = True, seed: int = 0) -> None:
+                 eval_mode: bool = True, seed: int = 0, edge_of_stability: bool = False) -> None:
         super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed)
+        self.edge_of_stability = bool(edge_of_stability)
         self.top_k = check_positive_int("top_k", top_k)
         self.method = check_choice("method", method, ("auto", "exact", "lanczos"))
         self.max_iter = check_positive_int("max_iter", max_iter)
@@ -208,30 +216,51 @@ class Sharpness(_CurvatureCallback):
                 out = {"hessian/sharpness": theta, "hessian/sharpness_hvps": hvps}
                 if self.top_k > 1:
                     out.update(self._top_k(op, trainer))
+            if self.edge_of_stability:
+                out["hessian/two_over_lr"] = self._two_over_lr(trainer, 1)
             return out
         with torch.enable_grad():
             meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "Sharpness")
             weights = pl_module.weights()
             R = getattr(pl_module, "replicas", 1)
             active = getattr(pl_module, "replica_active", None)
-            per = [[W[r] for W in weights] for r in range(R)] if R > 1 else [weights]
-            size = sum(W.numel() for W in per[0])
-            thetas, counts = [], []
-            for r, ws in enumerate(per):
-                e2e = pl_module.replica_end_to_end(r if R > 1 else None)
-                if active is not None and not bool(active[r]):
-                    thetas.append(float("nan"))  # a diverged replica is not measured
-                    counts.append(0)
-                elif self.method == "exact" or (self.method == "auto" and size <= 1024):
-                    thetas.append(float(F.sharpness(ws, meas, targets, method="exact", end_to_end=e2e)))
-                    counts.append(0)
-                else:
-                    hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=e2e)
-                    theta, hvps = self._lanczos(hvp, size, w0.dtype, w0.device, r)
-                    thetas.append(float(theta))
-                    counts.append(hvps)
+            size = sum(W[0].numel() if R > 1 else W.numel() for W in weights)
+            exact = self.method == "exact" or (self.method == "auto" and size <= 1024)
+            if exact and R > 1:  # every replica's dense Hessian in one batched computation
+                ws = weights
+                if active is not None:  # frozen replicas (maybe huge weights) are computed at zero, then dropped
+                    keep = active.reshape(-1, 1, 1)
+                    ws = [torch.where(keep, W, torch.zeros_like(W)) for W in weights]
+                H = F.replica_loss_hessians(ws, meas, targets, end_to_end=pl_module.end_to_end_from)
+                finite = torch.isfinite(H).flatten(1).all(1)
+                top = torch.full((R,), float("nan"), dtype=torch.float64)
+                if bool(finite.any()):
+                    top[finite] = torch.linalg.eigvalsh(H[finite])[:, -1].to(torch.float64)
+                thetas = [float(x) for x in top]
+                counts = [0] * R
+            else:
+                per = [[W[r] for W in weights] for r in range(R)] if R > 1 else [weights]
+                thetas, counts = [], []
+                for r, ws in enumerate(per):
+                    e2e = pl_module.replica_end_to_end(r if R > 1 else None)
+                    if exact:
+                        thetas.append(float(F.sharpness(ws, meas, targets, method="exact", end_to_end=e2e)))
+                        counts.append(0)
+                    elif active is not None and not bool(active[r]):
+                        thetas.append(float("nan"))
+                        counts.append(0)
+                    else:
+                        hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=e2e)
+                        theta, hvps = self._lanczos(hvp, size, w0.dtype, w0.device, r)
+                        thetas.append(float(theta))
+                        counts.append(hvps)
+            if active is not None:  # a diverged replica is not measured
+                thetas = [t if bool(a) else float("nan") for t, a in zip(thetas, active)]
+        out: dict[str, Any] = {}
+        if self.edge_of_stability:
+            out["hessian/two_over_lr"] = self._two_over_lr(trainer, R)
         if R == 1:
-            out = {"hessian/sharpness": thetas[0]}
+            out["hessian/sharpness"] = thetas[0]
             if counts[0]:
                 out["hessian/sharpness_hvps"] = counts[0]
             if self.top_k > 1:
@@ -240,10 +269,21 @@ class Sharpness(_CurvatureCallback):
                     hvp, w0 = F.loss_hvp(weights, meas, targets, end_to_end=pl_module.end_to_end_from)
                     out.update(self._top_k(LambdaOperator(hvp, size, w0.device, w0.dtype), trainer))
             return out
-        out = {"hessian/sharpness": torch.tensor(thetas, dtype=torch.float64)}
+        out["hessian/sharpness"] = torch.tensor(thetas, dtype=torch.float64)
         if any(counts):
             out["hessian/sharpness_hvps"] = torch.tensor(counts, dtype=torch.float64)
         return out
+
+    @staticmethod
+    def _two_over_lr(trainer: L.Trainer, replicas: int) -> Any:
+        """``2 / lr`` for the step about to run (the stability threshold of its update): the scheduled value
+        (:class:`HyperparameterSchedule`) or the first param group's, per replica when the learning rate is."""
+        lr = hparams_at(trainer, trainer.global_step).get("lr", trainer.optimizers[0].param_groups[0]["lr"])
+        if isinstance(lr, list):
+            lr = torch.tensor(lr, dtype=torch.float64)
+        if isinstance(lr, Tensor):
+            return 2.0 / lr.detach().to(torch.float64).reshape(-1)
+        return 2.0 / lr if lr > 0 else float("inf")
 
     def _top_k(self, op, trainer: L.Trainer) -> dict[str, float]:
         from hessian_eigenthings import lanczos

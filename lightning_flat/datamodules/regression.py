@@ -43,7 +43,7 @@ class UnivariateRegressionDataModule(MeasurementDataModule):
         noise_std = check_real("noise_std", noise_std, low=0.0)
         if not isinstance(normalize_w_star, bool):
             raise TypeError(f"normalize_w_star must be a bool, got {normalize_w_star!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged as data/... in setup(): `seed` also names the model's
         g = torch.Generator().manual_seed(self.seed)
         f64 = torch.float64
         X = torch.randn(n, d, generator=g, dtype=f64)

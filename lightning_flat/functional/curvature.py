@@ -36,6 +36,7 @@ __all__ = [
     "unflatten_weights",
     "loss_hvp",
     "loss_hessian",
+    "replica_loss_hessians",
     "sharpness",
     "top_hessian_eigenpair",
 ]
@@ -187,6 +188,41 @@ def loss_hessian(weights: Sequence[Tensor], measurements: Measurements, targets:
     shapes = [W.shape for W in weights]
     w0 = flatten_weights([W.detach() for W in weights])
     return torch.func.hessian(_flat_loss(shapes, measurements, targets, end_to_end))(w0)
+
+
+def replica_loss_hessians(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor, end_to_end=None,
+                          chunk_size: int | None = 64) -> Tensor:
+    r"""Dense Hessians of the measurement loss of every replica at once, shape ``(R, p, p)``.
+
+    ``weights`` carry a leading replica dimension ``R`` (``W_j (R, d_j, d_{j-1})``) and ``end_to_end`` maps them to
+    ``E (R, d_out, d_in)`` (default: the product). The replicas' losses are independent, so one Hessian-vector product
+    of their sum with the direction :math:`e_k` in every replica gives column ``k`` of all ``R`` Hessians: ``p``
+    batched products (``torch.func``: forward over reverse, vmapped over the basis in chunks of ``chunk_size``)
+    instead of ``R`` separate Hessians.
+    """
+    weights = list(weights)
+    R = weights[0].shape[0]
+    shapes = [W.shape[1:] for W in weights]
+    sizes = [W[0].numel() for W in weights]
+    e2e = end_to_end or globals()["end_to_end"]
+    w0 = torch.cat([W.detach().reshape(R, -1) for W in weights], dim=1)
+
+    def total(w: Tensor) -> Tensor:
+        parts = torch.split(w, sizes, dim=1)
+        ws = [x.reshape(R, *shape) for x, shape in zip(parts, shapes)]
+        return measurement_loss(e2e(ws), measurements, targets).sum()
+
+    grad_f = torch.func.grad(total)
+
+    def column(e: Tensor) -> Tensor:
+        return torch.func.jvp(grad_f, (w0,), (e.expand(R, -1),))[1]
+
+    p = w0.shape[1]
+    basis = torch.eye(p, dtype=w0.dtype, device=w0.device)
+    with torch.enable_grad():
+        cols = torch.func.vmap(column, chunk_size=chunk_size)(basis)  # (p, R, p): column k of every replica
+    H = cols.permute(1, 2, 0)
+    return 0.5 * (H + H.transpose(-1, -2))
 
 
 def top_hessian_eigenpair(hvp, size: int, *, dtype: torch.dtype, device: torch.device, v0: Tensor | None = None,

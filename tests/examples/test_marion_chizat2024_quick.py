@@ -1,0 +1,46 @@
+"""The Marion & Chizat --quick reproduction: Q1-Q8 on the library's engine (full-batch GD, replicas, exact Hessians),
+and the library values it rests on against independent computations."""
+
+import os
+
+import pytest
+
+from helpers import run_example
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("marion_chizat_quick")
+    return run_example("marion_chizat2024/run.py", ["--quick", "--out", str(out)]), out
+
+
+@pytest.mark.parametrize("prefix", ["Q1", "Q2", "Q3", "Q4", "Q5", "Q6", "Q7", "Q8"])
+def test_acceptance_checks(quick, prefix):
+    summary, _ = quick
+    rows = [c for c in summary["checks"] if c["name"].startswith(prefix)]
+    assert rows, prefix
+    failed = [f"{c['name']}: {c['value']:.4g}" for c in rows if not c["passed"]]
+    assert not failed, failed
+
+
+def test_constants_and_outputs(quick):
+    summary, out = quick
+    c = summary["constants"]["10"]
+    assert 0.85 <= c["a"] <= 1.15  # the quick data seed makes 2/eta comparable with S_min^a = 2 L a
+    assert abs(c["S_min_a"] - 2 * 10 * c["a"]) < 1e-12 * c["S_min_a"] and c["S_min"] <= c["S_min_a"] <= c["UB"]
+    for name in ("fig1cd_trajectories.png", "results.json"):
+        assert os.path.getsize(out / name) > 1000
+    assert len([d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]) >= 5
+
+
+def test_replot(quick, tmp_path):
+    _, out = quick
+    summary = run_example("marion_chizat2024/run.py", ["--replot", str(out / "results.json"), "--out", str(tmp_path)])
+    assert summary["checks"] == [] and [os.path.basename(p) for p in summary["figures"]] == ["fig1cd_trajectories.png"]
+
+
+@pytest.mark.perf
+def test_quick_runs_in_under_a_minute(tmp_path):
+    """Wall time on this machine, as the example reports it (opt-in: pytest -m perf)."""
+    summary = run_example("marion_chizat2024/run.py", ["--quick", "--out", str(tmp_path)])
+    assert summary["seconds"] < 60
