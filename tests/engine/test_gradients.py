@@ -105,3 +105,15 @@ def test_trace_penalty_and_subclassed_parameterization_use_autograd():
     ref = fit(Scaled([4, 5, 3], seed=1, gradients="autograd"), steps=5)[0]
     assert s.engine.oracle == "autograd"
     assert all(torch.equal(a, b) for a, b in zip(s.weights(), ref.weights()))
+
+
+@pytest.mark.parametrize("depth", [1, 3, 10])
+def test_residual_training_analytic_equals_autograd(depth):
+    from lightning_flat.datamodules import UnivariateRegressionDataModule
+    from lightning_flat.models import ResidualLinearNet
+
+    dm = UnivariateRegressionDataModule(n=30, d=4, seed=2, batch_size=8)
+    runs = [fit(ResidualLinearNet(4, depth, scale=[0.5, 1.0], lr=[0.01, 0.02], momentum=0.5, weight_decay=0.01,
+                                  replicas=2, seed=[1, 2], gradients=g), dm=dm)[0] for g in ("analytic", "autograd")]
+    assert [r.engine.oracle for r in runs] == ["analytic", "autograd"]
+    assert all(rel(a, b) < TOL for a, b in zip(runs[0].weights(), runs[1].weights()))
