@@ -130,18 +130,8 @@ def sharpness(model, dm, weights=None, diverged=None):
     if weights is None:
         weights = model.weights() if model.replicas > 1 else [w.unsqueeze(0) for w in model.weights()]
     Ws = [w.detach().double() for w in weights]
-    R = Ws[0].shape[0]
-    if diverged is not None and bool(diverged.any()):
-        keep = (~diverged).reshape(-1, 1, 1)
-        Ws = [torch.where(keep, W, torch.zeros_like(W)) for W in Ws]
-    H = F.replica_loss_hessians(Ws, dm.measurements, dm.targets, end_to_end=model.end_to_end_from)
-    out = torch.full((R,), float("nan"), dtype=torch.float64)
-    ok = torch.isfinite(H).flatten(1).all(1)
-    if diverged is not None:
-        ok &= ~diverged
-    if bool(ok.any()):
-        out[ok] = torch.linalg.eigvalsh(H[ok])[:, -1]
-    return out
+    return F.replica_sharpness(Ws, dm.measurements, dm.targets, end_to_end=model.end_to_end_from,
+                               active=None if diverged is None else ~diverged)
 
 
 def mlp(scales, seeds, lr, depth=DEPTH):

@@ -227,15 +227,8 @@ class Sharpness(_CurvatureCallback):
             size = sum(W[0].numel() if R > 1 else W.numel() for W in weights)
             exact = self.method == "exact" or (self.method == "auto" and size <= 1024)
             if exact and R > 1:  # every replica's dense Hessian in one batched computation
-                ws = weights
-                if active is not None:  # frozen replicas (maybe huge weights) are computed at zero, then dropped
-                    keep = active.reshape(-1, 1, 1)
-                    ws = [torch.where(keep, W, torch.zeros_like(W)) for W in weights]
-                H = F.replica_loss_hessians(ws, meas, targets, end_to_end=pl_module.end_to_end_from)
-                finite = torch.isfinite(H).flatten(1).all(1)
-                top = torch.full((R,), float("nan"), dtype=torch.float64)
-                if bool(finite.any()):
-                    top[finite] = torch.linalg.eigvalsh(H[finite])[:, -1].to(torch.float64)
+                top = F.replica_sharpness(weights, meas, targets, end_to_end=pl_module.end_to_end_from,
+                                          active=active)
                 thetas = [float(x) for x in top]
                 counts = [0] * R
             else:

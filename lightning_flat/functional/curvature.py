@@ -37,6 +37,7 @@ __all__ = [
     "loss_hvp",
     "loss_hessian",
     "replica_loss_hessians",
+    "replica_sharpness",
     "sharpness",
     "top_hessian_eigenpair",
 ]
@@ -223,6 +224,26 @@ def replica_loss_hessians(weights: Sequence[Tensor], measurements: Measurements,
         cols = torch.func.vmap(column, chunk_size=chunk_size)(basis)  # (p, R, p): column k of every replica
     H = cols.permute(1, 2, 0)
     return 0.5 * (H + H.transpose(-1, -2))
+
+
+def replica_sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor, end_to_end=None,
+                      active: Tensor | None = None) -> Tensor:
+    """Exact sharpness of every replica, shape ``(R,)`` (:func:`replica_loss_hessians`, then ``eigvalsh``).
+
+    Replicas with ``active[r] = False`` (frozen, e.g. diverged) are computed at zero weights, so that huge or
+    non-finite weights cannot spoil the batch, and reported as NaN, as is any replica whose Hessian is not finite."""
+    Ws = list(weights)
+    R = Ws[0].shape[0]
+    if active is not None and not bool(active.all()):
+        Ws = [torch.where(active.reshape(-1, *([1] * (W.ndim - 1))), W, torch.zeros_like(W)) for W in Ws]
+    H = replica_loss_hessians(Ws, measurements, targets, end_to_end=end_to_end)
+    ok = torch.isfinite(H).flatten(1).all(1)
+    if active is not None:
+        ok &= active.to(ok.device)
+    out = torch.full((R,), float("nan"), dtype=H.dtype, device=H.device)
+    if bool(ok.any()):
+        out[ok] = torch.linalg.eigvalsh(H[ok])[:, -1]
+    return out
 
 
 def top_hessian_eigenpair(hvp, size: int, *, dtype: torch.dtype, device: torch.device, v0: Tensor | None = None,

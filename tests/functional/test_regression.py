@@ -122,3 +122,14 @@ def test_residual_model_gradients_trace_and_theta(dm, gen):
     assert all(float(t.abs().max()) == 0 for t in single.theta())
     with pytest.raises(ValueError, match="w must be a finite non-zero vector of shape"):
         ResidualLinearNet(5, 3, w=torch.zeros(5))
+
+
+def test_replica_sharpness_equals_one_dense_hessian_per_replica(dm, gen):
+    W = [randn(4, 5, 5, g=gen) * 0.4, randn(4, 5, 5, g=gen) * 0.4, randn(4, 1, 5, g=gen) * 0.4]
+    W[0][2] = float("inf")  # a frozen (diverged) replica with overflowing weights
+    active = torch.tensor([True, True, False, True])
+    S = F.replica_sharpness(W, dm.measurements, dm.targets, active=active)
+    assert torch.isnan(S[2]) and torch.isfinite(S[[0, 1, 3]]).all()
+    for r in (0, 1, 3):
+        ref = torch.linalg.eigvalsh(F.loss_hessian([w[r] for w in W], dm.measurements, dm.targets))[-1]
+        assert rel(S[r], ref) < TOL
