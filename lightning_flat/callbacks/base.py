@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_flat._checks import check_positive_int
 from lightning_flat.engine.hooks import StepHook
-from lightning_flat.engine.replicas import LOG_REPLICAS, active_mean
+from lightning_flat.engine.replicas import LOG_REPLICAS, active_mean, replica_metrics
 from lightning_flat.measurements import Measurements
 from lightning_flat.models.base import LinearNetBase
 
@@ -97,23 +97,22 @@ class MeasuringCallback(StepHook, Callback):
         with torch.no_grad():
             metrics = self.measure(trainer, pl_module)
         active = getattr(pl_module, "replica_active", None)
-        values: dict[str, float] = {}  # one value per key (the mean over active replicas)
-        singles: dict[str, float] = {}  # key/r{k} for the first replicas
+        values: dict[str, float] = {}  # one value per key (the mean over active replicas), kept in history
+        logged: dict[str, float] = {}  # what goes to the loggers: finite values of active replicas only
         for k, v in metrics.items():
-            v = v.detach() if isinstance(v, Tensor) else torch.as_tensor(v, dtype=torch.float64)
+            v = v.detach().to(torch.float64) if isinstance(v, Tensor) else torch.as_tensor(v, dtype=torch.float64)
             if v.ndim >= 1:
+                if active is not None:  # a frozen replica is not measured
+                    v = torch.where(active.to(v.device), v, torch.full_like(v, float("nan")))
                 self.replica_history.setdefault(k, []).append((step, [float(x) for x in v.cpu()]))
-                values[k] = float(active_mean(v, active))
-                for r in range(min(self.log_replicas, v.shape[0])):
-                    singles[f"{k}/r{r}"] = float(v[r])
-            else:
-                values[k] = float(v)
+            values[k] = float(active_mean(v, active))
+            logged.update({name: float(x) for name, x in replica_metrics(k, v, active, self.log_replicas).items()})
         for k, v in values.items():
             self.history.setdefault(k, []).append((step, v))
         self.last = values
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and logged:
             for logger in trainer.loggers:
-                logger.log_metrics({**values, **singles}, step=step)
+                logger.log_metrics(logged, step=step)
 
     def replica_table(self) -> tuple[list[str], list[list[float]]]:
         """``(columns, rows)``: one row per measured step and replica, one column per per-replica key."""

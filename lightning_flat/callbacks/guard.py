@@ -37,6 +37,9 @@ class FiniteLossGuard(StepHook, Callback):
     see :class:`~lightning_flat.engine.StepHook`) and does not apply the update of a failed step; on any other
     LightningModule it runs in ``on_before_optimizer_step``.
 
+    With a :class:`SAM` callback in the Trainer the gradients are always checked: its ascent point can turn the
+    gradient non-finite while the loss is still finite, and that update is refused like a non-finite loss.
+
     Args:
         every_n_steps: check period in optimizer steps (1: every step; the check costs one scalar read).
         check_grads: also check every gradient (costs a reduction per parameter).
@@ -53,6 +56,12 @@ class FiniteLossGuard(StepHook, Callback):
         self.stopped_value: float | None = None
         self.message: str | None = None
         self._loss: Tensor | None = None
+        self._grads = self.check_grads
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning_flat.callbacks.sam import SAM
+
+        self._grads = self.check_grads or any(isinstance(cb, SAM) for cb in trainer.callbacks)
 
     def _stop(self, step: int, value: float, what: str) -> str:
         self.stopped_step, self.stopped_value = step, value
@@ -75,7 +84,7 @@ class FiniteLossGuard(StepHook, Callback):
             diverged = getattr(ctx.module, "diverged", {})
             what = (f"loss in {'every replica' if self.replicas == 'all' else 'a replica'} "
                     f"(diverged replicas and their (step, loss): {dict(sorted(diverged.items()))})")
-        if what is None and self.check_grads:
+        if what is None and self._grads:
             for g in ctx.grads:
                 if not bool(torch.isfinite(g if active is None else g[active]).all()):
                     what = "gradient"
@@ -100,7 +109,7 @@ class FiniteLossGuard(StepHook, Callback):
                 diverged = getattr(pl_module, "diverged", {})
                 what = (f"loss in {'every replica' if self.replicas == 'all' else 'a replica'} "
                         f"(diverged replicas and their (step, loss): {dict(sorted(diverged.items()))})")
-        if not bad and self.check_grads:
+        if not bad and self._grads:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is not None and not bool(torch.isfinite(p.grad).all()):

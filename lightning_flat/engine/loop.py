@@ -233,9 +233,29 @@ class TrainingEngine:
             h.step_gradients(ctx)
         for h in hooks["step_check"]:
             h.step_check(ctx)
+        if ctx.stop is None:
+            self._check_divergence(ctx)
         if ctx.stop is not None:
             trainer.should_stop = True
         return ctx
+
+    def _check_divergence(self, ctx: StepContext) -> None:
+        """Without a FiniteLossGuard's say: stop when nothing can train any more (a single model's loss is not
+        finite, or every replica is frozen), with the weights of the last finite step and a warning."""
+        m = ctx.module
+        if m.replica_active is None:
+            if bool(torch.isfinite(ctx.losses).all()):
+                return
+            what = f"a non-finite training loss ({float(ctx.losses)})"
+        elif bool(m.replica_active.any()):
+            return
+        else:
+            what = f"every replica diverged ({dict(sorted(m.diverged.items()))})"
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        ctx.stop = (f"{type(m).__name__}: {what} at step {ctx.step}; training stops, the weights are those of step "
+                    f"{ctx.step} (this update was not applied). Add FiniteLossGuard for other policies.")
+        rank_zero_warn(ctx.stop)
 
     def apply_hparams(self, trainer: Any, hparams: dict[str, Any]) -> None:
         """Put scheduled ``lr``/``weight_decay`` into every optimizer's param groups (a per-replica list becomes a
@@ -305,7 +325,7 @@ class TrainingEngine:
     def _log(self, ctx: StepContext) -> None:
         every = self._log_every
         if every and (ctx.step + 1) % every == 0:
-            self.module.log_training_step(ctx.losses)
+            self.module.log_training_step(ctx.losses, ctx.step)
 
     @staticmethod
     def _loss_value(ctx: StepContext) -> Tensor:

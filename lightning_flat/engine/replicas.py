@@ -65,12 +65,17 @@ def active_mean(values: Tensor, active: Tensor | None) -> Tensor:
 
 
 def replica_metrics(key: str, values: Tensor, active: Tensor | None, limit: int = LOG_REPLICAS) -> dict[str, Tensor]:
-    """``{key: mean over active replicas, key/r0: ..., key/r{limit-1}: ...}`` for per-replica ``values (R,)``; just
-    ``{key: value}`` for a 0-d value."""
-    out = {key: active_mean(values, active)}
+    """What to log of per-replica ``values (R,)``: ``{key: mean over active replicas, key/r0: ..., key/r{limit-1}:
+    ...}``, or ``{key: value}`` for a 0-d value. Only finite values of active replicas are logged: a frozen replica
+    has no point, and a non-finite value (a diverged run, or a mean over none) is left out rather than drawn."""
+    out = {}
+    mean = active_mean(values, active)
+    if bool(torch.isfinite(mean).all()):
+        out[key] = mean
     if values.ndim > 0:
         for r in range(min(limit, values.shape[0])):
-            out[f"{key}/r{r}"] = values[r]
+            if (active is None or bool(active[r])) and bool(torch.isfinite(values[r]).all()):
+                out[f"{key}/r{r}"] = values[r]
     return out
 
 

@@ -260,7 +260,8 @@ def top_hessian_eigenpair(hvp, size: int, *, dtype: torch.dtype, device: torch.d
     during training converges in a few products. (hessian-eigenthings' ``lanczos`` always runs its full Krylov
     dimension and takes no start vector, hence this small loop.)
 
-    Returns ``(eigenvalue, eigenvector, number_of_hvps)``.
+    Returns ``(eigenvalue, eigenvector, number_of_hvps)``; the eigenvalue is NaN when a product is not finite (a
+    diverged point), without calling the eigen-solver on it.
     """
     if v0 is None:
         g = torch.Generator().manual_seed(seed)
@@ -282,6 +283,8 @@ def top_hessian_eigenpair(hvp, size: int, *, dtype: torch.dtype, device: torch.d
         for j in range(m):
             w = hvp(Q[j]).reshape(-1)
             hvps += 1
+            if not bool(torch.isfinite(w).all()):  # a diverged point: no eigen-solver call on it
+                return torch.tensor(float("nan"), dtype=dtype, device=device), v, hvps
             alphas.append(float(Q[j] @ w))
             Qm = torch.stack(Q)
             for _ in range(2):  # full reorthogonalization, twice is enough
@@ -336,6 +339,8 @@ def sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Te
     with torch.enable_grad():
         if method == "exact" or (method == "auto" and size <= 1024):
             H = loss_hessian(weights, measurements, targets, end_to_end)
+            if not bool(torch.isfinite(H).all()):  # a diverged point: no LAPACK call on it
+                return torch.tensor(float("nan"), dtype=H.dtype, device=H.device)
             return torch.linalg.eigvalsh(H)[-1]
         hvp, w0 = loss_hvp(weights, measurements, targets, end_to_end)
         theta, _, _ = top_hessian_eigenpair(hvp, size, dtype=w0.dtype, device=w0.device, v0=v0,

@@ -1,6 +1,7 @@
 r"""Ranks and norms of matrices from their singular values; all functions take ``M (..., m, n)``.
 
-Degenerate input is fine: a zero matrix has every rank 0 and every norm 0 (finite, never NaN).
+Degenerate input is fine: a zero matrix has every rank 0 and every norm 0 (finite, never NaN); a matrix with a
+non-finite entry (a diverged run) gets NaN singular values, hence NaN ranks and norms, instead of a LAPACK error.
 """
 
 from __future__ import annotations
@@ -14,9 +15,22 @@ __all__ = ["singular_values", "effective_rank", "nuclear_norm", "schatten_norm",
 
 
 def singular_values(M: Tensor) -> Tensor:
-    """Singular values in descending order, shape ``(..., min(m, n))``."""
+    """Singular values in descending order, shape ``(..., min(m, n))``; NaN for a matrix with a non-finite entry
+    (LAPACK is not called on it). Half precision is computed in float32.
+
+    Example:
+        >>> singular_values(torch.tensor([[3.0, 0.0], [0.0, float("inf")]]))
+        tensor([nan, nan])
+    """
     check_tensor("M", M, min_ndim=2, floating=True)
-    return torch.linalg.svdvals(M)
+    work = M.float() if M.dtype in (torch.float16, torch.bfloat16) else M
+    finite = torch.isfinite(work).flatten(-2).all(-1)
+    if bool(finite.all()):
+        return torch.linalg.svdvals(work)
+    out = torch.full((*work.shape[:-2], min(work.shape[-2:])), float("nan"), dtype=work.dtype, device=work.device)
+    if bool(finite.any()):
+        out[finite] = torch.linalg.svdvals(work[finite])
+    return out
 
 
 def effective_rank(M: Tensor, kind: str = "entropy", tol: float | None = None) -> Tensor:
@@ -37,7 +51,7 @@ def effective_rank(M: Tensor, kind: str = "entropy", tol: float | None = None) -
     s = singular_values(M)
     total = s.sum(-1, keepdim=True)
     top = s[..., :1]
-    zero = total[..., 0] <= 0
+    zero = total[..., 0] <= 0  # False for NaN: a non-finite matrix stays NaN
     if kind == "entropy":
         p = s / torch.where(total > 0, total, torch.ones_like(total))
         plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
@@ -46,9 +60,10 @@ def effective_rank(M: Tensor, kind: str = "entropy", tol: float | None = None) -
         out = s.square().sum(-1) / torch.where(top > 0, top, torch.ones_like(top))[..., 0].square()
     else:
         if tol is None:
-            tol = max(M.shape[-2:]) * torch.finfo(M.dtype).eps
+            tol = max(M.shape[-2:]) * torch.finfo(s.dtype).eps
         tol = check_real("tol", tol, low=0.0)
-        out = (s > tol * top).sum(-1).to(M.dtype)
+        out = (s > tol * top).sum(-1).to(s.dtype)
+        out = torch.where(torch.isnan(top[..., 0]), torch.full_like(out, float("nan")), out)
     return torch.where(zero, torch.zeros_like(out), out)
 
 

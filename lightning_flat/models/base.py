@@ -219,7 +219,7 @@ class LinearNetBase(FastSetattr, L.LightningModule):
             loss = losses.sum()
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
-            self.log_training_step(losses.detach())
+            self.log_training_step(losses.detach(), self.global_step)
         return loss
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -233,8 +233,11 @@ class LinearNetBase(FastSetattr, L.LightningModule):
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
     @torch.no_grad()
-    def log_training_step(self, losses: Tensor) -> None:
-        """Log the step's metrics (see the class docstring) with ``self.log``."""
+    def log_training_step(self, losses: Tensor, step: int | None = None) -> None:
+        """Log the metrics of SGD step ``step`` (default the current global step; see the class docstring): to every
+        logger at that step, finite values only, and with ``self.log(..., logger=False)`` to the progress bar and
+        ``trainer.callback_metrics`` (so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them)."""
+        step = self.global_step if step is None else step
         active = self.replica_active
         metrics = replica_metrics("train/loss", losses, active, self.log_replicas)
         E = None
@@ -252,8 +255,16 @@ class LinearNetBase(FastSetattr, L.LightningModule):
                                                self.log_replicas))
         if active is not None:
             metrics["replicas/active"] = active.sum().to(losses.dtype)
-        self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True)
-        self.log_dict(metrics, on_step=True, on_epoch=False)
+        # non-finite values (a diverged run) are left out by replica_metrics: no NaN point is drawn, and the loggers
+        # are written directly so that Lightning cannot repeat a previous step's value in their place
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if "train/loss" in metrics:
+            self.log("train/loss", metrics.pop("train/loss"), on_step=True, on_epoch=False, prog_bar=True,
+                     logger=False)
+        if metrics:
+            self.log_dict(metrics, on_step=True, on_epoch=False, logger=False)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if getattr(self, "optimizer", "sgd") == "lbfgs":
