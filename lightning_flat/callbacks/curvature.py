@@ -217,7 +217,7 @@ class Sharpness(_CurvatureCallback):
                 if self.top_k > 1:
                     out.update(self._top_k(op, trainer))
             if self.edge_of_stability:
-                out["hessian/two_over_lr"] = self._two_over_lr(trainer, 1)
+                out["hessian/two_over_lr"] = self._two_over_lr(trainer)
             return out
         with torch.enable_grad():
             meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "Sharpness")
@@ -251,7 +251,7 @@ class Sharpness(_CurvatureCallback):
                 thetas = [t if bool(a) else float("nan") for t, a in zip(thetas, active)]
         out: dict[str, Any] = {}
         if self.edge_of_stability:
-            out["hessian/two_over_lr"] = self._two_over_lr(trainer, R)
+            out["hessian/two_over_lr"] = self._two_over_lr(trainer)
         if R == 1:
             out["hessian/sharpness"] = thetas[0]
             if counts[0]:
@@ -268,7 +268,7 @@ class Sharpness(_CurvatureCallback):
         return out
 
     @staticmethod
-    def _two_over_lr(trainer: L.Trainer, replicas: int) -> Any:
+    def _two_over_lr(trainer: L.Trainer) -> Any:
         """``2 / lr`` for the step about to run (the stability threshold of its update): the scheduled value
         (:class:`HyperparameterSchedule`) or the first param group's, per replica when the learning rate is."""
         lr = hparams_at(trainer, trainer.global_step).get("lr", trainer.optimizers[0].param_groups[0]["lr"])

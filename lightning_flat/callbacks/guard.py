@@ -72,18 +72,22 @@ class FiniteLossGuard(StepHook, Callback):
         rank_zero_warn(self.message)
         return self.message
 
+    def _replica_verdict(self, pl_module: L.LightningModule, active: Tensor) -> str | None:
+        """With replicas: what went wrong under the ``replicas`` policy, or ``None`` when training may go on."""
+        if bool(active.any()) if self.replicas == "all" else bool(active.all()):
+            return None
+        diverged = getattr(pl_module, "diverged", {})
+        return (f"loss in {'every replica' if self.replicas == 'all' else 'a replica'} "
+                f"(diverged replicas and their (step, loss): {dict(sorted(diverged.items()))})")
+
     def step_check(self, ctx: StepContext) -> None:
         if ctx.step % self.every_n_steps:
             return
         losses, active = ctx.losses, getattr(ctx.module, "replica_active", None)
-        what = None
         if active is None:
-            if not math.isfinite(float(losses)):
-                what = "training loss"
-        elif not (bool(active.any()) if self.replicas == "all" else bool(active.all())):
-            diverged = getattr(ctx.module, "diverged", {})
-            what = (f"loss in {'every replica' if self.replicas == 'all' else 'a replica'} "
-                    f"(diverged replicas and their (step, loss): {dict(sorted(diverged.items()))})")
+            what = None if math.isfinite(float(losses)) else "training loss"
+        else:
+            what = self._replica_verdict(ctx.module, active)
         if what is None and self._grads:
             for g in ctx.grads:
                 if not bool(torch.isfinite(g if active is None else g[active]).all()):
@@ -104,11 +108,8 @@ class FiniteLossGuard(StepHook, Callback):
         what = "training loss"
         active = getattr(pl_module, "replica_active", None)
         if active is not None and not bad:
-            bad = not bool(active.any()) if self.replicas == "all" else not bool(active.all())
-            if bad:
-                diverged = getattr(pl_module, "diverged", {})
-                what = (f"loss in {'every replica' if self.replicas == 'all' else 'a replica'} "
-                        f"(diverged replicas and their (step, loss): {dict(sorted(diverged.items()))})")
+            verdict = self._replica_verdict(pl_module, active)
+            bad, what = verdict is not None, verdict or what
         if not bad and self._grads:
             for group in optimizer.param_groups:
                 for p in group["params"]:

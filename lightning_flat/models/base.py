@@ -35,8 +35,8 @@ class LinearNetBase(FastSetattr, L.LightningModule):
       ``training_step`` call (at most ``chunk_size``), each one exactly the step Lightning would take; the engine
       falls back to one step per call, or to Lightning's autograd path, where a Trainer needs it (``engine.mode``
       and ``engine.reason`` say which and why);
-    - logging every ``Trainer(log_every_n_steps)`` steps, at ``step = global_step - 1`` of the logged step as
-      Lightning does: ``train/loss`` (the batch loss actually optimised), and when the datamodule has them
+    - logging every ``Trainer(log_every_n_steps)`` steps, at the step whose weights are measured (the step Lightning
+      itself logs at), finite values only: ``train/loss`` (the batch loss actually optimised), and when the datamodule has them
       ``train/full_loss`` (full data, no noise), ``test/error`` (``datamodule.test_error(E)``) and
       ``test/relative_error``; with replicas the mean over the active replicas under these keys plus ``key/r{k}`` for
       the first ``log_replicas`` replicas, and ``replicas/active``;
