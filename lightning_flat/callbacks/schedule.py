@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from typing import Any, Union
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_flat._checks import check_positive_int, check_real
 from lightning_flat.engine.hooks import StepContext, StepHook, engine_drives
+from lightning_flat.engine.optim import write_hyperparameters
 
 __all__ = ["HyperparameterSchedule", "Schedule", "SHAPES"]
 
@@ -271,12 +271,7 @@ class HyperparameterSchedule(StepHook, Callback):
         step = trainer.global_step
         values = self.values(step)
         if values != self.current or force:
-            for opt in trainer.optimizers:
-                for group in opt.param_groups:
-                    for key in ("lr", "weight_decay"):
-                        if key in values:
-                            v = values[key]
-                            group[key] = torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v
+            write_hyperparameters(trainer.optimizers, values)
         self._record(trainer, step, values)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

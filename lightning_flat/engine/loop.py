@@ -35,7 +35,7 @@ from torch import Tensor
 
 from lightning_flat.engine import compat
 from lightning_flat.engine.hooks import PER_STEP_HOOKS, PHASES, StepContext, StepHook, hparams_at
-from lightning_flat.engine.optim import ReplicaSGD
+from lightning_flat.engine.optim import ReplicaSGD, write_hyperparameters
 from lightning_flat.engine.replicas import freeze_nonfinite
 from lightning_flat.functional.gradients import residual_and_end_to_end_gradient
 from lightning_flat.measurements import unpack_batch
@@ -258,20 +258,12 @@ class TrainingEngine:
         rank_zero_warn(ctx.stop)
 
     def apply_hparams(self, trainer: Any, hparams: dict[str, Any]) -> None:
-        """Put scheduled ``lr``/``weight_decay`` into every optimizer's param groups (a per-replica list becomes a
-        float64 tensor); unchanged values are left alone."""
-        for key in ("lr", "weight_decay"):
-            if key not in hparams:
-                continue
-            value = hparams[key]
-            last = self._applied.get(key)
-            if last is not None and last[0] == value:
-                continue
-            stored = torch.tensor(value, dtype=torch.float64) if isinstance(value, list) else value
-            self._applied[key] = (value, stored)
-            for opt in trainer.optimizers:
-                for group in opt.param_groups:
-                    group[key] = stored
+        """Put scheduled ``lr``/``weight_decay`` into every optimizer's param groups (:func:`write_hyperparameters`),
+        only when they changed since the last call (so a per-replica list is converted once per change)."""
+        changed = {k: hparams[k] for k in ("lr", "weight_decay") if k in hparams and self._applied.get(k) != hparams[k]}
+        if changed:
+            self._applied.update(changed)
+            write_hyperparameters(trainer.optimizers, changed)
 
     def prepare_step(self, trainer: Any) -> None:
         """Put the scheduled ``lr``/``weight_decay`` of the coming step (``trainer.global_step``) in the optimizers

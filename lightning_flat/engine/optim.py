@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_flat._checks import check_real
 
-__all__ = ["ReplicaSGD"]
+__all__ = ["ReplicaSGD", "write_hyperparameters"]
 
 
 def _per_replica(value: Any, p: Tensor) -> Any:
@@ -27,6 +27,18 @@ def _check_hyperparameter(name: str, value: Any) -> None:
             raise ValueError(f"{name} must be a float or a 1-D tensor of non-negative values, got {value}")
     else:
         check_real(name, value, low=0.0)
+
+
+def write_hyperparameters(optimizers: Iterable[torch.optim.Optimizer], values: dict[str, Any]) -> None:
+    """Put ``lr``/``weight_decay`` from ``values`` (a number, or a per-replica list, stored as a float64 tensor) into
+    every param group of every optimizer; other keys are ignored."""
+    for key in ("lr", "weight_decay"):
+        if key in values:
+            v = values[key]
+            stored = torch.tensor(v, dtype=torch.float64) if isinstance(v, (list, tuple)) else v
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group[key] = stored
 
 
 class ReplicaSGD(torch.optim.Optimizer):

@@ -7,7 +7,7 @@ relative difference is a few (L d) eps ~ 1e-14; 1e-12 leaves a margin and still 
 import pytest
 import torch
 
-from conftest import F64, randn, rel
+from conftest import randn, rel
 from helpers import make_measurements, trainer
 from lightning_flat import functional as F
 from lightning_flat.callbacks import LabelNoise, HyperparameterSchedule
