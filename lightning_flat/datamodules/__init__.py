@@ -1,6 +1,7 @@
 """LightningDataModules that generate measurement problems."""
 
 from lightning_flat.datamodules.base import MeasurementDataModule, MeasurementSampler, StepChunk
+from lightning_flat.datamodules.entries import ObservedEntriesDataModule
 from lightning_flat.datamodules.matrix_sensing import MatrixSensingDataModule
 from lightning_flat.datamodules.recovery import (
     BilinearSensingDataModule,
@@ -15,6 +16,7 @@ __all__ = [
     "MatrixSensingDataModule",
     "MeasurementDataModule",
     "MeasurementSampler",
+    "ObservedEntriesDataModule",
     "QuadraticSensingDataModule",
     "StepChunk",
     "UnivariateRegressionDataModule",

@@ -8,12 +8,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_flat._checks import check_nonnegative_int, check_positive_int
+from lightning_flat._checks import check_choice, check_nonnegative_int, check_positive_int
 from lightning_flat.measurements import MeasurementBatch, Measurements
 
 __all__ = ["MeasurementDataModule", "MeasurementSampler", "StepChunk", "step_seed"]
 
 _MASK64 = (1 << 64) - 1
+_SHUFFLE = 0x5348554646  # keeps the permutations' seeds apart from the i.i.d. draws' (step keys)
+#: How minibatch indices are drawn: i.i.d. with replacement (the default), or epoch-wise permutations.
+SAMPLINGS = ("replacement", "shuffle")
 
 
 def step_seed(*keys: int) -> int:
@@ -64,6 +67,12 @@ class MeasurementSampler:
     replicas that all share one seed share one ``(B,)`` draw (and one gather).
     ``batch_size=None`` yields the full data every step (gradient descent).
 
+    ``sampling="shuffle"`` draws **without** replacement instead: each stream walks through a sequence of random
+    permutations of the ``n`` measurements, ``B`` positions per step (step ``t`` takes positions ``[tB, (t+1)B)``,
+    permutation ``k`` covering positions ``[kn, (k+1)n)`` and seeded by ``(seed, rank, stream, k)``), as a
+    shuffling ``DataLoader`` does epoch by epoch. With few measurements this forbids long runs of one index, which
+    changes SGD's noise (it is never a silent default).
+
     An epoch is the global steps from ``start_step()`` (the trainer's global step, read when iteration starts) up to
     the next multiple of ``steps_per_epoch``; ``len()`` is its number of steps. ``steps_in_call(step)`` (a
     lightning_flat model's, when it trains in fused chunks) says how many steps the item starting at ``step`` covers:
@@ -75,7 +84,9 @@ class MeasurementSampler:
 
     def __init__(self, measurements: Measurements, targets: Tensor, batch_size: int | None, seed: int,
                  steps_per_epoch: int, start_step: Callable[[], int] = lambda: 0, rank: int = 0,
-                 streams: list[int] | None = None, steps_in_call: Callable[[int], int] | None = None) -> None:
+                 streams: list[int] | None = None, steps_in_call: Callable[[int], int] | None = None,
+                 sampling: str = "replacement") -> None:
+        self.sampling = check_choice("sampling", sampling, SAMPLINGS)
         self.measurements, self.targets = measurements, targets
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.steps_per_epoch = steps_per_epoch
@@ -102,6 +113,10 @@ class MeasurementSampler:
         device = self.targets.device
         g = generator if generator is not None else torch.Generator(device=device)
         n, B = len(self.measurements), self.batch_size
+        if self.sampling == "shuffle":
+            streams = [None] if self.streams is None else self.streams
+            unique = {s: self._shuffled(step, s, g) for s in dict.fromkeys(streams)}
+            return unique[streams[0]] if len(unique) == 1 else torch.stack([unique[s] for s in streams])
         if self.streams is None or len(set(self.streams)) == 1:
             # one run, or replicas that share their seed (hence their minibatches): one draw, one gather
             keys = (self.seed, self.rank, step) if self.streams is None else (self.seed, self.rank, self.streams[0], step)
@@ -112,6 +127,17 @@ class MeasurementSampler:
             g.manual_seed(step_seed(self.seed, self.rank, s, step))
             rows.append(torch.randint(n, (B,), generator=g, device=device))
         return torch.stack(rows)
+
+    def _shuffled(self, step: int, stream: int | None, g: torch.Generator) -> Tensor:
+        """Positions ``[step B, (step+1) B)`` of the stream's sequence of permutations."""
+        n, B = len(self.measurements), self.batch_size
+        first, last = step * B, (step + 1) * B - 1
+        keys = (self.seed, self.rank) if stream is None else (self.seed, self.rank, stream)
+        perms = []
+        for k in range(first // n, last // n + 1):
+            g.manual_seed(step_seed(*keys, _SHUFFLE, k))
+            perms.append(torch.randperm(n, generator=g, device=self.targets.device))
+        return torch.cat(perms)[first - (first // n) * n:last - (first // n) * n + 1]
 
     def batch(self, step: int, generator: torch.Generator | None = None,
               scratch: dict[str, Tensor] | None = None) -> MeasurementBatch:
@@ -125,14 +151,15 @@ class MeasurementSampler:
     def state_dict(self) -> dict:
         """Nothing to save: the batches of a step follow from ``(seed, rank, stream, step)``. Having this (and
         :meth:`load_state_dict`) tells Lightning the sampler resumes exactly mid-epoch."""
-        return {"seed": self.seed, "batch_size": self.batch_size}
+        return {"seed": self.seed, "batch_size": self.batch_size, "sampling": self.sampling}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("seed", self.seed) != self.seed or state_dict.get("batch_size", self.batch_size) != \
-                self.batch_size:
+        saved = (state_dict.get("seed", self.seed), state_dict.get("batch_size", self.batch_size),
+                 state_dict.get("sampling", self.sampling))
+        if saved != (self.seed, self.batch_size, self.sampling):
             from lightning.pytorch.utilities import rank_zero_warn
-            rank_zero_warn(f"resuming with sampler seed/batch_size {self.seed}/{self.batch_size}, but the checkpoint "
-                           f"was written with {state_dict.get('seed')}/{state_dict.get('batch_size')}")
+            rank_zero_warn(f"resuming with sampler seed/batch_size/sampling {self.seed}/{self.batch_size}/"
+                           f"{self.sampling}, but the checkpoint was written with {'/'.join(map(str, saved))}")
 
     def __iter__(self) -> Iterator[MeasurementBatch | StepChunk]:
         g = torch.Generator(device=self.targets.device)
@@ -154,14 +181,18 @@ class MeasurementDataModule(L.LightningDataModule):
         seed: seed of the problem draw and of the minibatch sampler.
         steps_per_epoch: batches per epoch. Sampling is i.i.d., so an epoch is only a bookkeeping unit; train with
             ``Trainer(max_steps=...)``. Long epochs keep Lightning's per-epoch overhead off the step path.
+        sampling: ``"replacement"`` (i.i.d. indices, the default) or ``"shuffle"`` (random permutations of the data,
+            ``batch_size`` positions per step, see :class:`MeasurementSampler`).
     """
 
     measurements: Measurements
     targets: Tensor
     ground_truth: Tensor | None = None
 
-    def __init__(self, batch_size: int | None = 50, seed: int = 0, steps_per_epoch: int = 1000) -> None:
+    def __init__(self, batch_size: int | None = 50, seed: int = 0, steps_per_epoch: int = 1000,
+                 sampling: str = "replacement") -> None:
         super().__init__()
+        self.sampling = check_choice("sampling", sampling, SAMPLINGS)
         self.batch_size = None if batch_size is None else check_positive_int("batch_size", batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
@@ -172,7 +203,8 @@ class MeasurementDataModule(L.LightningDataModule):
 
     @classmethod
     def from_problem(cls, measurements: Measurements, targets: Tensor, ground_truth: Tensor | None = None,
-                     batch_size: int | None = None, seed: int = 0, steps_per_epoch: int = 1000) -> MeasurementDataModule:
+                     batch_size: int | None = None, seed: int = 0, steps_per_epoch: int = 1000,
+                     sampling: str = "replacement") -> MeasurementDataModule:
         """A datamodule over given measurements and targets (and, optionally, the ground truth behind them), e.g. a
         handful of observed entries: ``MeasurementDataModule.from_problem(Entries(rows, cols, (2, 2)), b)``."""
         if not isinstance(measurements, Measurements):
@@ -183,7 +215,8 @@ class MeasurementDataModule(L.LightningDataModule):
         if ground_truth is not None and tuple(ground_truth.shape) != tuple(measurements.shape):
             raise ValueError(f"ground_truth must have shape {measurements.shape}, got {tuple(ground_truth.shape)}")
         dm = cls.__new__(MeasurementDataModule)
-        MeasurementDataModule.__init__(dm, batch_size=batch_size, seed=seed, steps_per_epoch=steps_per_epoch)
+        MeasurementDataModule.__init__(dm, batch_size=batch_size, seed=seed, steps_per_epoch=steps_per_epoch,
+                                       sampling=sampling)
         dm.measurements, dm.targets, dm.ground_truth = measurements, targets, ground_truth
         return dm
 
@@ -223,7 +256,7 @@ class MeasurementDataModule(L.LightningDataModule):
         streams = getattr(module, "replica_seeds", None)
         chunks = getattr(module, "steps_in_call", None)  # a lightning_flat model's fused chunks
         return MeasurementSampler(meas, targets, self.batch_size, self.seed, self.steps_per_epoch, start, rank,
-                                  streams, chunks if callable(chunks) else None)
+                                  streams, chunks if callable(chunks) else None, self.sampling)
 
     def test_error(self, E: Tensor) -> Tensor:
         r"""Population error :math:`\|E - M^*\|_F^2`, shape ``(...)`` for ``E (..., d_out, d_in)``."""
@@ -233,3 +266,10 @@ class MeasurementDataModule(L.LightningDataModule):
         if key not in self._truth_cache:
             self._truth_cache[key] = self.ground_truth.to(dtype=E.dtype, device=E.device)
         return (E - self._truth_cache[key]).square().sum((-2, -1))
+
+    def test_error_scale(self) -> float:
+        r"""What ``test/relative_error`` divides ``test_error`` by: :math:`\|M^*\|_F^2` here (subclasses may say
+        otherwise, e.g. the error of zero filling)."""
+        if self.ground_truth is None:
+            raise RuntimeError(f"{type(self).__name__} has no ground truth")
+        return float(self.ground_truth.square().sum())

@@ -38,7 +38,7 @@ class LinearNetBase(FastSetattr, L.LightningModule):
     - logging every ``Trainer(log_every_n_steps)`` steps, at the step whose weights are measured (the step Lightning
       itself logs at), finite values only: ``train/loss`` (the batch loss actually optimised), and when the datamodule has them
       ``train/full_loss`` (full data, no noise), ``test/error`` (``datamodule.test_error(E)``) and
-      ``test/relative_error``; with replicas the mean over the active replicas under these keys plus ``key/r{k}`` for
+      ``test/relative_error`` (``test_error`` over ``datamodule.test_error_scale()``); with replicas the mean over the active replicas under these keys plus ``key/r{k}`` for
       the first ``log_replicas`` replicas, and ``replicas/active``;
     - ``configure_optimizers``: :class:`~lightning_flat.engine.ReplicaSGD` (``lr``, ``momentum``, ``weight_decay``,
       per-replica values, frozen replicas), or L-BFGS. Ridge is weight decay: ``weight_decay=lam`` is the update
@@ -198,7 +198,8 @@ class LinearNetBase(FastSetattr, L.LightningModule):
             self._full_data = dm.measurements_as(self.dtype, self.device)
         if dm is not None and callable(getattr(dm, "test_error", None)) and getattr(dm, "ground_truth", None) is not None:
             self._test_error = dm.test_error
-            self._test_scale = float(dm.ground_truth.square().sum())
+            scale = getattr(dm, "test_error_scale", None)
+            self._test_scale = float(scale()) if callable(scale) else float(dm.ground_truth.square().sum())
         self.engine.configure(self.trainer)
 
     def on_train_start(self) -> None:
