@@ -6,9 +6,16 @@ from lightning_flat.callbacks.guard import FiniteLossGuard
 from lightning_flat.callbacks.label_noise import LabelNoise
 from lightning_flat.callbacks.sam import SAM
 from lightning_flat.callbacks.schedule import HyperparameterSchedule
-from lightning_flat.callbacks.structure import Balancedness, EffectiveRank, MatrixNorms
+from lightning_flat.callbacks.structure import (
+    ApproximateRank,
+    Balancedness,
+    EffectiveRank,
+    MatrixNorms,
+    SingularValues,
+)
 
 __all__ = [
+    "ApproximateRank",
     "Balancedness",
     "EffectiveRank",
     "FiniteLossGuard",
@@ -19,4 +26,5 @@ __all__ = [
     "MeasuringCallback",
     "SAM",
     "Sharpness",
+    "SingularValues",
 ]

@@ -6,12 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import torch
 
 from lightning_flat import functional as F
-from lightning_flat._checks import check_choice, check_real
+from lightning_flat._checks import check_choice, check_positive_int, check_real
 from lightning_flat.callbacks.base import MeasuringCallback
 
-__all__ = ["Balancedness", "EffectiveRank", "MatrixNorms"]
+__all__ = ["ApproximateRank", "Balancedness", "EffectiveRank", "MatrixNorms", "SingularValues"]
 
 
 def _weights(pl_module: L.LightningModule, who: str) -> list:
@@ -92,9 +93,11 @@ class EffectiveRank(MeasuringCallback):
 class MatrixNorms(MeasuringCallback):
     r"""Log norms of the end-to-end matrix ``E`` every ``every_n_steps``.
 
-    Logged keys: ``norm/nuclear`` (:math:`\|E\|_*`), ``norm/frobenius``, ``norm/spectral`` and
-    ``norm/weights_sq`` (:math:`\sum_j\|W_j\|_F^2`, the ridge penalty without the :math:`\lambda/2`) when the module
-    has ``weights()``.
+    Logged keys: ``norm/nuclear`` (:math:`\|E\|_*`), ``norm/frobenius``, ``norm/spectral`` and, when the module
+    has ``weights()``, ``norm/weights_sq`` (:math:`\sum_j\|W_j\|_F^2`, the ridge penalty without the
+    :math:`\lambda/2`) and ``norm/representation_cost`` (:math:`L\sum_i s_i(E)^{2/L}` for ``L`` factors, the smallest
+    ``weights_sq`` of any factorisation of ``E``: the two meet at balanced factors, e.g. at critical points of
+    training with weight decay).
     """
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -102,5 +105,58 @@ class MatrixNorms(MeasuringCallback):
         s = F.singular_values(E)
         out = {"norm/nuclear": s.sum(-1), "norm/frobenius": s.square().sum(-1).sqrt(), "norm/spectral": s[..., 0]}
         if callable(getattr(pl_module, "weights", None)):
-            out["norm/weights_sq"] = sum(W.square().sum((-2, -1)) for W in pl_module.weights())
+            weights = pl_module.weights()
+            out["norm/weights_sq"] = sum(W.square().sum((-2, -1)) for W in weights)
+            out["norm/representation_cost"] = len(weights) * s.pow(2.0 / len(weights)).sum(-1)
+        return out
+
+
+class SingularValues(MeasuringCallback):
+    r"""Log the singular values of the end-to-end matrix ``E`` and their ratios every ``every_n_steps``.
+
+    Logged keys: ``sv/s{k}`` (:math:`s_k(E)`, descending, ``k = 1..top``) and ``sv/ratio{k}``
+    (:math:`s_k/s_1`, ``k = 2..top``; NaN when :math:`E = 0`). ``top`` defaults to all of them. A rank jump shows
+    as ``sv/ratio2`` falling from order one to round-off in a few steps; :func:`lightning_flat.functional.jump_time`
+    reads the step from ``replica_history["sv/ratio2"]``.
+    """
+
+    def __init__(self, every_n_steps: int = 10, top: int | None = None) -> None:
+        super().__init__(every_n_steps)
+        self.top = None if top is None else check_positive_int("top", top)
+
+    def _state_key_config(self) -> dict[str, Any]:
+        return {**super()._state_key_config(), "top": self.top}
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        s = F.singular_values(_end_to_end(pl_module, "SingularValues"))
+        k = s.shape[-1] if self.top is None else min(self.top, s.shape[-1])
+        out = {f"sv/s{i + 1}": s[..., i] for i in range(k)}
+        for i in range(1, k):
+            out[f"sv/ratio{i + 1}"] = s[..., i] / s[..., 0]
+        return out
+
+
+class ApproximateRank(MeasuringCallback):
+    r"""Log the approximate rank of the parameters, :func:`lightning_flat.functional.approximate_rank`, every
+    ``every_n_steps``: :math:`\max_j\sum_i f_\alpha(s_i(W_j)^2)`, each squared singular value of a factor counting 1
+    above ``alpha`` and less below. With weight decay it falls from the hidden width at init to the rank of ``E`` as
+    the unused directions decay.
+
+    Logged keys: ``rank/approx`` and, with ``per_layer=True``, ``rank/approx_layer{j}``. It takes one SVD per factor
+    (the hidden ``w x w`` ones dominate): measure it less often than ``E``'s singular values.
+    """
+
+    def __init__(self, every_n_steps: int = 100, alpha: float = 1e-3, per_layer: bool = False) -> None:
+        super().__init__(every_n_steps)
+        self.alpha = check_real("alpha", alpha, low=0.0, low_open=True)
+        self.per_layer = bool(per_layer)
+
+    def _state_key_config(self) -> dict[str, Any]:
+        return {**super()._state_key_config(), "alpha": self.alpha}
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        ranks = [F.soft_rank(W, self.alpha) for W in _weights(pl_module, "ApproximateRank")]
+        out = {"rank/approx": torch.stack(ranks).amax(0)}
+        if self.per_layer:
+            out.update({f"rank/approx_layer{j + 1}": r for j, r in enumerate(ranks)})
         return out

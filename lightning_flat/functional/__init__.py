@@ -29,13 +29,22 @@ from lightning_flat.functional.regression import (
     sharpness_lower_bound,
     sharpness_upper_bound,
 )
+from lightning_flat.functional.ridge import (
+    balanced_factors,
+    ridge_critical_residuals,
+    ridge_local_minimum,
+    ridge_objective,
+)
 from lightning_flat.functional.sam import sam_gradient, sam_perturbation
 from lightning_flat.functional.spectral import (
+    approximate_rank,
     effective_rank,
+    jump_time,
     nuclear_norm,
     representation_cost,
     schatten_norm,
     singular_values,
+    soft_rank,
 )
 from lightning_flat.functional.theory import (
     depth2_flattest_factorization,
@@ -53,6 +62,8 @@ from lightning_flat.functional.theory import (
 )
 
 __all__ = [
+    "approximate_rank",
+    "balanced_factors",
     "balancedness",
     "conserved_gaps",
     "depth2_flattest_factorization",
@@ -64,6 +75,7 @@ __all__ = [
     "flatten_weights",
     "flattest_factorization",
     "hessian_trace",
+    "jump_time",
     "ideal_minimizer",
     "ideal_minimizer_sharpness",
     "least_squares",
@@ -84,6 +96,9 @@ __all__ = [
     "replica_loss_hessians",
     "replica_sharpness",
     "representation_cost",
+    "ridge_critical_residuals",
+    "ridge_local_minimum",
+    "ridge_objective",
     "sam_gradient",
     "sam_perturbation",
     "schatten_norm",
@@ -91,6 +106,7 @@ __all__ = [
     "sharpness_lower_bound",
     "sharpness_upper_bound",
     "singular_values",
+    "soft_rank",
     "top_hessian_eigenpair",
     "trace_surrogate",
     "unflatten_weights",

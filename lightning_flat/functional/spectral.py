@@ -11,7 +11,8 @@ from torch import Tensor
 
 from lightning_flat._checks import check_choice, check_positive_int, check_real, check_tensor
 
-__all__ = ["singular_values", "effective_rank", "nuclear_norm", "schatten_norm", "representation_cost"]
+__all__ = ["singular_values", "effective_rank", "nuclear_norm", "schatten_norm", "representation_cost", "soft_rank",
+           "approximate_rank", "jump_time"]
 
 
 def singular_values(M: Tensor) -> Tensor:
@@ -88,3 +89,52 @@ def representation_cost(M: Tensor, depth: int) -> Tensor:
     """
     depth = check_positive_int("depth", depth)
     return depth * singular_values(M).pow(2.0 / depth).sum(-1)
+
+
+def soft_rank(M: Tensor, alpha: float = 1e-3) -> Tensor:
+    r"""A continuous rank of ``M``, shape ``(...)``: :math:`\sum_i f_\alpha(\lambda_i(M^\top M))` with
+
+    .. math:: f_\alpha(x) = x(2\alpha - x)/\alpha^2 \ (x \le \alpha), \qquad 1 \ (x > \alpha),
+
+    which rises smoothly from 0 at :math:`x = 0` to 1 at :math:`x = \alpha` (flat there): each squared singular
+    value above ``alpha`` counts 1, smaller ones count less. NaN for a non-finite ``M``.
+
+    Example:
+        >>> soft_rank(torch.diag(torch.tensor([1.0, 0.1, 0.0])), alpha=0.005)
+        tensor(2.)
+    """
+    alpha = check_real("alpha", alpha, low=0.0, low_open=True)
+    x = singular_values(M).square()
+    f = torch.where(x <= alpha, x * (2 * alpha - x) / alpha ** 2, torch.ones_like(x))
+    return torch.where(torch.isnan(x), x, f).sum(-1)
+
+
+def approximate_rank(weights: list[Tensor], alpha: float = 1e-3) -> Tensor:
+    r"""The approximate rank of a deep network's parameters, :math:`\max_j` :func:`soft_rank` :math:`(W_j, \alpha)`,
+    shape ``(...)`` for factors ``W_j (..., d_j, d_{j-1})``. Under SGD with weight decay, directions that the data
+    do not feed shrink geometrically, so this counts the directions that carry the solution: it reads the hidden
+    width at a random init, and the rank of the end-to-end map once training has shed the rest."""
+    if len(weights) == 0:
+        raise ValueError("weights must list at least one factor")
+    return torch.stack([soft_rank(W, alpha) for W in weights]).amax(0)
+
+
+def jump_time(steps: Tensor, values: Tensor, threshold: float = 1e-3, after: int = 0) -> Tensor:
+    r"""The first step ``>= after`` at which ``values`` is below ``threshold``: ``steps (T,)``, ``values (T, ...)``
+    (e.g. a singular value ratio :math:`s_2/s_1` measured at ``steps``), result ``(...)`` in float64, NaN where it
+    never happens (NaN values never count).
+
+    Example:
+        >>> jump_time(torch.tensor([0, 10, 20]), torch.tensor([[0.3, 0.2], [1e-4, 0.2], [1e-6, 0.1]]))
+        tensor([10., nan], dtype=torch.float64)
+    """
+    check_tensor("steps", steps, ndim=1)
+    check_tensor("values", values, min_ndim=1)
+    if values.shape[0] != steps.shape[0]:
+        raise ValueError(f"values must have one row per step ({steps.shape[0]}), got shape {tuple(values.shape)}")
+    threshold = check_real("threshold", threshold)
+    s = steps.to(torch.float64).reshape(-1, *([1] * (values.ndim - 1))).expand(values.shape)
+    hit = (values < threshold) & (s >= after)
+    nan = torch.full_like(s, float("nan"))
+    first = torch.where(hit, s, torch.full_like(s, float("inf"))).amin(0) if steps.numel() else nan.sum(0)
+    return torch.where(torch.isinf(first), torch.full_like(first, float("nan")), first)

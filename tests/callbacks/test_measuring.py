@@ -123,3 +123,48 @@ def test_other_bad_arguments():
         HessianTrace(measurements=MatrixSensingDataModule(n=3, d_out=2, d_in=2, rank=1).measurements)
     with pytest.raises(ValueError, match="num_matvecs must be a positive int"):
         HessianTrace(num_matvecs=0)
+
+
+def test_singular_values_approximate_rank_and_representation_cost():
+    """Against torch.linalg on the final weights, replicas included (the callbacks' per-replica histories)."""
+    from lightning_flat.callbacks import ApproximateRank, SingularValues
+
+    dm = MatrixSensingDataModule(n=40, d_out=4, d_in=3, rank=1, batch_size=8, seed=0)
+    net = DeepLinearNet([3, 5, 4, 4], lr=0.02, replicas=3, seed=0)
+    sv, ar, mn = SingularValues(5, top=2), ApproximateRank(10, alpha=0.05, per_layer=True), MatrixNorms(10)
+    tr, mem = trainer(20, [sv, ar, mn])
+    tr.fit(net, dm)
+    W = [w.detach() for w in net.weights()]
+    T = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731  (the histories are float64 lists)
+    E = F.end_to_end(W)
+    s = torch.linalg.svdvals(E)  # (3 replicas, 3)
+    assert [h[0] for h in sv.replica_history["sv/s1"]] == [0, 5, 10, 15, 20]
+    assert set(sv.last) == {"sv/s1", "sv/s2", "sv/ratio2"}  # top=2
+    assert rel(T(sv.replica_history["sv/s2"][-1][1]), s[:, 1]) < 1e-12
+    assert rel(T(sv.replica_history["sv/ratio2"][-1][1]), s[:, 1] / s[:, 0]) < 1e-12
+    assert rel(mem.last("sv/ratio2/r1"), s[1, 1] / s[1, 0]) < 1e-12
+    # approximate rank: sum of f_alpha(s_i(W_j)^2), by hand
+    f = lambda x: torch.where(x <= 0.05, x * (0.1 - x) / 0.05 ** 2, torch.ones_like(x))  # noqa: E731
+    per_layer = torch.stack([f(torch.linalg.svdvals(w).square()).sum(-1) for w in W])  # (layers, replicas)
+    assert rel(T(ar.replica_history["rank/approx"][-1][1]), per_layer.amax(0)) < 1e-12
+    assert rel(T(ar.replica_history["rank/approx_layer2"][-1][1]), per_layer[1]) < 1e-12
+    cost = 3 * s.pow(2 / 3).sum(-1)
+    assert rel(T(mn.replica_history["norm/representation_cost"][-1][1]), cost) < 1e-12
+    weights_sq = sum(w.square().sum((-2, -1)) for w in W)
+    assert bool((weights_sq >= cost).all())  # the representation cost is the minimum over factorisations
+
+
+def test_singular_values_of_zero_matrix_are_logged_without_ratio():
+    from lightning_flat.callbacks import SingularValues
+
+    dm = MatrixSensingDataModule(n=40, d_out=4, d_in=3, rank=1, batch_size=8, seed=0)
+    net = DeepLinearNet([3, 4], lr=0.0, seed=0)
+    with torch.no_grad():
+        net.weights()[0].zero_()
+    sv = SingularValues(5)
+    tr, mem = trainer(5, [sv])
+    tr.fit(net, dm)
+    assert mem.last("sv/s1") == 0.0 and "sv/ratio2" not in mem.history
+    assert all(v != v for _, v in sv.history["sv/ratio2"])  # 0/0: NaN in the history, never logged
+    with pytest.raises(ValueError, match="top"):
+        SingularValues(5, top=0)

@@ -1,0 +1,161 @@
+r"""Deep linear networks with an L2 ridge (weight decay): the objective seen through the end-to-end matrix.
+
+With ridge as weight decay (``W <- W - lr (grad + ridge W)``), training minimises
+:math:`J(\theta) = L(E) + \frac{\mathrm{ridge}}2\sum_j\|W_j\|_F^2` over the factors of :math:`E = W_L\cdots W_1`. The
+smallest :math:`\sum_j\|W_j\|_F^2` over the factorisations of one :math:`E` is its representation cost
+:math:`L\sum_i s_i(E)^{2/L}` (:func:`~lightning_flat.functional.representation_cost`, attained by the balanced factors
+of :func:`balanced_factors`), so the minima of :math:`J` over :math:`\theta` are those of
+
+.. math:: J(E) = L(E) + \frac{\mathrm{ridge}}2\,L\sum_i s_i(E)^{2/L}
+
+over :math:`E`, local minimum for local minimum. For :math:`L > 2` the penalty is a Schatten quasi-norm, which
+pulls small singular values to zero: each rank has its own local minima.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_flat._checks import check_positive_int, check_real
+from lightning_flat.functional.curvature import measurement_loss
+from lightning_flat.functional.spectral import representation_cost, singular_values
+from lightning_flat.measurements import Measurements
+
+__all__ = ["ridge_objective", "balanced_factors", "ridge_critical_residuals", "ridge_local_minimum"]
+
+
+def ridge_objective(E: Tensor, measurements: Measurements, targets: Tensor, ridge: float, depth: int) -> Tensor:
+    r""":math:`J(E) = L(E) + \frac{\mathrm{ridge}}2 L\sum_i s_i(E)^{2/L}`, shape ``(...)``, with ``L(E)`` the library
+    loss :math:`\frac1n\sum_i(\langle A_i, E\rangle - b_i)^2`. The minimum of the weight-decayed training objective
+    over the factorisations of ``E``."""
+    ridge = check_real("ridge", ridge, low=0.0)
+    return measurement_loss(E, measurements, targets) + 0.5 * ridge * representation_cost(E, depth)
+
+
+def balanced_factors(E: Tensor, dims: list[int]) -> list[Tensor]:
+    r"""Factors :math:`W_j = U_j S^{1/L} U_{j-1}^\top` of ``E (d_L, d_0)`` with :math:`E = USV^\top`, :math:`U_0 = V`,
+    :math:`U_L = U` and the first ``r`` coordinate vectors as :math:`U_j` in between (``r`` = the number of singular
+    values, every hidden width must be at least ``r``): the factorisation whose :math:`\sum_j\|W_j\|_F^2` equals the
+    representation cost. ``dims = [d_0, ..., d_L]``."""
+    if len(dims) < 2 or tuple(E.shape[-2:]) != (dims[-1], dims[0]):
+        raise ValueError(f"dims must be [d_in, ..., d_out] with d_out x d_in = {tuple(E.shape[-2:])}, got {dims}")
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    r, L = S.shape[-1], len(dims) - 1
+    if any(d < r for d in dims[1:-1]):
+        raise ValueError(f"every hidden width must be >= {r} (the number of singular values), got dims {dims}")
+    bases = [Vh.transpose(-2, -1)] + [torch.eye(d, r, dtype=E.dtype, device=E.device) for d in dims[1:-1]] + [U]
+    root = torch.diag_embed(S.pow(1.0 / L))
+    return [bases[j + 1] @ root @ bases[j].transpose(-2, -1) for j in range(L)]
+
+
+def ridge_critical_residuals(weights: list[Tensor], measurements: Measurements, targets: Tensor, ridge: float,
+                             rank_tol: float = 1e-8) -> dict[str, float]:
+    r"""How far factors ``W_1..W_L`` (no batch dimension) are from a critical point of the weight-decayed objective,
+    through the conditions every critical point with ``ridge > 0`` satisfies:
+
+    - ``balance``: :math:`\max_j\|W_{j+1}^\top W_{j+1} - W_jW_j^\top\|_F` (zero);
+    - ``layer_singular_values``: :math:`\max_{j,i}|s_i(W_j) - s_i(E)^{1/L}|` over the nonzero :math:`s_i(E)`, and the
+      other singular values of each :math:`W_j` (zero);
+    - ``cost_gap``: :math:`\sum_j\|W_j\|_F^2 - L\sum_i s_i(E)^{2/L}` (zero: the representation cost is attained);
+    - ``stationarity``: the largest entry of :math:`U^\top\nabla L(E)V + \mathrm{ridge}\cdot
+      \mathrm{diag}(s_i^{(2-L)/L})` on the nonzero singular values (``U``, ``V`` their singular vectors), off-diagonal
+      entries included, with :math:`\nabla L(E) = \frac2n\mathcal A^*(\mathcal A(E) - b)`.
+
+    Singular values below ``rank_tol`` times the largest count as zero. Each value is relative to nothing (absolute).
+    """
+    check_real("rank_tol", rank_tol, low=0.0)
+    L = len(weights)
+    E = weights[0]
+    for W in weights[1:]:
+        E = W @ E
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    k = int((S > rank_tol * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
+    balance = max((float(torch.linalg.matrix_norm(weights[j + 1].T @ weights[j + 1] - weights[j] @ weights[j].T))
+                   for j in range(L - 1)), default=0.0)
+    layer = 0.0
+    for W in weights:
+        s = singular_values(W)
+        want = torch.zeros_like(s)
+        want[:k] = S[:k].pow(1.0 / L)
+        layer = max(layer, float((s - want).abs().max()))
+    cost_gap = float(sum(W.square().sum() for W in weights) - L * S[:k].pow(2.0 / L).sum())
+    residual = measurements(E) - targets.to(E)
+    G = (2.0 / len(measurements)) * measurements.adjoint(residual)
+    M = U[:, :k].T @ G @ Vh[:k].T + ridge * torch.diag(S[:k].pow((2.0 - L) / L))
+    stationarity = float(M.abs().max()) if k else 0.0
+    return {"balance": balance, "layer_singular_values": layer, "cost_gap": cost_gap, "stationarity": stationarity,
+            "rank": k}
+
+
+def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: float, depth: int, rank: int,
+                        starts: list[Tensor] | None = None, restarts: int = 20, seed: int = 0,
+                        gtol: float = 1e-12) -> tuple[Tensor, float] | None:
+    r"""The lowest local minimum of rank exactly ``rank`` of :math:`J(E)` (:func:`ridge_objective`) found by
+    multi-start BFGS (scipy) in float64, ``(E, J)``, or ``None`` when every start ends at another rank.
+
+    Full rank searches over ``E`` itself; a lower rank ``r`` over :math:`E = AB^\top` with ``A (d_out, r)``,
+    ``B (d_in, r)``. Starts: the given matrices (e.g. guesses near the expected minimum) and ``restarts`` random
+    ones. A result counts as rank ``r`` when its ``r``-th singular value exceeds ``1e-6`` times the first and the next
+    one does not, and as a local minimum when BFGS ends with a vanishing gradient and a positive semi-definite Hessian
+    (so a stall on the way to a lower rank or a saddle is not returned). Gradients come from torch autograd; the penalty's :math:`s^{2/L}` is smooth away from
+    :math:`s = 0`, which is where the search for a rank-``r`` minimum stays.
+    """
+    import numpy as np
+    from scipy.optimize import minimize
+
+    depth = check_positive_int("depth", depth)
+    rank = check_positive_int("rank", rank)
+    d_out, d_in = measurements.shape
+    if rank > min(d_out, d_in):
+        raise ValueError(f"rank must be <= {min(d_out, d_in)}, got {rank}")
+    meas = measurements.to(dtype=torch.float64)
+    b = targets.to(torch.float64)
+    full = rank == min(d_out, d_in)
+    g = torch.Generator().manual_seed(seed)
+    scale = float(b.abs().max()) if b.numel() else 1.0
+
+    def to_matrix(x: Tensor) -> Tensor:
+        if full:
+            return x.reshape(d_out, d_in)
+        return x[:d_out * rank].reshape(d_out, rank) @ x[d_out * rank:].reshape(d_in, rank).T
+
+    def J_of(t: Tensor) -> Tensor:
+        return ridge_objective(to_matrix(t), meas, b, ridge, depth)
+
+    def f(x):
+        t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        J = J_of(t)
+        J.backward()
+        return float(J.detach()), t.grad.numpy().copy()
+
+    x0s = []
+    for E0 in starts or []:
+        E0 = E0.to(torch.float64)
+        if full:
+            x0s.append(E0.reshape(-1))
+        else:
+            U, S, Vh = torch.linalg.svd(E0)
+            root = S[:rank].sqrt()
+            x0s.append(torch.cat([(U[:, :rank] * root).reshape(-1), (Vh[:rank].T * root).reshape(-1)]))
+    n_params = d_out * d_in if full else (d_out + d_in) * rank
+    x0s += [scale * torch.randn(n_params, generator=g, dtype=torch.float64) for _ in range(restarts)]
+    best = None
+    for x0 in x0s:
+        res = minimize(f, x0.numpy(), jac=True, method="BFGS", options={"gtol": gtol, "maxiter": 20000})
+        x = torch.tensor(res.x, dtype=torch.float64)
+        E = to_matrix(x)
+        s = torch.linalg.svdvals(E)
+        if float(s[0]) <= 0 or float(s[rank - 1]) <= 1e-6 * float(s[0]) or \
+                (rank < len(s) and float(s[rank]) > 1e-6 * float(s[0])):
+            continue
+        # a local minimum, not a stall on the way to a lower rank (where s^(2/L) is not smooth) or a saddle: a
+        # vanishing gradient and a positive semi-definite Hessian (the A B^T parameterisation's fiber is flat)
+        grad = np.abs(f(res.x)[1]).max()
+        H = torch.autograd.functional.hessian(J_of, x)
+        eig = torch.linalg.eigvalsh(0.5 * (H + H.T))
+        if not grad <= max(100 * gtol, 1e-8) or float(eig[0]) < -1e-6 * float(eig.abs().max()):
+            continue
+        if best is None or res.fun < best[1]:
+            best = (E.detach(), float(res.fun))
+    return best
