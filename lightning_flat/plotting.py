@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 
 import matplotlib
@@ -31,7 +30,8 @@ def figure(nrows: int, ncols: int, size: tuple[float, float] = (4.0, 3.0), title
 def series(ax, steps: Sequence[float], values: Sequence[float], label: str | None = None, logy: bool = False,
            **kwargs):
     """A training curve against the optimizer step."""
-    ax.plot(steps, values, label=label, lw=1.2, **kwargs)
+    kwargs.setdefault("lw", 1.2)
+    ax.plot(steps, values, label=label, **kwargs)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -48,16 +48,13 @@ def reference(ax, y: float, label: str, color: str = COLORS["theory"], ls: str =
 
 
 def save(fig, path: str | os.PathLike) -> str:
-    """Write the figure as PNG atomically (temp file then rename), so a crash never leaves a broken file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path) or ".")
-    os.close(fd)
+    """Write the figure as PNG atomically (:func:`lightning_flat.io.atomic_path`), so a crash never leaves a broken
+    file."""
+    from lightning_flat.io import atomic_path
+
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         plt.close(fig)
-    return path
+    return os.fspath(path)

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 
@@ -458,11 +457,9 @@ def main(argv=None) -> dict:
           f"worker(s); wrote {', '.join(paths)}; total {total:.0f} s")
     summary = dict(config=cfg, seconds=total, solve_seconds=solve_seconds, figures=paths,
                    checks=_check_rows(checks))
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump({**summary, "trials": trials}, f, indent=1,
-                  default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
-    os.replace(tmp, os.path.join(out, "trials.json"))
+    from lightning_flat.io import write_json
+
+    write_json(os.path.join(out, "trials.json"), {**summary, "trials": trials})
     return summary
 
 

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 
@@ -77,13 +76,6 @@ def replot(path, out=None) -> list[str]:
 
 def _title(cfg) -> str:
     return f"Gatmiry et al. 2023, d={cfg['d']}, n={cfg['n']}, r={cfg['r']}"
-
-
-def _write_json(path, obj):
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def make_data(cfg):
@@ -404,7 +396,9 @@ def main(argv=None) -> dict:
                    solve_seconds=solve_seconds, train_seconds=train_seconds, seconds=total, workers=workers,
                    figures=paths, checks=[dict(name=n, value=v, passed=bool(ok)) for n, v, ok in checks],
                    runs={str(L): {k: v for k, v in runs[L].items()} for L in cfg["depths"]})
-    _write_json(os.path.join(out, "results.json"), summary)
+    from lightning_flat.io import write_json
+
+    write_json(os.path.join(out, "results.json"), summary)
     summary["F_hat"] = Fhat
     return summary
 

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 
@@ -532,13 +531,6 @@ def figures(results, out):
     return paths
 
 
-def _write_json(path, obj):
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
-    os.replace(tmp, path)
-
-
 def constants_for(dm, depths):
     from lightning_flat import functional as F
 
@@ -665,7 +657,9 @@ def main(argv=None) -> dict:
     print(f"\nwrote {', '.join(paths)}; total {total:.0f} s")
     results.update(seconds=total, figures=paths,
                    checks=[dict(name=n, value=float(v), passed=bool(p)) for n, v, p in checks])
-    _write_json(os.path.join(out, "results.json"), results)
+    from lightning_flat.io import write_json
+
+    write_json(os.path.join(out, "results.json"), results)
     return results
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -53,6 +52,7 @@ import torch
 from torch import Tensor
 
 from lightning_flat._checks import check_choice, check_real, check_tensor
+from lightning_flat.io import atomic_path
 from lightning_flat.measurements import Entries, Measurements
 
 __all__ = ["min_nuclear_norm", "SOLVERS"]
@@ -235,8 +235,7 @@ def min_nuclear_norm(measurements: Measurements, targets: Tensor, *, solver: str
     Q, c = _orthonormalize(op, b, rtol=torch.finfo(targets.dtype).eps ** 0.5)
     X = _solve_dual(Q, c, measurements.shape, solver, eps, verbose)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            np.save(f, X)
-        os.replace(f.name, path)
+        with atomic_path(path, ".npy.tmp") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, X)
     return torch.from_numpy(X).to(device=targets.device, dtype=targets.dtype)

@@ -1,0 +1,47 @@
+"""Files written whole or not at all: a temporary file in the target's folder, renamed over it when complete, with
+the permissions an ordinary ``open(path, "w")`` would give (the umask's), so a crash never leaves a truncated
+figure, JSON or cache behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["atomic_path", "write_json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary path beside ``path``; when the block ends without an exception, the file written there
+    replaces ``path`` (mode ``0o666 & ~umask``). On an exception the temporary file is removed and ``path`` is left
+    as it was. The folder is created if missing."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> str:
+    """Write ``obj`` as JSON to ``path`` atomically (NaN and infinity as JavaScript literals); returns the path."""
+    with atomic_path(path, ".json") as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, allow_nan=True)
+    return os.fspath(path)
