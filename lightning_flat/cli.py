@@ -15,7 +15,9 @@ import sys
 __all__ = ["main"]
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None):
+    """Run the command (``args`` default to ``sys.argv[1:]``); returns the ``LightningCLI`` (its ``model``,
+    ``datamodule`` and ``trainer``)."""
     os.environ.setdefault("WANDB_MODE", "offline")
     from lightning_flat.threads import use_threads
 
@@ -27,7 +29,7 @@ def main(args: list[str] | None = None) -> None:
     import lightning_flat.datamodules  # noqa: F401
     import lightning_flat.models  # noqa: F401
 
-    LightningCLI(
+    cli = LightningCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -36,6 +38,11 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+    import wandb
+
+    if wandb.run is not None:  # a WandbLogger's run: close it (flushes it to disk; a next call starts its own)
+        wandb.finish()
+    return cli
 
 
 if __name__ == "__main__":  # pragma: no cover

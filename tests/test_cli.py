@@ -39,3 +39,51 @@ def test_full_size_configs_parse():
         assert sched.values(299999) == {"label_noise": [1.0, 0.0], "lr": [0.01, 0.0]}
         assert sched.values(300000) == {"label_noise": [0.0, 0.0], "lr": [0.01, 0.0]}
         assert sched.values(99999)["lr"] == [0.01, 0.01]
+
+
+WJ = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "wang_jacot2023", "*.yaml")))
+
+
+def test_wang_jacot_configs_run_as_they_are(tmp_path, monkeypatch):
+    """Every committed YAML of the rank-jump example trains through the CLI (a few steps; loggers off, except the
+    first, which writes its offline wandb run under tmp_path)."""
+    from lightning_flat.callbacks import HyperparameterSchedule, SingularValues
+    from lightning_flat.datamodules import ObservedEntriesDataModule
+    from lightning_flat.models import DeepLinearNet
+
+    monkeypatch.chdir(tmp_path)
+    assert len(WJ) == 7
+    for i, path in enumerate(WJ):
+        logger = [f"--trainer.logger.init_args.save_dir={tmp_path}"] if i == 0 else ["--trainer.logger=false"]
+        cli = main(["fit", "--config", path, "--trainer.max_steps=20", *logger])
+        assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas == 16
+        assert isinstance(cli.datamodule, ObservedEntriesDataModule) and cli.datamodule.batch_size == 1
+        assert cli.trainer.global_step == 20
+        (sv,) = [c for c in cli.trainer.callbacks if isinstance(c, SingularValues)]
+        assert [h[0] for h in sv.replica_history["sv/ratio2"]] == [0, 10, 20]
+        (sched,) = [c for c in cli.trainer.callbacks if isinstance(c, HyperparameterSchedule)]
+        assert sched.values(0)["lr"] in (0.03, 0.02)  # the warm-up (or E3's t0 = 0 cell)
+    assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*"))) == 1
+
+
+def test_wang_jacot_schedules_say_what_their_comments_say():
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_flat.callbacks import HyperparameterSchedule
+
+    def load(name):
+        (path,) = [p for p in WJ if p.endswith(name)]
+        cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                           run=False, args=["--config", path, "--trainer.logger=false"])
+        (sched,) = [c for c in cli.trainer.callbacks if isinstance(c, HyperparameterSchedule)]
+        return cli, sched
+
+    cli, s = load("e1_offshoot_schedule.yaml")  # main path until 2000, then the low phase
+    assert s.values(499) == {"lr": 0.03, "weight_decay": 0.1} and s.values(1999) == {"lr": 0.2, "weight_decay": 0.1}
+    assert s.values(2000) == {"lr": 0.02, "weight_decay": 0.001}
+    cli, s = load("e4_schedule.yaml")
+    assert [s.values(t)["lr"] for t in (0, 500, 1499, 1500, 2499, 2500, 8499)] == [0.03, 0.4, 0.4, 0.1, 0.1, 0.4, 0.1]
+    assert s.values(1500)["weight_decay"] == 0.001 and s.values(2500)["weight_decay"] == 0.1
+    cli, s = load("e5_shuffle.yaml")
+    assert cli.datamodule.sampling == "shuffle" and cli.model.dims == [2, 100, 100, 100, 2]
