@@ -48,6 +48,14 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """A bool (numpy's too), never a string or a number standing for one: ``adaptive="False"`` is refused, not
+    read as True."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
@@ -56,7 +64,9 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 def check_tensor(name: str, value: Any, *, ndim: int | None = None, min_ndim: int | None = None,
-                 floating: bool = False, integer: bool = False) -> torch.Tensor:
+                 floating: bool = False, integer: bool = False, finite: bool = False) -> torch.Tensor:
+    """A tensor of the given rank and kind; with ``finite=True`` every entry finite (a NaN or inf in data is refused
+    where it is given, naming how many and where the first is)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if ndim is not None and value.ndim != ndim:
@@ -67,6 +77,13 @@ def check_tensor(name: str, value: Any, *, ndim: int | None = None, min_ndim: in
         raise TypeError(f"{name} must be a floating point tensor, got dtype {value.dtype}")
     if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+    if finite and value.is_floating_point():
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name} must be finite, got {int(bad.sum())} non-finite entr"
+                             f"{'y' if int(bad.sum()) == 1 else 'ies'} (the first at index {first}: "
+                             f"{value[first].item()})")
     return value
 
 

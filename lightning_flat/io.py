@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["atomic_path", "write_json"]
+__all__ = ["atomic_path", "output_folder", "write_json"]
 
 
 def _umask() -> int:
@@ -45,3 +45,18 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> str
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=indent, allow_nan=True)
     return os.fspath(path)
+
+
+def output_folder(path: str | os.PathLike) -> str:
+    """Create ``path`` if needed and check that files can be written there, before any work is done: a run whose
+    output cannot be saved fails at once, naming the folder, instead of after hours of training."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise PermissionError(f"the output folder {path!r} is not writable ({err.strerror or err}); choose another "
+                              f"with --out") from err
+    return path

@@ -125,18 +125,29 @@ class Measurements:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(E).__name__}")
         if E.ndim < 2 or tuple(E.shape[-2:]) != tuple(self.shape):
             raise ValueError(f"{name} must have shape (..., {self.shape[0]}, {self.shape[1]}), got {tuple(E.shape)}")
+        self.check_dtype(name, E)
+
+    _strict_dtype = True  # contractions with the stored fields need one dtype (Entries only gathers: any dtype)
+
+    def check_dtype(self, name: str, x: Tensor) -> None:
+        """Refuse a tensor whose dtype these measurements cannot contract with, naming it and both dtypes."""
+        if self._strict_dtype and x.dtype != self.dtype:
+            raise TypeError(f"{name} is {x.dtype} but these {type(self).__name__} measurements are {self.dtype}: "
+                            f"convert one (measurements.to(dtype={x.dtype}) or {name}.to({self.dtype}))")
 
     def _check_square(self, name: str, M: Tensor, d: int) -> None:
         if not isinstance(M, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(M).__name__}")
         if M.ndim < 2 or tuple(M.shape[-2:]) != (d, d):
             raise ValueError(f"{name} must have shape (..., {d}, {d}), got {tuple(M.shape)}")
+        self.check_dtype(name, M)
 
     def _check_residual(self, r: Tensor) -> None:
         if not isinstance(r, Tensor):
             raise TypeError(f"r must be a torch.Tensor, got {type(r).__name__}")
         if r.ndim < 1 or r.shape[-1] != len(self):
             raise ValueError(f"r must have shape (..., {len(self)}), got {tuple(r.shape)}")
+        self.check_dtype("r", r)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n={len(self)}, shape={self.shape}, dtype={self.dtype}, device={self.device})"
@@ -168,7 +179,7 @@ class Dense(Measurements):
     """
 
     def __init__(self, A: Tensor) -> None:
-        check_tensor("A", A, min_ndim=3, floating=True)
+        check_tensor("A", A, min_ndim=3, floating=True, finite=True)
         if A.shape[-3] < 1 or A.shape[-2] < 1 or A.shape[-1] < 1:
             raise ValueError(f"A must have shape (n, d_out, d_in) with positive sizes, got {tuple(A.shape)}")
         self.A = A
@@ -224,12 +235,12 @@ class Dense(Measurements):
 
     def with_fields(self, fields: dict[str, Tensor]) -> Dense:
         """The same kind of measurements over other rows (the inverse of :meth:`fields`)."""
-        return Dense(fields["A"])
+        return Dense._trusted(fields["A"])
 
     def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> Dense:
         A = self.A
         if not (isinstance(index, Tensor) and A.ndim == 3 and index.dtype != torch.bool):
-            return Dense(A[index])
+            return Dense._trusted(A[index])
         # one gather (faster than advanced indexing), into the caller's buffer when it keeps one
         flat = index.reshape(-1)
         rows = (flat.numel(), *A.shape[1:])
@@ -344,8 +355,8 @@ class RankOne(Measurements):
     """
 
     def __init__(self, u: Tensor, v: Tensor) -> None:
-        check_tensor("u", u, min_ndim=2, floating=True)
-        check_tensor("v", v, min_ndim=2, floating=True)
+        check_tensor("u", u, min_ndim=2, floating=True, finite=True)
+        check_tensor("v", v, min_ndim=2, floating=True, finite=True)
         if u.shape[:-1] != v.shape[:-1]:
             raise ValueError(f"u and v must have the same number of measurements, got u {tuple(u.shape)} and v {tuple(v.shape)}")
         if u.dtype != v.dtype or u.device != v.device:
@@ -392,12 +403,20 @@ class RankOne(Measurements):
         return (self.u * vv.unsqueeze(-1)).transpose(-1, -2) @ self.u, (self.v * uu.unsqueeze(-1)).transpose(-1, -2) @ self.v
 
     def with_fields(self, fields: dict[str, Tensor]) -> RankOne:
-        return RankOne(fields["u"], fields["v"])
+        return RankOne._trusted(fields["u"], fields["v"])
 
     def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> RankOne:
         if isinstance(index, Tensor) and index.ndim == 1 and self.u.ndim == 2 and not index.dtype == torch.bool:
-            return RankOne(torch.index_select(self.u, 0, index), torch.index_select(self.v, 0, index))
-        return RankOne(self.u[index], self.v[index])
+            return RankOne._trusted(torch.index_select(self.u, 0, index), torch.index_select(self.v, 0, index))
+        return RankOne._trusted(self.u[index], self.v[index])
+
+    @classmethod
+    def _trusted(cls, u: Tensor, v: Tensor) -> RankOne:
+        """A ``RankOne`` made from already checked measurements (a subset, fields), without the checks."""
+        out = object.__new__(cls)
+        out.u, out.v = u, v
+        out.shape = (int(u.shape[-1]), int(v.shape[-1]))
+        return out
 
     def to(self, *args: Any, **kwargs: Any) -> RankOne:
         device, dtype = _parse_to(args, kwargs)
@@ -419,6 +438,8 @@ class Entries(Measurements):
     ``curvature`` is :math:`\sum_i G_{c_i c_i} K_{r_i r_i}` in :math:`O(n)`. ``dtype`` only sets what ``dense()``
     returns; predictions take the dtype of ``E``.
     """
+
+    _strict_dtype = False
 
     def __init__(self, rows: Tensor, cols: Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> None:
         check_tensor("rows", rows, min_ndim=1, integer=True)

@@ -410,7 +410,9 @@ def main(argv=None) -> dict:
         return replot(args.replot, args.out)
     cfg = QUICK if args.quick else FULL
     out = args.out or os.path.join("outputs", "ding2022_quick" if args.quick else "ding2022")
-    os.makedirs(out, exist_ok=True)
+    from lightning_flat.io import output_folder
+
+    output_folder(out)  # fails now, naming it, if nothing can be written there
     t0 = time.perf_counter()
     dims = cfg["dims"]
     axes_x = _axes(cfg)

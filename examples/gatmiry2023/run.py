@@ -331,7 +331,9 @@ def main(argv=None) -> dict:
         cfg["polish_steps"] = args.polish_steps
     workers = args.workers or (1 if args.quick else 2)
     out = args.out or os.path.join("outputs", "gatmiry2023_quick" if args.quick else "gatmiry2023")
-    os.makedirs(out, exist_ok=True)
+    from lightning_flat.io import output_folder
+
+    output_folder(out)  # fails now, naming it, if nothing can be written there
     t_start = time.perf_counter()
 
     dm = make_data(cfg)

@@ -566,7 +566,9 @@ def main(argv=None) -> dict:
     use_threads(args.threads)
     t_start = time.perf_counter()
     out = args.out or os.path.join("outputs", "marion_chizat2024_quick" if args.quick else "marion_chizat2024")
-    os.makedirs(out, exist_ok=True)
+    from lightning_flat.io import output_folder
+
+    output_folder(out)  # fails now, naming it, if nothing can be written there
     ctx = dict(out=out, wandb=not args.no_wandb)
     seed = args.seed if args.seed is not None else 0
     if args.quick:  # 2/eta vs S_min^a = 2La comparisons need a near 1

@@ -913,7 +913,9 @@ def main(argv=None) -> dict:
     _setup_worker(args.threads)
     t_start = time.perf_counter()
     out = args.out or os.path.join("outputs", "wang_jacot2023_quick" if args.quick else "wang_jacot2023")
-    os.makedirs(out, exist_ok=True)
+    from lightning_flat.io import output_folder
+
+    output_folder(out)  # fails now, naming it, if nothing can be written there
     ctx = dict(out=out, wandb=not args.no_wandb, threads=args.threads)
     if args.quick:
         jobs = [("theory", False), ("quick",)]

@@ -67,6 +67,28 @@ SOLVERS = ("auto", "scs", "clarabel")
 _SCS_OPTIONS = dict(rho_x=1e-3, max_iters=5_000)
 
 
+def _load_cached(path: Path, op, b: np.ndarray, shape: tuple[int, int], eps: float) -> np.ndarray | None:
+    """A cached solution, or ``None`` (with a warning naming the file, which is then recomputed and replaced) when
+    the file cannot be read, has the wrong shape, holds a non-finite entry or does not interpolate the data to the
+    accuracy a fresh solve is held to (relative residual <= sqrt(eps))."""
+    try:
+        X = np.load(path, allow_pickle=False)
+    except Exception as err:  # truncated or not an .npy file
+        problem = f"cannot be read ({type(err).__name__}: {err})"
+    else:
+        if X.shape != tuple(shape) or X.dtype != np.float64:
+            problem = f"holds a {X.dtype} array of shape {X.shape}, not float64 {tuple(shape)}"
+        elif not np.isfinite(X).all():
+            problem = "holds non-finite entries"
+        else:
+            residual = np.linalg.norm(op @ X.ravel() - b) / max(np.linalg.norm(b), np.finfo(np.float64).tiny)
+            if residual <= eps ** 0.5:
+                return X
+            problem = f"does not interpolate the data (relative residual {residual:.3g} > {eps ** 0.5:.3g})"
+    warnings.warn(f"min_nuclear_norm: the cache file {path} {problem}; solving again and replacing it", stacklevel=3)
+    return None
+
+
 def _operator(measurements: Measurements) -> np.ndarray | sp.csr_matrix:
     r"""The map :math:`\operatorname{vec}(X) \mapsto \mathcal A(X)` as a float64 ``(n, d_out * d_in)`` matrix
     (row-major ``vec``); a sparse selection for :class:`Entries`."""
@@ -231,7 +253,9 @@ def min_nuclear_norm(measurements: Measurements, targets: Tensor, *, solver: str
     if cache_dir is not None:
         path = Path(cache_dir) / f"min_nuclear_norm-{_cache_key(op, b, measurements.shape, solver, eps)}.npy"
         if path.is_file():
-            return torch.from_numpy(np.load(path)).to(device=targets.device, dtype=targets.dtype)
+            X = _load_cached(path, op, b, measurements.shape, eps)
+            if X is not None:
+                return torch.from_numpy(X).to(device=targets.device, dtype=targets.dtype)
     Q, c = _orthonormalize(op, b, rtol=torch.finfo(targets.dtype).eps ** 0.5)
     X = _solve_dual(Q, c, measurements.shape, solver, eps, verbose)
     if path is not None:

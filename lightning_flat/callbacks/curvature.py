@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_flat import functional as F
-from lightning_flat._checks import check_choice, check_positive_int, check_real
+from lightning_flat._checks import check_bool, check_choice, check_positive_int, check_real
 from lightning_flat.callbacks.base import MeasuringCallback, is_linear_net, problem_data
 from lightning_flat.datamodules.base import step_seed
 from lightning_flat.engine.compat import silenced_logging
@@ -88,7 +88,7 @@ class _CurvatureCallback(MeasuringCallback):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.measurements, self.targets = measurements, targets
         self.loss_fn = loss_fn or default_loss_fn
-        self.eval_mode = bool(eval_mode)
+        self.eval_mode = check_bool("eval_mode", eval_mode)
         self.seed = seed
         self._batch: Any = _copy_batch(batch) if batch is not None else None
 
@@ -200,12 +200,12 @@ class Sharpness(_CurvatureCallback):
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
                  eval_mode: bool = True, seed: int = 0, edge_of_stability: bool = False) -> None:
         super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed)
-        self.edge_of_stability = bool(edge_of_stability)
+        self.edge_of_stability = check_bool("edge_of_stability", edge_of_stability)
         self.top_k = check_positive_int("top_k", top_k)
         self.method = check_choice("method", method, ("auto", "exact", "lanczos"))
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_real("tol", tol, low=0.0, low_open=True)
-        self.warm_start = bool(warm_start)
+        self.warm_start = check_bool("warm_start", warm_start)
         self._v: dict[int, Tensor] = {}  # warm-start vector per replica
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

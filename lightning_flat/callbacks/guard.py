@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_flat._checks import check_choice, check_positive_int
+from lightning_flat._checks import check_bool, check_choice, check_positive_int
 from lightning_flat.engine.hooks import StepContext, StepHook, engine_drives
 
 __all__ = ["FiniteLossGuard"]
@@ -50,7 +50,7 @@ class FiniteLossGuard(StepHook, Callback):
 
     def __init__(self, every_n_steps: int = 1, check_grads: bool = False, replicas: str = "all") -> None:
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
-        self.check_grads = bool(check_grads)
+        self.check_grads = check_bool("check_grads", check_grads)
         self.replicas = check_choice("replicas", replicas, ("all", "any"))
         self.stopped_step: int | None = None
         self.stopped_value: float | None = None

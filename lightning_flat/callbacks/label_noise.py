@@ -63,6 +63,12 @@ class LabelNoise(StepHook, Callback):
         else:
             self._std = check_real("std", value, low=0.0)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        replicas = getattr(pl_module, "replicas", 1)
+        if isinstance(self._std, list) and len(self._std) != replicas:
+            raise ValueError(f"LabelNoise(std=[...]) has {len(self._std)} values (one per replica) but the model has "
+                             f"{replicas} replica(s)")
+
     @property
     def state_key(self) -> str:
         # Lightning reads state_key on every hook call of every step: build the string once (from the initial seed).

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_flat._checks import check_positive_int, check_real
+from lightning_flat._checks import check_bool, check_positive_int, check_real
 from lightning_flat.callbacks.base import is_linear_net
 from lightning_flat.callbacks.curvature import default_loss_fn
 from lightning_flat.engine.hooks import StepContext, StepHook, engine_drives, hparams_at
@@ -94,8 +94,8 @@ class SAM(StepHook, Callback):
                  eta: float = 0.01, loss_fn: Callable[[L.LightningModule, Any], Tensor] | None = None) -> None:
         self.rho = rho
         self.m = None if m is None else check_positive_int("m", m)
-        self.adaptive = bool(adaptive)
-        self.normalize = bool(normalize)
+        self.adaptive = check_bool("adaptive", adaptive)
+        self.normalize = check_bool("normalize", normalize)
         self.eta = check_real("eta", eta, low=0.0)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(pl_module, batch), got {loss_fn!r}")

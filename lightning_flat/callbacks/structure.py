@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from lightning_flat import functional as F
-from lightning_flat._checks import check_choice, check_positive_int, check_real
+from lightning_flat._checks import check_bool, check_choice, check_positive_int, check_real
 from lightning_flat.callbacks.base import MeasuringCallback
 
 __all__ = ["ApproximateRank", "Balancedness", "EffectiveRank", "MatrixNorms", "SingularValues"]
@@ -39,7 +39,7 @@ class Balancedness(MeasuringCallback):
 
     def __init__(self, every_n_steps: int = 100, per_layer: bool = False) -> None:
         super().__init__(every_n_steps)
-        self.per_layer = bool(per_layer)
+        self.per_layer = check_bool("per_layer", per_layer)
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         weights = _weights(pl_module, "Balancedness")
@@ -76,7 +76,7 @@ class EffectiveRank(MeasuringCallback):
             raise ValueError("kinds must name at least one of 'entropy', 'stable', 'numerical', got an empty list")
         self.kinds = tuple(check_choice("kinds", k, tuple(self._NAMES)) for k in kinds)
         self.tol = None if tol is None else check_real("tol", tol, low=0.0)
-        self.layers = bool(layers)
+        self.layers = check_bool("layers", layers)
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         mats = {"end_to_end": _end_to_end(pl_module, "EffectiveRank")}
@@ -149,7 +149,7 @@ class ApproximateRank(MeasuringCallback):
     def __init__(self, every_n_steps: int = 100, alpha: float = 1e-3, per_layer: bool = False) -> None:
         super().__init__(every_n_steps)
         self.alpha = check_real("alpha", alpha, low=0.0, low_open=True)
-        self.per_layer = bool(per_layer)
+        self.per_layer = check_bool("per_layer", per_layer)
 
     def _state_key_config(self) -> dict[str, Any]:
         return {**super()._state_key_config(), "alpha": self.alpha}

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_flat._checks import check_choice, check_nonnegative_int, check_positive_int
+from lightning_flat._checks import check_choice, check_nonnegative_int, check_positive_int, check_tensor
 from lightning_flat.measurements import MeasurementBatch, Measurements
 
 __all__ = ["MeasurementDataModule", "MeasurementSampler", "StepChunk", "step_seed"]
@@ -212,8 +212,11 @@ class MeasurementDataModule(L.LightningDataModule):
         if not isinstance(targets, Tensor) or targets.shape != (len(measurements),) or not targets.is_floating_point():
             raise ValueError(f"targets must be a float tensor of shape ({len(measurements)},), got "
                              f"{getattr(targets, 'shape', targets)}")
-        if ground_truth is not None and tuple(ground_truth.shape) != tuple(measurements.shape):
-            raise ValueError(f"ground_truth must have shape {measurements.shape}, got {tuple(ground_truth.shape)}")
+        check_tensor("targets", targets, finite=True)
+        if ground_truth is not None:
+            check_tensor("ground_truth", ground_truth, floating=True, finite=True)
+            if tuple(ground_truth.shape) != tuple(measurements.shape):
+                raise ValueError(f"ground_truth must have shape {measurements.shape}, got {tuple(ground_truth.shape)}")
         dm = cls.__new__(MeasurementDataModule)
         MeasurementDataModule.__init__(dm, batch_size=batch_size, seed=seed, steps_per_epoch=steps_per_epoch,
                                        sampling=sampling)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_flat._checks import check_positive_int, check_real
+from lightning_flat._checks import check_bool, check_positive_int, check_real
 from lightning_flat.datamodules.base import MeasurementDataModule
 from lightning_flat.measurements import Dense
 
@@ -53,7 +53,7 @@ class MatrixSensingDataModule(MeasurementDataModule):
         M1 = torch.randn(d_out, rank, generator=g, dtype=f64)
         M2 = torch.randn(rank, d_in, generator=g, dtype=f64)
         self.ground_truth = M1 @ M2 / d_in
-        if unit_norm:  # Ding et al.'s normalization, ||M*||_F = 1
+        if check_bool("unit_norm", unit_norm):  # Ding et al.'s normalization, ||M*||_F = 1
             self.ground_truth = self.ground_truth / torch.linalg.matrix_norm(self.ground_truth)
         self.measurements = Dense(A)
         self.targets = self.measurements(self.ground_truth)

@@ -32,6 +32,8 @@ def replica_seeds(seed: int | Sequence[int], replicas: int) -> list[int]:
         if len(seeds) != replicas:
             raise ValueError(f"seed must be an int or a list of {replicas} ints (one per replica), got a list of "
                              f"{len(seeds)}")
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a list of ints, got {seed!r} of type {type(seed).__name__}")
     else:
         seeds = [seed + r for r in range(replicas)]
     for s in seeds:

@@ -52,6 +52,9 @@ def _check_weights(weights: Sequence[Tensor]) -> list[Tensor]:
         if not isinstance(W, Tensor) or W.ndim < 2:
             raise ValueError(f"weights[{j}] must be a tensor of shape (..., d_{j + 1}, d_{j}), got {getattr(W, 'shape', W)}")
     for j in range(1, len(weights)):
+        if weights[j].dtype != weights[0].dtype:
+            raise TypeError(f"weights must share one dtype, got weights[0] {weights[0].dtype} and weights[{j}] "
+                            f"{weights[j].dtype}")
         if weights[j].shape[-1] != weights[j - 1].shape[-2]:
             raise ValueError(
                 f"weights[{j}] has shape {tuple(weights[j].shape)} but weights[{j - 1}] has shape "
@@ -125,6 +128,7 @@ def hessian_trace(weights: Sequence[Tensor], measurements: Measurements, targets
     d_out, d_in = weights[-1].shape[-2], weights[0].shape[-1]
     if (d_out, d_in) != tuple(measurements.shape):
         raise ValueError(f"weights map R^{d_in} to R^{d_out} but measurements have shape {measurements.shape}")
+    measurements.check_dtype("weights", weights[0])
     P, S = partial_products(weights)
     G = torch.stack([Pj.transpose(-1, -2) @ Pj for Pj in P])  # (L, ..., d_in, d_in)
     K = torch.stack([Sj @ Sj.transpose(-1, -2) for Sj in S])  # (L, ..., d_out, d_out)

@@ -190,10 +190,43 @@ class LinearNetBase(FastSetattr, L.LightningModule):
         if self.diverged:
             checkpoint["lightning_flat_diverged"] = dict(self.diverged)
 
+    def _check_init_finite(self, scale_name: str, scale: Any) -> None:
+        """Refuse at construction an initial scale whose weights overflow the parameters' dtype."""
+        for j, W in enumerate(self.weights()):
+            if not bool(torch.isfinite(W).all()):
+                raise ValueError(f"{scale_name}={scale!r} overflows {W.dtype}: factor {j + 1} of "
+                                 f"{type(self).__name__} has non-finite initial entries (the largest finite "
+                                 f"{W.dtype} is {torch.finfo(W.dtype).max:.3g})")
+
+    def check_fit_start(self, datamodule: Any) -> None:
+        """Refuse, before the first step, what would fail or silently mislead mid-run: an end-to-end matrix whose
+        shape is not the datamodule's measurement shape, and weights or an end-to-end matrix that are not finite in
+        the training dtype (an ``init_scale`` that overflows it; frozen replicas of a resumed run are exempt)."""
+        with torch.no_grad():
+            weights = self.weights()
+            E = self.end_to_end_from(weights)
+        shape = getattr(getattr(datamodule, "measurements", None), "shape", None)
+        if shape is not None and tuple(E.shape[-2:]) != tuple(shape):
+            raise ValueError(f"{type(self).__name__} maps to {E.shape[-2]}x{E.shape[-1]} matrices (d_out x d_in) "
+                             f"but {type(datamodule).__name__}'s measurements act on {shape[0]}x{shape[1]} ones: make "
+                             f"the model's first and last dims match the datamodule's d_in and d_out")
+        active = self.replica_active
+        for name, value in [(f"factor {j + 1}", w) for j, w in enumerate(weights)] + [("end-to-end matrix", E)]:
+            finite = torch.isfinite(value)
+            finite = finite.flatten(1).all(1) if self.replicas > 1 else finite.all()
+            bad = ~finite & active if active is not None else ~finite
+            if bool(bad.any()):
+                where = f" (replica {int(bad.nonzero()[0, 0])})" if self.replicas > 1 else ""
+                scale = self.hparams.get("init_scale", self.hparams.get("scale"))
+                raise ValueError(f"{type(self).__name__}'s {name}{where} is not finite in {value.dtype} before "
+                                 f"training: the initialisation (init_scale={scale!r}) overflows {value.dtype}; use a "
+                                 f"smaller scale or a wider dtype (Trainer(precision='64-true'))")
+
     def on_fit_start(self) -> None:
         self._full_data = None
         self._test_error = None
         dm = self.trainer.datamodule
+        self.check_fit_start(dm)
         if dm is not None and hasattr(dm, "measurements_as"):
             self._full_data = dm.measurements_as(self.dtype, self.device)
         if dm is not None and callable(getattr(dm, "test_error", None)) and getattr(dm, "ground_truth", None) is not None:

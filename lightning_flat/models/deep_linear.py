@@ -141,6 +141,7 @@ class DeepLinearNet(LinearNetBase):
         else:
             factors = [torch.stack([d[j] for d in draws]) for j in range(self.depth)]
         self.layers = nn.ParameterList([nn.Parameter(W.to(dtype)) for W in factors])
+        self._check_init_finite("init_scale", init_scale)
 
     def weights(self) -> list[Tensor]:
         """The factors ``[W_1, ..., W_L]`` (the module's parameters, in that order; ``(R, d_j, d_{j-1})`` with

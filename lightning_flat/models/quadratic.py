@@ -62,6 +62,7 @@ class QuadraticNet(LinearNetBase):
         dtype = torch.get_default_dtype()
         factors = draws[0] if replicas == 1 else [torch.stack([x[j] for x in draws]) for j in range(2)]
         self.factors = nn.ParameterList([nn.Parameter(U.to(dtype)) for U in factors])
+        self._check_init_finite("init_scale", init_scale)
 
     def weights(self) -> list[Tensor]:
         """``[U1, U2]`` (shapes ``(d, k1)``, ``(d, k2)``; a leading ``R`` with replicas)."""

@@ -87,6 +87,7 @@ class ResidualLinearNet(LinearNetBase):
             factors = [torch.stack([x[j] for x in draws]) for j in range(depth)]
             w_buf = torch.stack(outs)
         self.layers = nn.ParameterList([nn.Parameter(W.to(dtype)) for W in factors])
+        self._check_init_finite("scale", scale)
         self.register_buffer("w", w_buf.to(dtype))
         self.register_buffer("initial", torch.stack(factors).to(dtype))  # W_k(0), (L, [R,] d, d)
 

@@ -202,3 +202,34 @@ def test_cache_round_trip(tmp_path, monkeypatch, dtype):
     assert second.dtype == dtype and torch.equal(first, second)
     with pytest.raises(AssertionError, match="cached"):  # other targets: another key
         min_nuclear_norm(meas, 2 * b, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong_shape", "nan", "infeasible", "not_npy"])
+def test_corrupt_cache_is_detected_and_replaced(tmp_path, damage):
+    """A damaged cache file is never returned: a warning names it, the problem is solved again, and the file is
+    replaced by the good solution (which is then read back)."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(6)
+    meas = make("dense", 25, 6, 6, g)
+    b = meas(low_rank(6, 6, 1, g))
+    good = min_nuclear_norm(meas, b, cache_dir=tmp_path)
+    (path,) = list(tmp_path.iterdir())
+    X = np.load(path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "wrong_shape":
+        np.save(path, X[:5])
+    elif damage == "nan":
+        X[0, 0] = np.nan
+        np.save(path, X)
+    elif damage == "infeasible":
+        np.save(path, X + 1e-3)  # a plausible matrix that no longer interpolates the data
+    else:
+        path.write_text("not a numpy file")
+    with pytest.warns(UserWarning, match=f"cache file {path}"):
+        again = min_nuclear_norm(meas, b, cache_dir=tmp_path)
+    # the re-solve is the same deterministic computation: the same solution to SCS's accuracy (eps = 1e-8 -> the
+    # nuclear norms agree far below 1e-6 relative)
+    assert abs(float(torch.linalg.matrix_norm(again, "nuc") / torch.linalg.matrix_norm(good, "nuc")) - 1) < 1e-6
+    assert np.load(path).shape == (6, 6) and np.isfinite(np.load(path)).all()
