@@ -11,6 +11,7 @@ import torch
 from lightning_flat import functional as F
 from lightning_flat._checks import check_bool, check_choice, check_positive_int, check_real
 from lightning_flat.callbacks.base import MeasuringCallback
+from lightning_flat.functional.spectral import _scaled_schatten
 
 __all__ = ["ApproximateRank", "Balancedness", "EffectiveRank", "MatrixNorms", "SingularValues"]
 
@@ -103,7 +104,7 @@ class MatrixNorms(MeasuringCallback):
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         E = _end_to_end(pl_module, "MatrixNorms")
         s = F.singular_values(E)
-        out = {"norm/nuclear": s.sum(-1), "norm/frobenius": s.square().sum(-1).sqrt(), "norm/spectral": s[..., 0]}
+        out = {"norm/nuclear": s.sum(-1), "norm/frobenius": _scaled_schatten(s, 2.0), "norm/spectral": s[..., 0]}
         if callable(getattr(pl_module, "weights", None)):
             weights = pl_module.weights()
             out["norm/weights_sq"] = sum(W.square().sum((-2, -1)) for W in weights)

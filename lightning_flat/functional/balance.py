@@ -24,6 +24,13 @@ def balancedness(weights: Sequence[Tensor], per_layer: bool = False) -> Tensor:
         tensor(0.)
     """
     weights = _check_weights(weights)
+    if weights[0].dtype in (torch.float16, torch.bfloat16):  # measured in float32
+        weights = [W.float() for W in weights]
+    # scaled by a power of two c (exact): terms(W) = c^2 terms(W / c), so no product W^T W overflows or underflows
+    # where the result itself is representable
+    batch = torch.broadcast_shapes(*(W.shape[:-2] for W in weights))
+    c = pow2_scale(torch.stack([W.abs().amax((-2, -1)).expand(batch) for W in weights]).amax(0))
+    weights = [W * (1.0 / c)[..., None, None] for W in weights]  # (torch.ldexp has no gradient)
     batch = torch.broadcast_shapes(*(W.shape[:-2] for W in weights))
     if len(weights) == 1:
         z = weights[0].new_zeros(batch)
@@ -32,4 +39,22 @@ def balancedness(weights: Sequence[Tensor], per_layer: bool = False) -> Tensor:
         torch.linalg.matrix_norm(weights[j + 1].transpose(-1, -2) @ weights[j + 1] - weights[j] @ weights[j].transpose(-1, -2))
         .expand(batch) for j in range(len(weights) - 1)
     ], dim=-1)
+    _, e = torch.frexp(c)  # c = 2^(e - 1)
+    terms = times_pow2(terms, 2 * (e - 1).unsqueeze(-1))
     return terms if per_layer else terms.sum(-1)
+
+
+def pow2_scale(amax: Tensor) -> Tensor:
+    """The power of two :math:`2^e \ge` ``amax`` with ``amax`` in :math:`(2^{e-1}, 2^e]` (1 where ``amax`` is 0 or
+    not finite): dividing by it and multiplying back is exact in floating point."""
+    _, e = torch.frexp(amax.detach())
+    ok = torch.isfinite(amax) & (amax > 0)
+    return torch.where(ok, torch.ldexp(torch.ones_like(amax), e), torch.ones_like(amax))
+
+
+def times_pow2(x: Tensor, n: Tensor) -> Tensor:
+    """``x * 2**n`` for integer ``n``, differentiable in ``x`` (``torch.ldexp`` has no gradient), in two exact
+    half-steps so that the factor itself never overflows where the product does not."""
+    half = torch.div(n, 2, rounding_mode="floor")
+    one = torch.ones_like(x)
+    return x * torch.ldexp(one, half) * torch.ldexp(one, n - half)

@@ -128,11 +128,23 @@ def hessian_trace(weights: Sequence[Tensor], measurements: Measurements, targets
     d_out, d_in = weights[-1].shape[-2], weights[0].shape[-1]
     if (d_out, d_in) != tuple(measurements.shape):
         raise ValueError(f"weights map R^{d_in} to R^{d_out} but measurements have shape {measurements.shape}")
+    if weights[0].dtype in (torch.float16, torch.bfloat16):  # measured in float32
+        weights = [W.float() for W in weights]
+        measurements = measurements.to(dtype=torch.float32)
     measurements.check_dtype("weights", weights[0])
+    # Each factor scaled by a power of two c_j (exact, detached: the identity below holds for every W, so gradients
+    # are unchanged): term j is homogeneous of degree 2 in every other factor and 0 in W_j, so
+    # term_j(W) = prod_{l != j} c_l^2 term_j(W / c), and no product overflows where the trace is representable.
+    from lightning_flat.functional.balance import pow2_scale, times_pow2
+
+    c = torch.stack([pow2_scale(W.abs().amax((-2, -1))) for W in weights])  # (L, ...), detached powers of two
+    weights = [W * (1.0 / c[j])[..., None, None] for j, W in enumerate(weights)]  # (torch.ldexp has no gradient)
     P, S = partial_products(weights)
     G = torch.stack([Pj.transpose(-1, -2) @ Pj for Pj in P])  # (L, ..., d_in, d_in)
     K = torch.stack([Sj @ Sj.transpose(-1, -2) for Sj in S])  # (L, ..., d_out, d_out)
     terms = measurements.curvature(G, K, symmetric=True) * (2.0 / len(measurements))  # (L, ...)
+    _, e = torch.frexp(c)  # c_j = 2^(e_j - 1): the factor prod_{l != j} c_l^2 as a power of two, never overflowing
+    terms = times_pow2(terms, 2 * (e.sum(0) - e) - 2 * (len(weights) - 1))
     return terms.movedim(0, -1) if per_layer else terms.sum(0)
 
 

@@ -57,8 +57,8 @@ def effective_rank(M: Tensor, kind: str = "entropy", tol: float | None = None) -
         p = s / torch.where(total > 0, total, torch.ones_like(total))
         plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
         out = torch.exp(-plogp.sum(-1))
-    elif kind == "stable":
-        out = s.square().sum(-1) / torch.where(top > 0, top, torch.ones_like(top))[..., 0].square()
+    elif kind == "stable":  # sum (s_k / s_1)^2: finite whenever the singular values are, never s^2 overflowing
+        out = (s / torch.where(top > 0, top, torch.ones_like(top))).square().sum(-1)
     else:
         if tol is None:
             tol = max(M.shape[-2:]) * torch.finfo(s.dtype).eps
@@ -77,7 +77,15 @@ def schatten_norm(M: Tensor, p: float) -> Tensor:
     r"""Schatten-p (quasi-)norm :math:`(\sum_k s_k^p)^{1/p}` for ``p > 0`` (``p = 1`` nuclear, ``p = 2`` Frobenius)."""
     p = check_real("p", p, low=0.0, low_open=True)
     s = singular_values(M)
-    return s.pow(p).sum(-1).pow(1.0 / p)
+    return _scaled_schatten(s, p)
+
+
+def _scaled_schatten(s: Tensor, p: float) -> Tensor:
+    """:math:`(\sum_k s_k^p)^{1/p}` as :math:`s_1 (\sum_k (s_k/s_1)^p)^{1/p}`, so that it is finite whenever the
+    result is representable (``s^p`` itself may overflow or underflow)."""
+    top = s[..., :1]
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    return top[..., 0] * (s / safe).pow(p).sum(-1).pow(1.0 / p)
 
 
 def representation_cost(M: Tensor, depth: int) -> Tensor:
