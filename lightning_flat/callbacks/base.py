@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -48,7 +49,10 @@ class MeasuringCallback(StepHook, Callback):
     run included, at the start of training) and at the end of training; a resumed run continues the same cadence.
     Step ``s`` means the weights after ``s`` updates. Values are written to every logger of the trainer at
     ``step = global_step`` (so they are never dropped by ``Trainer(log_every_n_steps)``), kept in
-    ``self.history[key] = [(step, value), ...]``, and the last ones in ``self.last``.
+    ``self.history[key] = [(step, value), ...]``, and the last ones in ``self.last``. The values measured during
+    training also reach ``trainer.callback_metrics`` (through ``pl_module.log(..., logger=False)``), so
+    ``EarlyStopping(monitor="hessian/sharpness")`` and ``ModelCheckpoint(monitor=...)`` can watch them, also with
+    ``logger=False``.
 
     Replicas: ``measure`` may return per-replica values of shape ``(R,)``. They are logged as their mean over the
     active (not diverged) replicas under the key and one by one as ``key/r{k}`` for the first ``log_replicas``
@@ -89,7 +93,7 @@ class MeasuringCallback(StepHook, Callback):
     def next_boundary(self, step: int) -> int:
         return (step // self.every_n_steps + 1) * self.every_n_steps
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, monitor: bool = False) -> None:
         step = trainer.global_step
         if self._last_step == step:
             return
@@ -113,6 +117,13 @@ class MeasuringCallback(StepHook, Callback):
         if trainer.is_global_zero and logged:
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=step)
+        if monitor:
+            # into trainer.callback_metrics (for EarlyStopping / ModelCheckpoint(monitor=...)), not to the loggers
+            # again: the finite mean over active replicas under each key
+            for k, v in values.items():
+                if math.isfinite(v):
+                    pl_module.log(k, v, on_step=True, on_epoch=False, logger=False, batch_size=1,
+                                  rank_zero_only=True)
 
     def replica_table(self) -> tuple[list[str], list[list[float]]]:
         """``(columns, rows)``: one row per measured step and replica, one column per per-replica key."""
@@ -132,7 +143,7 @@ class MeasuringCallback(StepHook, Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0:
-            self._run(trainer, pl_module)
+            self._run(trainer, pl_module, monitor=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)

@@ -43,24 +43,109 @@ def _copy_batch(batch: Any) -> Any:
     return batch
 
 
+def _math_attention():
+    """Scaled-dot-product attention through its math kernel (twice differentiable) during a read."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 @contextmanager
 def isolated(pl_module: L.LightningModule, eval_mode: bool):
     """Run a measurement without leaving a trace: every submodule's train/eval flag and the global CPU and CUDA
     random states are restored afterwards (so dropout masks drawn while measuring do not change training); with
-    ``eval_mode`` the module is measured in eval mode (dropout off, a deterministic Hessian)."""
+    ``eval_mode`` the module is measured in eval mode (dropout off, a deterministic Hessian; batch norm then uses
+    its running statistics, so the Hessian is that of the function the module computes at inference, and its
+    running statistics are not updated by the read). Attention runs its math kernel (differentiable twice)."""
     modes = [(m, m.training) for m in pl_module.modules()]
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
         if eval_mode:
             pl_module.eval()
-        yield
+        with _math_attention():  # Hessian-vector products differentiate twice: fused attention kernels cannot
+            yield
     finally:
         for m, mode in modes:
             m.training = mode
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+class _ModuleSnapshot:
+    """What a read through ``training_step`` could change, for the first read's side-effect check: parameters and
+    buffers, the public attributes of every submodule (tensors by value, lists/dicts/sets by their items, other
+    objects by identity) and torchmetrics states."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.tensors = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
+        self.attrs = []
+        for name, m in module.named_modules():
+            for k, v in vars(m).items():
+                if k.startswith("_") or k in ("training",):
+                    continue
+                self.attrs.append((name, m, k, v, self._copy(v)))
+            state = getattr(m, "metric_state", None)  # a torchmetrics Metric's accumulated state
+            if isinstance(state, dict):
+                for k, v in state.items():
+                    self.attrs.append((name, m, k, v, self._copy(v)))
+
+    @staticmethod
+    def _copy(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return v.detach().clone()
+        if isinstance(v, (list, dict, set)):
+            return type(v)(v)
+        if isinstance(v, tuple):
+            return tuple(x.detach().clone() if isinstance(x, Tensor) else x for x in v)
+        return None
+
+    @staticmethod
+    def _same(old: Any, copy: Any, now: Any) -> bool:
+        if now is not old:
+            return False
+        if isinstance(now, Tensor):
+            return now.shape == copy.shape and bool(torch.equal(now.detach(), copy))
+        if isinstance(now, list):
+            return len(now) == len(copy) and all(a is b for a, b in zip(now, copy))
+        if isinstance(now, dict):
+            return now.keys() == copy.keys() and all(now[k] is copy[k] for k in now)
+        if isinstance(now, set):
+            return now == copy
+        if isinstance(now, tuple):
+            return all(torch.equal(a, b) if isinstance(a, Tensor) else a is b for a, b in zip(now, copy))
+        return True
+
+    def changes(self, module: torch.nn.Module) -> list[str]:
+        out = []
+        for k, v in module.state_dict(keep_vars=True).items():
+            if k not in self.tensors or not torch.equal(v.detach(), self.tensors[k]):
+                out.append(f"parameter/buffer {k}")
+        for name, m, k, old, copy in self.attrs:
+            now = m.metric_state.get(k) if k in getattr(m, "metric_state", {}) else getattr(m, k, None)
+            if not self._same(old, copy, now):
+                out.append(f"attribute {name + '.' if name else ''}{k}")
+        return out
+
+    def restore(self, module: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for k, v in module.state_dict(keep_vars=True).items():
+                if k in self.tensors:
+                    v.copy_(self.tensors[k])
+        for _, m, k, old, copy in self.attrs:
+            if isinstance(old, Tensor):
+                with torch.no_grad():
+                    old.copy_(copy)
+            elif isinstance(old, list):
+                old[:] = copy
+            elif isinstance(old, (dict, set)):
+                old.clear()
+                old.update(copy)
+            try:
+                setattr(m, k, old)
+            except (AttributeError, TypeError):
+                pass
 
 
 class _CurvatureCallback(MeasuringCallback):
@@ -76,8 +161,9 @@ class _CurvatureCallback(MeasuringCallback):
 
     def __init__(self, every_n_steps: int, measurements: Measurements | None, targets: Tensor | None,
                  loss_fn: Callable[[L.LightningModule, Any], Tensor] | None, batch: Any, eval_mode: bool,
-                 seed: int) -> None:
+                 seed: int, batches: int = 1) -> None:
         super().__init__(every_n_steps)
+        self.num_batches = check_positive_int("batches", batches)
         if measurements is not None and not isinstance(measurements, Measurements):
             raise TypeError(f"measurements must be a lightning_flat Measurements, got {type(measurements).__name__}")
         if (measurements is None) != (targets is None):
@@ -91,6 +177,9 @@ class _CurvatureCallback(MeasuringCallback):
         self.eval_mode = check_bool("eval_mode", eval_mode)
         self.seed = seed
         self._batch: Any = _copy_batch(batch) if batch is not None else None
+        self._more: list[Any] = []  # batches 2..k of the curvature data (batches=k)
+        self._used: set[str] | None = None  # the parameters the loss depends on (found at the first read)
+        self._checked = False  # the first read through training_step was checked for side effects
 
     fused_safe_hooks = ("on_train_batch_start",)  # generic modules only: lightning_flat models return at once
 
@@ -99,12 +188,54 @@ class _CurvatureCallback(MeasuringCallback):
         if is_linear_net(pl_module):
             return
         if self._batch is None:
-            self._batch = _copy_batch(batch)  # the fixed curvature batch: the first training batch
+            # the fixed curvature batch: the first training batch, without label noise whatever the callbacks' order
+            from lightning_flat.callbacks.label_noise import LabelNoise
+
+            self._batch = self._clean_copy(trainer, batch)
+        elif len(self._more) + 1 < self.num_batches:
+            self._more.append(self._clean_copy(trainer, batch))
+        if len(self._more) + 1 < self.num_batches:
+            return  # reads start once the batches=k curvature batches are kept
         if trainer.global_step % self.every_n_steps == 0:
-            self._run(trainer, pl_module)  # weights of step global_step, before its update
+            self._run(trainer, pl_module, monitor=True)  # weights of step global_step, before its update
+
+    @staticmethod
+    def _clean_copy(trainer: L.Trainer, batch: Any) -> Any:
+        """A shallow copy of a training batch without label noise, whatever the callbacks' order."""
+        from lightning_flat.callbacks.label_noise import LabelNoise
+
+        kept = _copy_batch(batch)
+        for cb in trainer.callbacks:
+            if isinstance(cb, LabelNoise):
+                kept = cb.clean(kept)
+        return kept
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, monitor: bool = False) -> None:
+        if not is_linear_net(pl_module) and (self._batch is None or len(self._more) + 1 < self.num_batches):
+            return  # the curvature batches are not all kept yet
+        if self._checked or is_linear_net(pl_module) or self.loss_fn is not default_loss_fn:
+            return super()._run(trainer, pl_module, monitor)
+        # The first read through the user's training_step: it must leave the module as it was (a carried hidden
+        # state, a metric's update, a list of collected losses would change training or logged values).
+        snapshot = _ModuleSnapshot(pl_module)
+        super()._run(trainer, pl_module, monitor)
+        changed = snapshot.changes(pl_module)
+        if changed:
+            snapshot.restore(pl_module)
+            raise ValueError(f"{type(self).__name__}: reading the curvature through training_step changed the module "
+                             f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}), so it would change "
+                             "training: pass loss_fn=lambda module, batch: <the batch loss, without side effects>")
+        self._checked = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not is_linear_net(pl_module) and not pl_module.automatic_optimization and \
+                self.loss_fn is default_loss_fn:
+            raise ValueError(f"{type(self).__name__}: with manual optimization, training_step steps the optimizers "
+                             "itself, so reading the curvature through it would train the model: pass "
+                             "loss_fn=lambda module, batch: <the batch loss>")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if is_linear_net(pl_module) or self._batch is not None:
+        if is_linear_net(pl_module) or (self._batch is not None and len(self._more) + 1 >= self.num_batches):
             super().on_train_start(trainer, pl_module)
 
     def _operator(self, trainer: L.Trainer, pl_module: L.LightningModule):
@@ -112,9 +243,20 @@ class _CurvatureCallback(MeasuringCallback):
 
         from lightning.fabric.utilities.apply_func import move_data_to_device
 
-        batch = move_data_to_device(self._batch, pl_module.device)  # e.g. a batch restored from a checkpoint
+        # e.g. batches restored from a checkpoint
+        batches = [move_data_to_device(b, pl_module.device) for b in [self._batch, *self._more]]
+        if self._used is None:
+            # a parameter the loss does not use has zero curvature: leave it out of the operator (autograd would
+            # refuse it) instead of crashing
+            params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+            grads = torch.autograd.grad(self.loss_fn(pl_module, batches[0]), [p for _, p in params],
+                                        allow_unused=True)
+            self._used = {n for (n, _), g in zip(params, grads) if g is not None}
+        used = self._used
         cls = DDPHessianOperator if trainer.world_size > 1 else HessianOperator
-        return cls(pl_module, [batch], self.loss_fn, full_dataset=True)
+        # batches=k: the HVPs are averaged over the k batches (the Hessian of the mean loss), and under DDP over the
+        # ranks too
+        return cls(pl_module, batches, self.loss_fn, full_dataset=True, param_filter=lambda name, p: name in used)
 
     def _state_key_config(self) -> dict[str, Any]:
         return {**super()._state_key_config(), "seed": self.seed, "eval_mode": self.eval_mode,
@@ -125,12 +267,13 @@ class _CurvatureCallback(MeasuringCallback):
         return step_seed(self.seed, 0x7C5, trainer.global_step) % (2**31)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "batch": self._batch}
+        return {**super().state_dict(), "batch": self._batch, "more_batches": self._more}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if state_dict.get("batch") is not None:
             self._batch = state_dict["batch"]
+        self._more = list(state_dict.get("more_batches") or [])
 
 
 class HessianTrace(_CurvatureCallback):
@@ -155,13 +298,18 @@ class HessianTrace(_CurvatureCallback):
         num_matvecs: generic path; Hutch++ budget.
         eval_mode: generic path; measure in eval mode (dropout off), restoring the flags afterwards.
         seed: generic path; base seed of the Hutch++ probes (fresh probes at every read, keyed by the step).
+        batches: generic path; the curvature of the mean loss over the first ``batches`` training batches (HVPs
+            averaged over them; reads start once they are kept). Default 1.
     """
 
     def __init__(self, every_n_steps: int = 100, measurements: Measurements | None = None,
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
-                 num_matvecs: int = 99, eval_mode: bool = True, seed: int = 0) -> None:
-        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed)
+                 num_matvecs: int = 99, eval_mode: bool = True, seed: int = 0, batches: int = 1) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches)
         self.num_matvecs = check_positive_int("num_matvecs", num_matvecs)
+        if self.num_matvecs < 6:  # Hutch++: a third for the sketch, a third for its range, a third (>= 2) residual
+            raise ValueError(f"num_matvecs must be >= 6 (Hutch++ needs at least 2 residual probes for a standard "
+                             f"error), got {num_matvecs}")
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if is_linear_net(pl_module):
@@ -189,6 +337,8 @@ class Sharpness(_CurvatureCallback):
     settle where the sharpness exceeds it, and at the edge of stability the sharpness hovers around it (read it as a
     median over 20 or more consecutive measurements, never one).
 
+    On a generic module, ``batches=k`` measures the Hessian of the mean loss over the first ``k`` training batches.
+
     Logged keys: ``hessian/sharpness``, ``hessian/sharpness_hvps`` (HVPs used by this read, Lanczos only),
     ``hessian/eigenvalue_{i}`` for ``i < top_k`` when ``top_k > 1``, ``hessian/two_over_lr``. With replicas, each
     replica has its own Hessian (the dense ones all at once, :func:`lightning_flat.functional.replica_loss_hessians`),
@@ -198,8 +348,8 @@ class Sharpness(_CurvatureCallback):
     def __init__(self, every_n_steps: int = 100, method: str = "auto", max_iter: int = 100, tol: float = 1e-8,
                  warm_start: bool = True, top_k: int = 1, measurements: Measurements | None = None,
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
-                 eval_mode: bool = True, seed: int = 0, edge_of_stability: bool = False) -> None:
-        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed)
+                 eval_mode: bool = True, seed: int = 0, edge_of_stability: bool = False, batches: int = 1) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches)
         self.edge_of_stability = check_bool("edge_of_stability", edge_of_stability)
         self.top_k = check_positive_int("top_k", top_k)
         self.method = check_choice("method", method, ("auto", "exact", "lanczos"))

@@ -98,12 +98,17 @@ class FiniteLossGuard(StepHook, Callback):
             ctx.stop = self._stop(ctx.step, value, what)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        self._loss = None if engine_drives(pl_module) else loss.detach()
+        if engine_drives(pl_module):
+            self._loss = None
+        elif self._loss is None or bool(torch.isfinite(self._loss).all()):
+            # under gradient accumulation: the first non-finite micro-batch loss of the step is kept
+            self._loss = loss.detach()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if trainer.global_step % self.every_n_steps or self._loss is None or engine_drives(pl_module):
+        loss, self._loss = self._loss, None  # the next step's micro-batches start afresh
+        if trainer.global_step % self.every_n_steps or loss is None or engine_drives(pl_module):
             return
-        value = float(self._loss)
+        value = float(loss)
         bad = not math.isfinite(value)
         what = "training loss"
         active = getattr(pl_module, "replica_active", None)

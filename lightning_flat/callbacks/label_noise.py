@@ -47,7 +47,11 @@ class LabelNoise(StepHook, Callback):
     def __init__(self, std: float | list[float] = 1.0, seed: int = 0, target_key: str | int | None = None) -> None:
         self.std = std
         self.seed = check_nonnegative_int("seed", seed)
+        if target_key is not None and (isinstance(target_key, bool) or not isinstance(target_key, (str, int))):
+            raise TypeError(f"target_key must be a str (dict batches), an int (list batches) or None, got "
+                            f"{target_key!r} of type {type(target_key).__name__}")
         self.target_key = target_key
+        self._clean: tuple[Tensor, Tensor] | None = None  # (noisy targets it set, the clean ones they replaced)
         self.last_std: float | list[float] | None = None
         self._generator: torch.Generator | None = None
         self._state_key: str | None = None
@@ -77,23 +81,26 @@ class LabelNoise(StepHook, Callback):
         return self._state_key
 
     def noise(self, shape: torch.Size, step: int, rank: int, dtype: torch.dtype, device: torch.device,
-              streams: list[int] | None = None) -> Tensor:
+              streams: list[int] | None = None, micro: int = 0) -> Tensor:
         """The standard normal noise of step ``step`` (before multiplying by ``std``). With ``streams`` (the seeds
         of the runs: a lightning_flat model's ``replica_seeds``) the noise of run ``r`` is keyed by ``streams[r]``,
-        so replica ``r`` draws what a single run with that seed draws; several streams need ``shape = (R, B)``."""
+        so replica ``r`` draws what a single run with that seed draws; several streams need ``shape = (R, B)``.
+        ``micro`` numbers the micro-batches of one optimizer step under gradient accumulation (each its own draw;
+        micro-batch 0 draws what a run without accumulation draws)."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
         g = self._generator
+        extra = (micro,) if micro else ()
         if streams is None or len(streams) == 1:
             keys = (self.seed, _STREAM, rank, step) if streams is None else (self.seed, _STREAM, rank, streams[0], step)
-            g.manual_seed(step_seed(*keys))
+            g.manual_seed(step_seed(*keys, *extra))
             return torch.randn(shape, generator=g, dtype=dtype, device=device)
         if len(shape) < 1 or shape[0] != len(streams):
             raise ValueError(f"LabelNoise: {len(streams)} replicas need targets of shape ({len(streams)}, ...), "
                              f"got {tuple(shape)}")
         rows = []
         for s in streams:
-            g.manual_seed(step_seed(self.seed, _STREAM, rank, s, step))
+            g.manual_seed(step_seed(self.seed, _STREAM, rank, s, step, *extra))
             rows.append(torch.randn(shape[1:], generator=g, dtype=dtype, device=device))
         return torch.stack(rows)
 
@@ -120,12 +127,17 @@ class LabelNoise(StepHook, Callback):
         else:
             batch[-1 if self.target_key is None else self.target_key] = value
 
-    def noisy(self, y: Tensor, std: float | list[float], step: int, rank: int, streams: list[int] | None) -> Tensor:
+    def noisy(self, y: Tensor, std: float | list[float], step: int, rank: int, streams: list[int] | None,
+              micro: int = 0) -> Tensor:
         """``y`` plus the noise of step ``step`` times ``std`` (a float, or one per replica); with several
         ``streams`` a shared ``y (B,)`` becomes ``(R, B)`` (one draw per replica)."""
         if streams is not None and len(streams) > 1 and (y.ndim < 2 or y.shape[0] != len(streams)):
             y = y.expand(len(streams), *y.shape)  # full-batch targets shared by the replicas: noise per replica
-        xi = self.noise(y.shape, step, rank, y.dtype, y.device, streams)
+        if not y.is_floating_point():
+            raise TypeError(f"LabelNoise adds Gaussian noise to real-valued regression targets; these targets are "
+                            f"{y.dtype} (class labels?): noise on labels is not implemented, remove LabelNoise or "
+                            f"point target_key at float targets")
+        xi = self.noise(y.shape, step, rank, y.dtype, y.device, streams, micro)
         if isinstance(std, list):
             if y.ndim < 2 or y.shape[0] != len(std):
                 raise ValueError(f"LabelNoise: std has {len(std)} values (one per replica) but the targets have shape "
@@ -150,7 +162,33 @@ class LabelNoise(StepHook, Callback):
         if not isinstance(std, list) and std == 0.0:
             return
         streams = getattr(pl_module, "replica_seeds", None)
-        self._set(batch, self.noisy(self._get(batch), std, trainer.global_step, trainer.global_rank, streams))
+        micro = batch_idx % getattr(trainer, "accumulate_grad_batches", 1)  # a fresh draw per micro-batch of a step
+        clean = self._get(batch)
+        noisy = self.noisy(clean, std, trainer.global_step, trainer.global_rank, streams, micro)
+        self._set(batch, noisy)
+        self._clean = (noisy, clean)
+
+    def clean(self, batch: Any) -> Any:
+        """``batch`` with the targets this callback replaced by noisy ones put back (a shallow copy; the batch
+        itself is left as training sees it), or ``batch`` itself when it holds no targets of this callback: how the
+        curvature callbacks keep a noiseless batch whatever the callbacks' order."""
+        if self._clean is None or isinstance(batch, Tensor):
+            return batch
+        noisy, clean = self._clean
+        try:
+            current = self._get(batch)
+        except (KeyError, TypeError, IndexError):
+            return batch
+        if current is not noisy:
+            return batch
+        if isinstance(batch, MeasurementBatch):
+            return MeasurementBatch(batch.measurements, clean, batch.index)
+        out = dict(batch) if isinstance(batch, dict) else list(batch)
+        if isinstance(out, dict):
+            out["targets" if self.target_key is None else self.target_key] = clean
+        else:
+            out[-1 if self.target_key is None else self.target_key] = clean
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"std": self._std, "seed": self.seed}

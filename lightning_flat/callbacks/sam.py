@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -49,6 +50,21 @@ def _batch_fields(batch: Any) -> tuple[dict[str, Tensor], Callable[[dict[str, Te
     )
 
 
+@contextmanager
+def _frozen_norm_statistics(module: nn.Module):
+    """Restore every batch-norm running statistic after SAM's extra forwards: the step's own forward already
+    updated them once."""
+    norms = [m for m in module.modules() if getattr(m, "track_running_stats", False)]  # BatchNorm*, InstanceNorm*
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)
+
+
 class SAM(StepHook, Callback):
     r"""Sharpness-aware minimization: the optimizer steps with the gradient at an ascent-perturbed point.
 
@@ -72,7 +88,12 @@ class SAM(StepHook, Callback):
     (weight decay) stays in the optimizer and is applied at the unperturbed weights. With replicas (a lightning_flat
     model with ``replicas > 1``) each replica has its own ascent: norms per replica, chunks within each replica's
     minibatch. Gradient clipping, if configured, applies to the SAM gradient. Steps whose gradients were dropped
-    (e.g. by :class:`FiniteLossGuard`) are left alone. Under DDP the new gradients are averaged across ranks. A
+    (e.g. by :class:`FiniteLossGuard`) are left alone; a parameter without a gradient (unused by the loss, frozen)
+    keeps none and SAM acts on the others. With ``accumulate_grad_batches = k`` the ascent uses the accumulated
+    gradient and the new gradient is the mean over the ``k`` micro-batches at that one ascent point: the SAM step
+    on the whole accumulated batch. Batch-norm running statistics are restored after SAM's extra forwards (the
+    step's own forward updates them once). Refused at setup: manual optimization without ``loss_fn`` (its
+    ``training_step`` steps the optimizers), and several optimizers. Under DDP the new gradients are averaged across ranks. A
     :class:`HyperparameterSchedule` with ``sam_rho=...`` sets the radius of each step (``rho`` is then the value
     without a schedule and is not changed).
 
@@ -100,7 +121,7 @@ class SAM(StepHook, Callback):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(pl_module, batch), got {loss_fn!r}")
         self.loss_fn = loss_fn
-        self._batch: Any = None
+        self._batches: list[Any] = []  # the micro-batches of the current optimizer step (gradient accumulation)
         self._step_rho = self._rho
         self._state_key: str | None = None
 
@@ -137,21 +158,45 @@ class SAM(StepHook, Callback):
             with torch.enable_grad():
                 ctx.grads = self._msam(ctx.module, ctx.weights, ctx.batch, rho)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not is_linear_net(pl_module) and not pl_module.automatic_optimization and self.loss_fn is None:
+            raise ValueError("SAM: with manual optimization, training_step steps the optimizers itself, so it cannot "
+                             "serve as SAM's loss: pass loss_fn=lambda module, batch: <the batch loss>")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if len(trainer.optimizers) > 1:
+            raise ValueError(f"SAM: the module has {len(trainer.optimizers)} optimizers and SAM cannot know which "
+                             "steps should use the sharpness-aware gradient; use one optimizer (with param groups)")
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._batch = None if engine_drives(pl_module) else batch  # LabelNoise's targets, whenever it runs, are in it
+        if engine_drives(pl_module):
+            self._batches = []
+            return
+        # the batch as training sees it (LabelNoise's targets, whenever it runs, are in it); with
+        # accumulate_grad_batches > 1, every micro-batch of the step
+        self._batches.append(batch)
         self._step_rho = hparams_at(trainer, trainer.global_step).get("sam_rho", self._rho)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        batches, self._batches = self._batches, []
         rho = getattr(self, "_step_rho", self._rho)
-        if rho == 0.0 or self._batch is None:
+        if rho == 0.0 or not batches:
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        if not params or any(p.grad is None for p in params):
+        # the parameters this step trains: those with a gradient (a parameter the loss does not use, or a frozen
+        # one, keeps its None gradient; gradients dropped by FiniteLossGuard leave nothing to do)
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.requires_grad and p.grad is not None]
+        if not params:
             return
-        with torch.enable_grad():
-            grads = self._nsam(pl_module, params, rho) if self.m is None else \
-                self._msam(pl_module, params, self._batch, rho)
+        with torch.enable_grad(), _frozen_norm_statistics(pl_module):
+            # Lightning's accumulated gradient is the mean over the micro-batches (each loss divided by their
+            # number): the SAM gradient is the mean of the micro-batches' gradients at the one ascent point
+            if self.m is None:
+                grads = self._nsam(pl_module, params, rho, batches)
+            else:
+                per = [self._msam(pl_module, params, b, rho) for b in batches]
+                grads = [sum(gs) / len(per) for gs in zip(*per)] if len(per) > 1 else per[0]
         if trainer.world_size > 1:
             grads = [trainer.strategy.reduce(g, reduce_op="mean") for g in grads]
         for p, g in zip(params, grads):
@@ -161,7 +206,8 @@ class SAM(StepHook, Callback):
     def _replica_dims(pl_module: L.LightningModule) -> int:
         return 1 if is_linear_net(pl_module) and getattr(pl_module, "replicas", 1) > 1 else 0
 
-    def _nsam(self, pl_module: L.LightningModule, params: list[Tensor], rho: float) -> list[Tensor]:
+    def _nsam(self, pl_module: L.LightningModule, params: list[Tensor], rho: float,
+              batches: list[Any]) -> list[Tensor]:
         eps = sam_perturbation([p.grad for p in params], rho, params=params, adaptive=self.adaptive,
                                normalize=self.normalize, eta=self.eta, replica_dims=self._replica_dims(pl_module))
         saved = [p.detach().clone() for p in params]
@@ -169,7 +215,8 @@ class SAM(StepHook, Callback):
             with torch.no_grad():
                 for p, e in zip(params, eps):
                     p.add_(e)
-            loss = self._loss_fn(pl_module)(pl_module, self._batch)
+            loss_fn = self._loss_fn(pl_module)
+            loss = sum(loss_fn(pl_module, b) for b in batches) / len(batches)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
             with torch.no_grad():

@@ -246,6 +246,13 @@ class HyperparameterSchedule(StepHook, Callback):
                 raise ValueError(f"HyperparameterSchedule({name}=...) has {len(sched)} per-replica schedules but the "
                                  f"model has {replicas} replica(s)")
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "lr" in self.schedules and trainer.lr_scheduler_configs:
+            names = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
+            raise ValueError(f"HyperparameterSchedule(lr=...) and the module's learning-rate scheduler ({names}) would "
+                             f"both set the learning rate, compounding each other: keep one (drop lr= here, or return "
+                             f"no scheduler from configure_optimizers)")
+
     def _record(self, trainer: L.Trainer, step: int, values: dict[str, Any]) -> None:
         """Keep ``values`` as the current ones and log them at a change or every ``every_n_steps``."""
         changed = values != self.current
