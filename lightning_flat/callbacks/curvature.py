@@ -58,14 +58,22 @@ def isolated(pl_module: L.LightningModule, eval_mode: bool):
     its running statistics, so the Hessian is that of the function the module computes at inference, and its
     running statistics are not updated by the read). Attention runs its math kernel (differentiable twice)."""
     modes = [(m, m.training) for m in pl_module.modules()]
+    # half-precision weights (precision="bf16-true"/"16-true") are measured in float32: the module is upcast for
+    # the read and cast back, which is exact (every half value is a float32 value), parameters keep their identity
+    dtypes = {p.dtype for p in pl_module.parameters() if p.is_floating_point()}
+    half = next((d for d in dtypes if d in (torch.float16, torch.bfloat16)), None)
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
+        if half is not None:
+            pl_module.float()
         if eval_mode:
             pl_module.eval()
         with _math_attention():  # Hessian-vector products differentiate twice: fused attention kernels cannot
             yield
     finally:
+        if half is not None:
+            pl_module.to(half)
         for m, mode in modes:
             m.training = mode
         torch.set_rng_state(cpu_state)
@@ -245,6 +253,12 @@ class _CurvatureCallback(MeasuringCallback):
 
         # e.g. batches restored from a checkpoint
         batches = [move_data_to_device(b, pl_module.device) for b in [self._batch, *self._more]]
+        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
+        if dtype == torch.float32:  # a half-precision module upcast for the read (isolated): its batches too
+            from lightning.fabric.utilities.apply_func import apply_to_collection
+
+            batches = apply_to_collection(batches, Tensor, lambda t: t.float() if t.dtype in (
+                torch.float16, torch.bfloat16) else t)
         if self._used is None:
             # a parameter the loss does not use has zero curvature: leave it out of the operator (autograd would
             # refuse it) instead of crashing

@@ -360,3 +360,73 @@ def test_attention_hessian():
     fit(model, 1, [sh])
     H = dense_hessian_of(W0, mse_at(Attention(), model.x[:4], model.y[:4]))
     assert rel(first(sh, "hessian/sharpness"), torch.linalg.eigvalsh(H)[-1]) < 1e-9
+
+
+class HalfMLP(L.LightningModule):
+    """A tanh MLP trained in bf16 (precision="bf16-true")."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        g = torch.Generator().manual_seed(3)
+        self.x, self.y = torch.randn(12, 3, generator=g), torch.randn(12, 1, generator=g)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=6)
+
+
+def test_bf16_weights_are_measured_in_float32_and_training_is_untouched():
+    plain, measured = HalfMLP(), HalfMLP()
+    fit(plain, 2, precision="bf16-true")
+    sh = Sharpness(every_n_steps=1, tol=1e-10)
+    fit(measured, 2, [sh], precision="bf16-true")
+    assert all(p.dtype == torch.bfloat16 for p in measured.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), measured.parameters()))  # bitwise
+    W = {n: p.detach().double() for n, p in measured.named_parameters()}  # the bf16 values, exactly
+    x = measured.x[:6].to(torch.bfloat16).double()  # what the read saw: the bf16 batch, upcast
+    H = dense_hessian_of(W, mse_at(HalfMLP().net.double(), x, measured.y[:6].to(torch.bfloat16).double(), "net."))
+    # the read runs in float32 on exactly these values: float32 rounding, 1e-5 relative is a wide margin
+    assert rel(sh.last["hessian/sharpness"], torch.linalg.eigvalsh(H)[-1]) < 1e-5
+
+
+class DictBatches(Regression):
+    """Batches as dicts {"x": ..., "y": ...}."""
+
+    def loss(self, batch):
+        return torch.nn.functional.mse_loss(self.net(batch["x"]), batch["y"])
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def train_dataloader(self):
+        rows = [{"x": x, "y": y} for x, y in zip(self.x, self.y)]
+        return torch.utils.data.DataLoader(rows, batch_size=6, shuffle=False)
+
+
+SETUPS = {
+    "plain": (Regression, {}),
+    "batch norm": (lambda: Regression(batch_norm=True), {}),
+    "accumulation": (Regression, {"accumulate_grad_batches": 2}),
+    "clipping": (Regression, {"gradient_clip_val": 0.1}),
+    "dict batches": (DictBatches, {}),
+    "attention": (Attention, {}),
+    "bf16": (HalfMLP, {"precision": "bf16-true"}),
+}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_training_is_bitwise_the_same_with_and_without_the_measuring_callbacks(setup):
+    make, kw = SETUPS[setup]
+    plain, measured = make(), make()
+    fit(plain, 4, **kw)
+    loss_fn = (lambda m, b: m.loss(b)) if isinstance(measured, Regression) else None  # Regression records batches
+    fit(measured, 4, [HessianTrace(every_n_steps=2, num_matvecs=30, loss_fn=loss_fn),
+                      Sharpness(every_n_steps=2, loss_fn=loss_fn)], **kw)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), measured.state_dict().values()))
