@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
             Sharpness(every_n_steps=50, top_k=3),
             FiniteLossGuard(),
         ],
-        log_every_n_steps=25, enable_checkpointing=False, accelerator="cpu", devices=1,
+        log_every_n_steps=8, enable_checkpointing=False, accelerator="cpu", devices=1,  # 8 batches an epoch
     )
     trainer.fit(model)
     trainer.loggers[0].experiment.finish()  # close the wandb run (a later WandbLogger would otherwise reuse it)

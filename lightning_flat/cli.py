@@ -10,15 +10,22 @@ thread (faster for these tiny models, see :mod:`lightning_flat.threads`) unless 
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 
-def main(args: list[str] | None = None):
-    """Run the command (``args`` default to ``sys.argv[1:]``); returns the ``LightningCLI`` (its ``model``,
+def main(args: list[str] | None = None) -> None:
+    """The console command: ``lightning-flat fit --config ...`` (``args`` default to the command line)."""
+    run(args)
+
+
+def run(args: list[str] | None = None):
+    """Run the command on ``args`` (default: the command line) and return the ``LightningCLI`` (its ``model``,
     ``datamodule`` and ``trainer``)."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    # a deprecation inside Lightning's own batch handling, printed on every fit: nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated.*")
     from lightning_flat.threads import use_threads
 
     use_threads()
@@ -34,7 +41,7 @@ def main(args: list[str] | None = None):
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args if args is not None else sys.argv[1:],
+        args=args,  # None: LightningCLI reads the command line itself
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -3,7 +3,7 @@ import os
 
 import yaml
 
-from lightning_flat.cli import main
+from lightning_flat.cli import main, run
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "gatmiry2023", "quick.yaml")
 
@@ -55,7 +55,7 @@ def test_wang_jacot_configs_run_as_they_are(tmp_path, monkeypatch):
     assert len(WJ) == 7
     for i, path in enumerate(WJ):
         logger = [f"--trainer.logger.init_args.save_dir={tmp_path}"] if i == 0 else ["--trainer.logger=false"]
-        cli = main(["fit", "--config", path, "--trainer.max_steps=20", *logger])
+        cli = run(["fit", "--config", path, "--trainer.max_steps=20", *logger])
         assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas == 16
         assert isinstance(cli.datamodule, ObservedEntriesDataModule) and cli.datamodule.batch_size == 1
         assert cli.trainer.global_step == 20

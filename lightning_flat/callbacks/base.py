@@ -16,7 +16,7 @@ from lightning_flat.engine.replicas import LOG_REPLICAS, active_mean, replica_me
 from lightning_flat.measurements import Measurements
 from lightning_flat.models.base import LinearNetBase
 
-__all__ = ["MeasuringCallback", "problem_data", "is_linear_net"]
+__all__ = ["MeasuringCallback", "problem_data", "is_linear_net", "results_table"]
 
 
 def is_linear_net(pl_module: L.LightningModule) -> bool:
@@ -66,6 +66,9 @@ class MeasuringCallback(StepHook, Callback):
 
     group = "measure"
     log_replicas = LOG_REPLICAS
+    #: At the end of training the last measuring callback of the Trainer logs (INFO, rank zero) one table of every
+    #: measuring callback's keys: :func:`results_table`. Set to False on the class or an instance to skip it.
+    print_results = True
     fused_safe_hooks = ("on_train_batch_end",)
 
     def __init__(self, every_n_steps: int = 100) -> None:
@@ -147,6 +150,13 @@ class MeasuringCallback(StepHook, Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)
+        measuring = [cb for cb in trainer.callbacks if isinstance(cb, MeasuringCallback)]
+        if measuring and measuring[-1] is self and self.print_results and trainer.is_global_zero:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            table = results_table(measuring)
+            if table:
+                rank_zero_info(table)
         if self.replica_history and trainer.is_global_zero:
             from lightning.pytorch.loggers import WandbLogger
 
@@ -165,3 +175,33 @@ class MeasuringCallback(StepHook, Callback):
                                 for k, h in state_dict.get("replica_history", {}).items()}
         self.last = dict(state_dict.get("last", {}))
         self._last_step = state_dict.get("last_step")
+
+
+#: Keys whose values are a bound for another key: the table shows them beside it.
+THEORY = {"hessian/sharpness": ("hessian/two_over_lr", "2/lr")}
+
+
+def results_table(callbacks: list[MeasuringCallback]) -> str:
+    """One small table of what ``callbacks`` measured: for each key its first, last, min and max value (finite
+    values, the mean over active replicas), the steps it covers and, where the library logs one, the theory line
+    beside it (e.g. 2/lr for the sharpness). Empty when nothing was measured."""
+    rows = []
+    for cb in callbacks:
+        for key, hist in cb.history.items():
+            vals = [(s, v) for s, v in hist if math.isfinite(v)]
+            if not vals or any(key == other for other, _ in THEORY.values()):
+                continue
+            values = [v for _, v in vals]
+            theory = ""
+            if key in THEORY:
+                other, label = THEORY[key]
+                ref = [v for _, v in cb.history.get(other, []) if math.isfinite(v)]
+                theory = f"{label} = {ref[-1]:.4g}" if ref else ""
+            rows.append((key, f"{vals[0][0]}-{vals[-1][0]}", values[0], values[-1], min(values), max(values), theory))
+    if not rows:
+        return ""
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'measured':<{w}}  {'steps':>13}  {'first':>11}  {'last':>11}  {'min':>11}  {'max':>11}  theory"]
+    for key, steps, first, last, lo, hi, theory in rows:
+        lines.append(f"{key:<{w}}  {steps:>13}  {first:>11.4g}  {last:>11.4g}  {lo:>11.4g}  {hi:>11.4g}  {theory}")
+    return "\n".join(lines)

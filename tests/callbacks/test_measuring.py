@@ -168,3 +168,23 @@ def test_singular_values_of_zero_matrix_are_logged_without_ratio():
     assert all(v != v for _, v in sv.history["sv/ratio2"])  # 0/0: NaN in the history, never logged
     with pytest.raises(ValueError, match="top"):
         SingularValues(5, top=0)
+
+
+def test_results_table_at_the_end_of_fit(caplog):
+    import logging
+
+    from lightning_flat.callbacks.base import results_table
+
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")  # (examples may quiet it)
+    sh, mn = Sharpness(10, edge_of_stability=True), MatrixNorms(10)
+    dm, net, mem = setup(30, [sh, mn])
+    table = results_table([sh, mn])
+    lines = table.splitlines()
+    assert lines[0].split()[:6] == ["measured", "steps", "first", "last", "min", "max"]
+    row = next(line for line in lines if line.startswith("hessian/sharpness "))
+    values = [v for _, v in sh.history["hessian/sharpness"]]
+    assert row.split()[1] == "0-30" and float(row.split()[3]) == float(f"{values[-1]:.4g}")
+    assert f"2/lr = {2 / 0.02:.4g}" in row  # the theory line beside it
+    assert not any(line.startswith("hessian/two_over_lr") for line in lines)
+    assert table in caplog.text  # logged once at the end of fit, by the last measuring callback
+    assert caplog.text.count("measured ") == 1
