@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from argparse import Namespace
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["MemoryLogger"]
+__all__ = ["MemoryLogger", "wandb_report"]
 
 
 class MemoryLogger(Logger):
@@ -49,3 +50,32 @@ class MemoryLogger(Logger):
 
     def last(self, key: str) -> float:
         return self.history[key][-1][1]
+
+
+def wandb_report(save_dir: str, name: str, config: dict[str, Any] | None = None, figures: Sequence[str] = (),
+                 checks: Sequence[dict[str, Any]] = (), summary: dict[str, Any] | None = None,
+                 group: str | None = None, project: str = "lightning-flat") -> str:
+    """One wandb run that tells an experiment's story: its ``config``, the ``figures`` (PNG paths) as images, the
+    ``checks`` (dicts with ``name``, ``value``, ``passed``) as a table, and ``summary`` (final values) in the run's
+    summary. Offline unless ``WANDB_MODE`` says otherwise (``wandb sync <dir>`` uploads it later); written under
+    ``save_dir/wandb``. Returns the run's folder."""
+    import os
+
+    import wandb
+
+    run = wandb.init(project=project, name=name, dir=save_dir, group=group, config=dict(config or {}),
+                     mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
+    try:
+        if figures:
+            run.log({os.path.splitext(os.path.basename(p))[0]: wandb.Image(p) for p in figures})
+        if checks:
+            table = wandb.Table(columns=["check", "value", "passed"],
+                                data=[[c["name"], float(c["value"]), bool(c["passed"])] for c in checks])
+            run.log({"checks": table})
+            run.summary["checks_passed"] = sum(bool(c["passed"]) for c in checks)
+            run.summary["checks_total"] = len(checks)
+        for k, v in (summary or {}).items():
+            run.summary[k] = v
+        return run.dir.rsplit("/files", 1)[0]
+    finally:
+        run.finish()

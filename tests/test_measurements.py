@@ -121,3 +121,35 @@ def test_bad_inputs_name_the_argument(gen):
         m.curvature(torch.zeros(2, 2, dtype=F64), torch.zeros(2, 2, dtype=F64))
     with pytest.raises(ValueError, match="method must be one of"):
         m.curvature(torch.zeros(3, 3, dtype=F64), torch.zeros(2, 2, dtype=F64), method="fast")
+
+
+def test_wandb_report_holds_config_figures_checks_and_summary(tmp_path, monkeypatch):
+    """The example report run, offline: its files name the config, the figure, the checks table and the summary."""
+    import glob
+    import json
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_flat.loggers import wandb_report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = str(tmp_path / "fig1_demo.png")
+    fig.savefig(png)
+    plt.close(fig)
+    checks = [dict(name="Q1 something holds", value=0.5, passed=True), dict(name="Q2 other", value=2.0, passed=False)]
+    run_dir = wandb_report(str(tmp_path), "demo-report", {"quick": True}, [png], checks, {"tau_median": 2700.0})
+    assert os.path.isdir(run_dir) and run_dir.startswith(str(tmp_path / "wandb" / "offline-run-"))
+    assert glob.glob(os.path.join(run_dir, "files", "media", "images", "fig1_demo*.png"))
+    (table,) = glob.glob(os.path.join(run_dir, "files", "media", "table", "checks*.table.json"))
+    table = json.load(open(table))
+    assert table["columns"] == ["check", "value", "passed"] and table["data"][1] == ["Q2 other", 2.0, False]
+    # offline, the config and summary records live in the run's .wandb file (protobuf; keys as plain bytes)
+    (record,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    data = open(record, "rb").read()
+    assert all(k in data for k in (b"checks_passed", b"checks_total", b"tau_median", b"quick"))

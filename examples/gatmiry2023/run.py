@@ -401,6 +401,13 @@ def main(argv=None) -> dict:
     from lightning_flat.io import write_json
 
     write_json(os.path.join(out, "results.json"), summary)
+    if use_wandb:  # one more offline run with the figures, the checks table and the final values
+        from lightning_flat.loggers import wandb_report
+
+        finals = {f"L{L}/{kind}/{k}": v for L in cfg["depths"] for kind in ("label_noise", "plain")
+                  for k, v in runs[L][kind]["final"].items() if isinstance(v, (int, float))}
+        wandb_report(out, f"gatmiry2023{'-quick' if args.quick else ''}-report", cfg, paths, summary["checks"],
+                     {**finals, "X_nuclear": Xnuc, "seconds": total}, group=os.path.basename(out.rstrip("/")))
     summary["F_hat"] = Fhat
     return summary
 

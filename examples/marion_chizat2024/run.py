@@ -662,6 +662,13 @@ def main(argv=None) -> dict:
     from lightning_flat.io import write_json
 
     write_json(os.path.join(out, "results.json"), results)
+    if ctx["wandb"]:  # one more offline run with the figures, the checks table and the constants
+        from lightning_flat.loggers import wandb_report
+
+        consts = {f"L{L}/{k}": v for L, c in results["constants"].items() for k, v in c.items()
+                  if isinstance(v, (int, float))}
+        wandb_report(out, f"marion_chizat2024{'-quick' if args.quick else ''}-report", results["config"], paths,
+                     results["checks"], {**consts, "seconds": total}, group=os.path.basename(out.rstrip("/")))
     return results
 
 

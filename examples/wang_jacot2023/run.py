@@ -952,7 +952,17 @@ def main(argv=None) -> dict:
     res["figures"] = figures(res, out)
     res["seconds"] = time.perf_counter() - t_start
     write_json(path, res, indent=None)
-    write_json(os.path.join(out, "summary.json"), summarize(res))
+    summary = summarize(res)
+    write_json(os.path.join(out, "summary.json"), summary)
+    if ctx["wandb"]:  # one more offline run with the figures, the checks table and the jump counts
+        from lightning_flat.loggers import wandb_report
+
+        finals = {f"{exp}/{k}/jumped": sum(t == t for t in v["tau"]) for exp in ("quick", "e2", "e5")
+                  for k, v in summary.get(exp, {}).items()}
+        if "e1" in summary:
+            finals["e1/main/jumped"] = sum(t == t for t in summary["e1"]["main"]["tau"])
+        wandb_report(out, f"wang_jacot2023{'-quick' if args.quick else ''}-report", res["config"], res["figures"],
+                     res["checks"], {**finals, "seconds": res["seconds"]}, group=os.path.basename(out.rstrip("/")))
     print(f"\nwrote {path}, {', '.join(res['figures'])}; total {res['seconds']:.0f} s ({workers} worker(s))")
     return res
 

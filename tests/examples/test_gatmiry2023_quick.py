@@ -42,7 +42,7 @@ def test_outputs(quick):
     summary, out = quick
     for name in ("fig1_losses.png", "fig2_trace_nuclear.png", "results.json"):
         assert os.path.getsize(out / name) > 1000
-    assert len(glob.glob(str(out / "wandb" / "offline-run-*"))) == 2  # one per depth (label noise r0, plain r1)
+    assert len(glob.glob(str(out / "wandb" / "offline-run-*"))) == 3  # one per depth (r0 label noise, r1 plain) + report
 
 
 def test_replot_redraws_from_results_json(quick, tmp_path):

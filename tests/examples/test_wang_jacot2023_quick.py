@@ -35,7 +35,7 @@ def test_gradient_descent_reaches_the_rank2_minimum(quick):
 def test_outputs(quick):
     summary, out = quick
     assert os.path.getsize(out / "fig_quick.png") > 10_000 and os.path.getsize(out / "results.json") > 1000
-    assert len([d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]) == 4
+    assert len([d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]) == 5  # 4 trainings + report
     run = summary["quick"]["L4"]
     assert run["steps"][:3] == [0, 10, 20] and run["steps"][-1] == 4000 and len(run["ratio"][0]) == 16
     assert all(math.isfinite(x) for x in run["relerr"][-1])
