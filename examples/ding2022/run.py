@@ -247,8 +247,8 @@ def figures(tables, dims, axes_x, out):
                                                 ("flat", "flat6", "1e-6"), ("nuc", "nuc6", "1e-6"))):
             grid = np.array([[tables[setting][(d, x)][key] for x in xs] for d in dims])
             ax = axes[i, j]
-            ax.imshow(grid, cmap="gray", vmin=0, vmax=1, origin="lower", aspect="auto",
-                      extent=(-0.5, len(xs) - 0.5, -0.5, len(dims) - 0.5))
+            im = ax.imshow(grid, cmap="gray", vmin=0, vmax=1, origin="lower", aspect="auto",
+                           extent=(-0.5, len(xs) - 0.5, -0.5, len(dims) - 0.5))
             ax.set_xticks(range(len(xs)))
             ax.set_xticklabels([f"{x:g}" for x in xs], fontsize=6, rotation=90)
             ax.set_yticks(range(len(dims)))
@@ -258,6 +258,8 @@ def figures(tables, dims, axes_x, out):
             ax.set_xlabel("p" if setting == "completion" else "m")
             ax.set_ylabel("d")
             ax.grid(False)
+    # one shared scale for all 16 panels: white = every trial recovered M, black = none
+    fig.colorbar(im, ax=axes, shrink=0.6, label="fraction of trials that recover M (white 1, black 0)")
     paths = [save(fig, os.path.join(out, "fig3_recovery.png"))]
     fig, axes = figure(2, 3, size=(3.6, 3.0), title="Ding et al. 2022, Fig. 4: log10 of the mean measure of the flat "
                                                    "factors")

@@ -295,13 +295,19 @@ def figures(runs, Fhat, Xnuc, out, title, noise_steps):
             for r, (key, name, ref) in enumerate(rows):
                 ax = axes[r, k]
                 for mode in MODES:
-                    series(ax, *runs[L][mode]["curves"][key], label=mode.replace("_", " "), logy=True,
-                           color=COLORS[mode])
+                    steps_, values = runs[L][mode]["curves"][key]
+                    label = mode.replace("_", " ")
+                    if mode == "plain" and steps_:  # say why the curve stops
+                        label += f" (converged, frozen at {steps_[-1]:.0e})"
+                    series(ax, steps_, values, label=label, logy=True, color=COLORS[mode])
+                    if mode == "plain" and steps_:
+                        ax.plot([steps_[-1]], [values[-1]], marker="|", ms=10, color=COLORS[mode])
                 ax.axvline(noise_steps, color="gray", ls=":", lw=1.0, label="noise off (polish)")
                 if ref is not None:
                     reference(ax, *ref(L))
                 ax.set_title(f"L = {L}: {name}")
-                ax.legend(fontsize=8)
+                ax.set_ylabel(name)
+                ax.legend(fontsize=7, loc="center right")  # the region every panel leaves free
         paths.append(save(fig, os.path.join(out, filename)))
     return paths
 
