@@ -236,6 +236,12 @@ class _CurvatureCallback(MeasuringCallback):
         self._checked = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        compiled = [name or type(pl_module).__name__ for name, m in pl_module.named_modules()
+                    if hasattr(m, "_orig_mod")]  # torch.compile's wrapper (OptimizedModule) keeps the module there
+        if compiled and not is_linear_net(pl_module) and self.loss_fn is default_loss_fn:
+            raise ValueError(f"{type(self).__name__}: the submodule(s) {compiled} are torch.compile'd, and compiled "
+                             "backward functions cannot be differentiated twice (Hessian-vector products): pass a "
+                             "loss_fn that calls the uncompiled module (its ._orig_mod), or measure before compiling")
         if not is_linear_net(pl_module) and not pl_module.automatic_optimization and \
                 self.loss_fn is default_loss_fn:
             raise ValueError(f"{type(self).__name__}: with manual optimization, training_step steps the optimizers "

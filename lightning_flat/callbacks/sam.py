@@ -50,6 +50,12 @@ def _batch_fields(batch: Any) -> tuple[dict[str, Tensor], Callable[[dict[str, Te
     )
 
 
+def _has_running_statistics(module: nn.Module) -> bool:
+    """Whether a forward in training mode updates buffers in place (BatchNorm*, InstanceNorm with running stats)."""
+    return any(getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None
+               for m in module.modules())
+
+
 @contextmanager
 def _frozen_norm_statistics(module: nn.Module):
     """Restore every batch-norm running statistic after SAM's extra forwards: the step's own forward already
@@ -159,6 +165,9 @@ class SAM(StepHook, Callback):
                 ctx.grads = self._msam(ctx.module, ctx.weights, ctx.batch, rho)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.m == 1 and not is_linear_net(pl_module) and _has_running_statistics(pl_module):
+            raise ValueError("SAM(m=1): 1-SAM runs a forward on one example at a time, and batch norm cannot "
+                             "normalize a batch of one in training mode; use m >= 2 (m-SAM) or n-SAM (m=None)")
         if not is_linear_net(pl_module) and not pl_module.automatic_optimization and self.loss_fn is None:
             raise ValueError("SAM: with manual optimization, training_step steps the optimizers itself, so it cannot "
                              "serve as SAM's loss: pass loss_fn=lambda module, batch: <the batch loss>")
@@ -224,7 +233,39 @@ class SAM(StepHook, Callback):
                     p.copy_(s)
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
+    def _msam_loop(self, pl_module: L.LightningModule, params: list[Tensor], batch: Any, rho: float) -> list[Tensor]:
+        """m-SAM chunk by chunk with plain autograd: for modules whose forward mutates state (batch norm's running
+        statistics), which torch.func transforms refuse. The same sum of |c|/B times each chunk's SAM gradient."""
+        fields, rebuild = _batch_fields(batch)
+        B = next(iter(fields.values())).shape[0]
+        loss_fn = self._loss_fn(pl_module)
+        total = [torch.zeros_like(p) for p in params]
+        saved = [p.detach().clone() for p in params]
+        try:
+            for start in range(0, B, self.m):
+                chunk = rebuild({k: v[start:start + self.m] for k, v in fields.items()})
+                size = next(iter(fields.values()))[start:start + self.m].shape[0]
+                g = torch.autograd.grad(loss_fn(pl_module, chunk), params, allow_unused=True)
+                g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+                eps = sam_perturbation(g, rho, params=params, adaptive=self.adaptive, normalize=self.normalize,
+                                       eta=self.eta)
+                with torch.no_grad():
+                    for p, e in zip(params, eps):
+                        p.add_(e)
+                gp = torch.autograd.grad(loss_fn(pl_module, chunk), params, allow_unused=True)
+                with torch.no_grad():
+                    for p, s in zip(params, saved):
+                        p.copy_(s)
+                total = [t + (size / B) * (0 if gi is None else gi) for t, gi in zip(total, gp)]
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        return total
+
     def _msam(self, pl_module: L.LightningModule, params: list[Tensor], batch: Any, rho: float) -> list[Tensor]:
+        if not is_linear_net(pl_module) and _has_running_statistics(pl_module):
+            return self._msam_loop(pl_module, params, batch, rho)
         fields, rebuild = _batch_fields(batch)
         replica_dims = self._replica_dims(pl_module)
         if replica_dims and isinstance(batch, MeasurementBatch) and batch.targets.ndim == 2:

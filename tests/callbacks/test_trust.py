@@ -430,3 +430,50 @@ def test_training_is_bitwise_the_same_with_and_without_the_measuring_callbacks(s
     fit(measured, 4, [HessianTrace(every_n_steps=2, num_matvecs=30, loss_fn=loss_fn),
                       Sharpness(every_n_steps=2, loss_fn=loss_fn)], **kw)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), measured.state_dict().values()))
+
+
+def test_m_sam_on_batch_norm_falls_back_to_chunks_and_is_the_m_sam_step():
+    """torch.func refuses batch norm's in-place statistics: m-SAM then runs chunk by chunk with autograd. The step
+    equals a hand computation: each chunk's SAM gradient at its own ascent point (batch statistics of the chunk),
+    weighted by |c|/B; the running statistics are those of the step's one forward."""
+    import copy
+
+    model, plain = Regression(batch_norm=True), Regression(batch_norm=True)
+    ref = copy.deepcopy(model.net)  # train mode: batch statistics, like the callback's chunks
+    fit(model, 1, [SAM(rho=RHO, m=3)])
+    fit(plain, 1)
+    x, y = model.x[:6], model.y[:6]
+    params = dict(ref.named_parameters())
+    buffers = {k: v.clone() for k, v in ref.named_buffers()}
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+
+    def loss(P, idx):
+        return torch.nn.functional.mse_loss(
+            torch.func.functional_call(ref, {**P, **{k: v.clone() for k, v in buffers.items()}}, (x[idx],)), y[idx])
+
+    for idx in ([0, 1, 2], [3, 4, 5]):
+        P = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        g = torch.autograd.grad(loss(P, idx), list(P.values()))
+        eps = sam_eps(g, RHO)
+        Pp = {k: (v.detach() + e).requires_grad_() for (k, v), e in zip(P.items(), eps)}
+        gp = torch.autograd.grad(loss(Pp, idx), list(Pp.values()))
+        total = {k: t + 0.5 * gi for (k, t), gi in zip(total.items(), gp)}
+    for k, p in model.net.named_parameters():
+        assert rel(p, params[k].detach() - LR * total[k]) < 1e-10, k
+    assert torch.equal(model.net[1].running_mean, plain.net[1].running_mean)
+
+
+def test_one_sam_with_batch_norm_and_compiled_modules_are_refused():
+    with pytest.raises(ValueError, match="SAM\\(m=1\\): 1-SAM runs a forward on one example"):
+        fit(Regression(batch_norm=True), 1, [SAM(rho=RHO, m=1)])
+
+    class Compiled(Regression):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.compile(self.net)
+
+        def training_step(self, batch, batch_idx):
+            return self.loss(batch)
+
+    with pytest.raises(ValueError, match=r"HessianTrace: the submodule\(s\) \['net'\] are torch.compile'd"):
+        fit(Compiled(), 1, [HessianTrace(every_n_steps=1)])

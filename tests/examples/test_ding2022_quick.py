@@ -1,4 +1,4 @@
-"""The Ding et al. --quick reproduction: the spec's Q1-Q3 and check 6."""
+"""The Ding et al. --quick reproduction: Q1-Q3 and check 6."""
 
 import os
 

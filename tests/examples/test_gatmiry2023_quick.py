@@ -1,4 +1,4 @@
-"""The Gatmiry et al. --quick reproduction: the spec's Q1-Q4 on the library's own Trainer-based training."""
+"""The Gatmiry et al. --quick reproduction: Q1-Q4 on the library's own Trainer-based training."""
 
 import glob
 import os
