@@ -1,7 +1,7 @@
 """Lightning callbacks: measure curvature and structure, or change training (label noise, schedules, guard)."""
 
 from lightning_flat.callbacks.base import MeasuringCallback
-from lightning_flat.callbacks.curvature import HessianTrace, Sharpness
+from lightning_flat.callbacks.curvature import HessianTrace, Sharpness, SpectralDensity
 from lightning_flat.callbacks.guard import FiniteLossGuard
 from lightning_flat.callbacks.label_noise import LabelNoise
 from lightning_flat.callbacks.sam import SAM
@@ -27,4 +27,5 @@ __all__ = [
     "SAM",
     "Sharpness",
     "SingularValues",
+    "SpectralDensity",
 ]

@@ -18,7 +18,7 @@ from lightning_flat.engine.compat import silenced_logging
 from lightning_flat.engine.hooks import hparams_at
 from lightning_flat.measurements import MeasurementBatch, Measurements
 
-__all__ = ["HessianTrace", "Sharpness"]
+__all__ = ["HessianTrace", "Sharpness", "SpectralDensity"]
 
 
 def default_loss_fn(pl_module: L.LightningModule, batch: Any) -> Tensor:
@@ -79,6 +79,33 @@ def isolated(pl_module: L.LightningModule, eval_mode: bool):
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _layer_traces(pl_module: L.LightningModule, meas: Measurements, targets: Tensor) -> Tensor:
+    """The Hessian trace of each factor's diagonal block, ``(..., L)``, exact: the closed form's terms where the
+    model has them (``hessian_trace_terms``), else the diagonals of the dense Hessian (small models)."""
+    terms = getattr(pl_module, "hessian_trace_terms", None)
+    if callable(terms):
+        return terms(meas, targets)
+    weights = [w.detach() for w in pl_module.weights()]
+    R = getattr(pl_module, "replicas", 1)
+    H = F.replica_loss_hessians(weights, meas, targets, end_to_end=pl_module.end_to_end_from) if R > 1 else \
+        F.loss_hessian(weights, meas, targets, end_to_end=pl_module.end_to_end_from)
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    sizes = [w[0].numel() if R > 1 else w.numel() for w in weights]
+    return torch.stack([part.sum(-1) for part in diag.split(sizes, dim=-1)], dim=-1)
+
+
+def _block_hvp(hvp, sizes: list[int], j: int):
+    """``v_j -> (H [0, .., v_j, .., 0])_j``: the operator of the j-th diagonal block of ``hvp``."""
+    start = sum(sizes[:j])
+
+    def block(v: Tensor) -> Tensor:
+        full = v.new_zeros(sum(sizes))
+        full[start:start + sizes[j]] = v
+        return hvp(full)[start:start + sizes[j]]
+
+    return block
 
 
 class _ModuleSnapshot:
@@ -252,7 +279,7 @@ class _CurvatureCallback(MeasuringCallback):
         if is_linear_net(pl_module) or (self._batch is not None and len(self._more) + 1 >= self.num_batches):
             super().on_train_start(trainer, pl_module)
 
-    def _operator(self, trainer: L.Trainer, pl_module: L.LightningModule):
+    def _operator(self, trainer: L.Trainer, pl_module: L.LightningModule, only: str | None = None):
         from hessian_eigenthings import DDPHessianOperator, HessianOperator
 
         from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -272,7 +299,7 @@ class _CurvatureCallback(MeasuringCallback):
             grads = torch.autograd.grad(self.loss_fn(pl_module, batches[0]), [p for _, p in params],
                                         allow_unused=True)
             self._used = {n for (n, _), g in zip(params, grads) if g is not None}
-        used = self._used
+        used = self._used if only is None else {only}
         cls = DDPHessianOperator if trainer.world_size > 1 else HessianOperator
         # batches=k: the HVPs are averaged over the k batches (the Hessian of the mean loss), and under DDP over the
         # ranks too
@@ -324,8 +351,10 @@ class HessianTrace(_CurvatureCallback):
 
     def __init__(self, every_n_steps: int = 100, measurements: Measurements | None = None,
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
-                 num_matvecs: int = 99, eval_mode: bool = True, seed: int = 0, batches: int = 1) -> None:
+                 num_matvecs: int = 99, eval_mode: bool = True, seed: int = 0, batches: int = 1,
+                 per_layer: bool = False) -> None:
         super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches)
+        self.per_layer = check_bool("per_layer", per_layer)
         self.num_matvecs = check_positive_int("num_matvecs", num_matvecs)
         if self.num_matvecs < 6:  # Hutch++: a third for the sketch, a third for its range, a third (>= 2) residual
             raise ValueError(f"num_matvecs must be >= 6 (Hutch++ needs at least 2 residual probes for a standard "
@@ -334,12 +363,22 @@ class HessianTrace(_CurvatureCallback):
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if is_linear_net(pl_module):
             meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "HessianTrace")
-            return {"hessian/trace": pl_module.hessian_trace(meas, targets)}
+            out = {"hessian/trace": pl_module.hessian_trace(meas, targets)}
+            if self.per_layer:
+                terms = _layer_traces(pl_module, meas, targets)  # (..., L): the closed form's terms
+                out.update({f"hessian/trace/layer{j + 1}": terms[..., j] for j in range(terms.shape[-1])})
+            return out
         from hessian_eigenthings import trace
         with isolated(pl_module, self.eval_mode), torch.enable_grad():
             res = trace(self._operator(trainer, pl_module), num_matvecs=self.num_matvecs, method="hutch++",
                         seed=self._probe_seed(trainer))
-        return {"hessian/trace": res.estimate, "hessian/trace_stderr": res.stderr}
+            out = {"hessian/trace": res.estimate, "hessian/trace_stderr": res.stderr}
+            if self.per_layer:  # one Hutch++ per parameter tensor (the diagonal blocks); they sum to the trace
+                for name in sorted(self._used, key=list(dict(pl_module.named_parameters())).index):
+                    block = trace(self._operator(trainer, pl_module, only=name), num_matvecs=self.num_matvecs,
+                                  method="hutch++", seed=self._probe_seed(trainer))
+                    out[f"hessian/trace/{name}"] = block.estimate
+        return out
 
 
 class Sharpness(_CurvatureCallback):
@@ -368,8 +407,10 @@ class Sharpness(_CurvatureCallback):
     def __init__(self, every_n_steps: int = 100, method: str = "auto", max_iter: int = 100, tol: float = 1e-8,
                  warm_start: bool = True, top_k: int = 1, measurements: Measurements | None = None,
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
-                 eval_mode: bool = True, seed: int = 0, edge_of_stability: bool = False, batches: int = 1) -> None:
+                 eval_mode: bool = True, seed: int = 0, edge_of_stability: bool = False, batches: int = 1,
+                 per_layer: bool = False) -> None:
         super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches)
+        self.per_layer = check_bool("per_layer", per_layer)
         self.edge_of_stability = check_bool("edge_of_stability", edge_of_stability)
         self.top_k = check_positive_int("top_k", top_k)
         self.method = check_choice("method", method, ("auto", "exact", "lanczos"))
@@ -379,6 +420,43 @@ class Sharpness(_CurvatureCallback):
         self._v: dict[int, Tensor] = {}  # warm-start vector per replica
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        out = self._measure(trainer, pl_module)
+        if self.per_layer:
+            out.update(self._per_layer(trainer, pl_module))
+        return out
+
+    def _per_layer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The top eigenvalue of each diagonal block of the Hessian (a factor's, or a parameter tensor's)."""
+        out: dict[str, Any] = {}
+        if not is_linear_net(pl_module):
+            with isolated(pl_module, self.eval_mode), torch.enable_grad():
+                self._operator(trainer, pl_module)  # finds the used parameters
+                names = list(dict(pl_module.named_parameters()))
+                for name in sorted(self._used, key=names.index):
+                    op = self._operator(trainer, pl_module, only=name)
+                    theta, _ = self._lanczos(op.matvec, op.size, op.dtype, op.device, f"block:{name}")
+                    out[f"hessian/sharpness/{name}"] = float(theta)
+            return out
+        with torch.enable_grad():
+            meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "Sharpness")
+            weights = pl_module.weights()
+            R = getattr(pl_module, "replicas", 1)
+            active = getattr(pl_module, "replica_active", None)
+            per = [[W[r] for W in weights] for r in range(R)] if R > 1 else [weights]
+            values = [[float("nan")] * R for _ in weights]
+            for r, ws in enumerate(per):
+                if active is not None and not bool(active[r]):
+                    continue
+                hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=pl_module.replica_end_to_end(r if R > 1 else None))
+                sizes = [w.numel() for w in ws]
+                for j in range(len(ws)):
+                    theta, _ = self._lanczos(_block_hvp(hvp, sizes, j), sizes[j], w0.dtype, w0.device, f"{r}:{j}")
+                    values[j][r] = float(theta)
+        for j, vals in enumerate(values):
+            out[f"hessian/sharpness/layer{j + 1}"] = vals[0] if R == 1 else torch.tensor(vals, dtype=torch.float64)
+        return out
+
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         if not is_linear_net(pl_module):
             with isolated(pl_module, self.eval_mode), torch.enable_grad():
                 op = self._operator(trainer, pl_module)
@@ -455,12 +533,13 @@ class Sharpness(_CurvatureCallback):
         res = lanczos(op, k=k, max_iter=min(max(3 * k, 30), op.size), which="LA", seed=self._probe_seed(trainer))
         return {f"hessian/eigenvalue_{i}": float(v) for i, v in enumerate(res.eigenvalues)}
 
-    def _lanczos(self, hvp, size: int, dtype: torch.dtype, device: torch.device, key: int):
+    def _lanczos(self, hvp, size: int, dtype: torch.dtype, device: torch.device, key: int | str):
         v0 = self._v.get(key) if self.warm_start else None
         if v0 is not None and v0.numel() != size:
             v0 = None
         theta, v, hvps = F.top_hessian_eigenpair(hvp, size, dtype=dtype, device=device, v0=v0,
-                                                 max_iter=self.max_iter, tol=self.tol, seed=self.seed + key)
+                                                 max_iter=self.max_iter, tol=self.tol,
+                                                 seed=self.seed + (key if isinstance(key, int) else 0))
         self._v[key] = v.detach()
         return theta, hvps
 
@@ -470,3 +549,101 @@ class Sharpness(_CurvatureCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._v = dict(state_dict.get("v") or {})
+
+
+class SpectralDensity(_CurvatureCallback):
+    r"""The eigenvalue density of the Hessian of the full training loss every ``every_n_steps``.
+
+    Exact where the parameter count allows (``method="auto"`` with at most ``exact_max_params`` parameters, or
+    ``"exact"``): the eigenvalues of the dense Hessian, each with weight ``1/p``. Otherwise stochastic Lanczos
+    quadrature (``"slq"``, hessian-eigenthings' ``spectral_density``): ``num_probes`` Rademacher probes,
+    ``lanczos_steps`` Lanczos steps each; the nodes are the Ritz values of every probe and the weights the squared
+    first components of their eigenvectors divided by ``num_probes``, so that
+    :math:`\sum_k w_k\theta_k^j \approx \operatorname{tr}(H^j)/p` (exactly in expectation for ``j`` below
+    ``2 * lanczos_steps``). On the lightning_flat models the Hessian is the closed form's (``torch.func``); with
+    replicas, the first active replica's. On any other module, ``loss_fn`` on the kept batches, as
+    :class:`HessianTrace`.
+
+    Kept in ``densities``: a list of ``(step, nodes, weights)`` (CPU float64 tensors). Logged keys:
+    ``spectrum/max`` and ``spectrum/min`` (the extreme nodes), ``spectrum/mean`` (:math:`\operatorname{tr}H/p`),
+    ``spectrum/second_moment`` (:math:`\operatorname{tr}H^2/p`) and ``spectrum/negative_mass`` (the weight of the
+    negative nodes). :func:`lightning_flat.plotting.density_heatmap` draws the densities over training.
+    """
+
+    def __init__(self, every_n_steps: int = 100, method: str = "auto", num_probes: int = 10, lanczos_steps: int = 80,
+                 exact_max_params: int = 1024, measurements: Measurements | None = None,
+                 targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
+                 eval_mode: bool = True, seed: int = 0, batches: int = 1) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches)
+        self.method = check_choice("method", method, ("auto", "exact", "slq"))
+        self.num_probes = check_positive_int("num_probes", num_probes)
+        self.lanczos_steps = check_positive_int("lanczos_steps", lanczos_steps)
+        self.exact_max_params = check_positive_int("exact_max_params", exact_max_params)
+        self.densities: list[tuple[int, Tensor, Tensor]] = []
+
+    def _state_key_config(self) -> dict[str, Any]:
+        return {**super()._state_key_config(), "method": self.method, "num_probes": self.num_probes,
+                "lanczos_steps": self.lanczos_steps}
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        with torch.enable_grad():
+            if is_linear_net(pl_module):
+                meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "SpectralDensity")
+                R = getattr(pl_module, "replicas", 1)
+                active = getattr(pl_module, "replica_active", None)
+                r = 0 if active is None else int(active.nonzero()[0, 0]) if bool(active.any()) else None
+                if r is None:
+                    return {}
+                ws = [w[r] for w in pl_module.weights()] if R > 1 else pl_module.weights()
+                e2e = pl_module.replica_end_to_end(r if R > 1 else None)
+                size = sum(w.numel() for w in ws)
+                if self._exact(size):
+                    H = F.loss_hessian([w.detach() for w in ws], meas, targets, end_to_end=e2e)
+                    nodes, weights = self._exact_density(H)
+                else:
+                    from hessian_eigenthings import LambdaOperator
+
+                    hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=e2e)
+                    nodes, weights = self._slq(LambdaOperator(hvp, size, w0.device, w0.dtype), trainer)
+            else:
+                with isolated(pl_module, self.eval_mode):
+                    op = self._operator(trainer, pl_module)
+                    if self._exact(op.size):
+                        eye = torch.eye(op.size, dtype=op.dtype, device=op.device)
+                        H = torch.stack([op.matvec(e) for e in eye])
+                        nodes, weights = self._exact_density(0.5 * (H + H.T))
+                    else:
+                        nodes, weights = self._slq(op, trainer)
+        nodes, weights = nodes.detach().to("cpu", torch.float64), weights.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(nodes).all()):
+            return {}
+        self.densities.append((trainer.global_step, nodes, weights))
+        return {"spectrum/max": float(nodes.max()), "spectrum/min": float(nodes.min()),
+                "spectrum/mean": float((weights * nodes).sum()),
+                "spectrum/second_moment": float((weights * nodes.square()).sum()),
+                "spectrum/negative_mass": float(weights[nodes < 0].sum())}
+
+    def _exact(self, size: int) -> bool:
+        return self.method == "exact" or (self.method == "auto" and size <= self.exact_max_params)
+
+    @staticmethod
+    def _exact_density(H: Tensor) -> tuple[Tensor, Tensor]:
+        if not bool(torch.isfinite(H).all()):
+            return torch.full((1,), float("nan")), torch.ones(1)
+        nodes = torch.linalg.eigvalsh(H)
+        return nodes, torch.full_like(nodes, 1.0 / nodes.numel())
+
+    def _slq(self, op, trainer: L.Trainer) -> tuple[Tensor, Tensor]:
+        from hessian_eigenthings import spectral_density
+
+        res = spectral_density(op, num_runs=self.num_probes, lanczos_steps=min(self.lanczos_steps, op.size),
+                               num_grid_points=2, seed=self._probe_seed(trainer))
+        keep = torch.isfinite(res.raw_eigenvalues)
+        return res.raw_eigenvalues[keep], res.raw_weights[keep] / self.num_probes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "densities": self.densities}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.densities = list(state_dict.get("densities") or [])

@@ -147,6 +147,11 @@ class LinearNetBase(FastSetattr, L.LightningModule):
         :func:`lightning_flat.functional.hessian_trace`; models with another structure override this)."""
         return F.hessian_trace(self.weights(), measurements, targets)
 
+    def hessian_trace_terms(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
+        """The trace of each factor's diagonal block of the Hessian, ``(..., L)`` (they sum to
+        :meth:`hessian_trace`): the closed form's layer terms."""
+        return F.hessian_trace(self.weights(), measurements, targets, per_layer=True)
+
     def penalty(self, weights: list[Tensor]) -> Tensor | None:
         """Terms added to the training loss besides the data fit: ``trace_penalty * hessian_trace`` (the flatness
         regularizer, differentiable) and, with L-BFGS, the ridge ``weight_decay / 2 * sum_j ||W_j||^2``."""

@@ -81,6 +81,8 @@ class QuadraticNet(LinearNetBase):
     def hessian_trace(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
         return self.hessian_trace_from(self.weights(), measurements, targets)
 
+    hessian_trace_terms = None  # no per-factor closed form: per-layer traces come from the dense Hessian
+
     def hessian_trace_from(self, weights: list[Tensor], measurements: Measurements, targets: Tensor | None) -> Tensor:
         if targets is None:
             raise ValueError("QuadraticNet's Hessian trace has a residual term: it needs the targets")

@@ -125,6 +125,12 @@ class ResidualLinearNet(LinearNetBase):
         chain = list(weights) + [w_row.expand(*weights[0].shape[:-2], *w_row.shape[-2:])]
         return F.hessian_trace(chain, measurements, per_layer=True)[..., :-1].sum(-1)
 
+    def hessian_trace_terms(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
+        w_row = self._w_row()
+        weights = self.weights()
+        chain = list(weights) + [w_row.expand(*weights[0].shape[:-2], *w_row.shape[-2:])]
+        return F.hessian_trace(chain, measurements, per_layer=True)[..., :-1]
+
     def theta(self) -> list[Tensor]:
         r"""The theory's coordinates :math:`\theta_k = L(W_k - W_k(0))`."""
         return [self.depth * (W - W0) for W, W0 in zip(self.weights(), self.initial)]

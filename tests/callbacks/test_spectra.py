@@ -1,0 +1,120 @@
+"""Spectra during training: SpectralDensity (exact and stochastic Lanczos quadrature), per-layer traces and
+sharpness, against dense float64 Hessians."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import rel
+from helpers import trainer
+from lightning_flat import functional as F
+from lightning_flat.callbacks import HessianTrace, Sharpness, SpectralDensity
+from lightning_flat.datamodules import MatrixSensingDataModule, UnivariateRegressionDataModule
+from lightning_flat.models import DeepLinearNet, QuadraticNet
+
+
+def setup(callbacks, steps=20, replicas=1, dims=(3, 5, 4, 4)):
+    dm = MatrixSensingDataModule(n=40, d_out=dims[-1], d_in=dims[0], rank=1, batch_size=8, seed=0)
+    net = DeepLinearNet(list(dims), lr=0.02, seed=0, replicas=replicas)
+    tr, mem = trainer(steps, callbacks)
+    tr.fit(net, dm)
+    return dm, net, mem
+
+
+def dense(net, dm, r=None):
+    ws = [w.detach() if r is None else w.detach()[r] for w in net.weights()]
+    return F.loss_hessian(ws, dm.measurements, dm.targets), ws
+
+
+def test_exact_density_is_the_spectrum():
+    sd = SpectralDensity(every_n_steps=10)
+    dm, net, _ = setup([sd])
+    H, _ = dense(net, dm)
+    step, nodes, weights = sd.densities[-1]
+    assert step == 20 and rel(nodes, torch.linalg.eigvalsh(H)) < 1e-10
+    assert torch.allclose(weights, torch.full_like(weights, 1 / H.shape[0]))
+    assert rel(sd.last["spectrum/mean"], torch.trace(H) / H.shape[0]) < 1e-10
+
+
+def test_slq_moments_and_edges_against_the_dense_hessian():
+    probes, steps = 40, 30
+    sd = SpectralDensity(every_n_steps=20, method="slq", num_probes=probes, lanczos_steps=steps)
+    dm, net, _ = setup([sd])
+    H, _ = dense(net, dm)
+    p = H.shape[0]
+    _, nodes, weights = sd.densities[-1]
+    lam = torch.linalg.eigvalsh(H)
+    # k = 0: each probe's quadrature weights sum to 1 (squared components of a unit vector)
+    assert abs(float(weights.sum()) - 1) < 1e-10
+    # k = 1, 2: Gauss quadrature with 30 nodes is exact for degree < 60, so the only error is the probes':
+    # z^T H^k z / p with Rademacher z has standard deviation sqrt(2 sum_{i != j} (H^k)_ij^2) / p per probe
+    for k in (1, 2):
+        Hk = torch.linalg.matrix_power(H, k)
+        std = math.sqrt(2 * float((Hk.square().sum() - Hk.diagonal().square().sum()))) / p / math.sqrt(probes)
+        got = float((weights * nodes.pow(k)).sum())
+        assert abs(got - float(torch.trace(Hk)) / p) <= 5 * std + 1e-10, (k, got, float(torch.trace(Hk)) / p, std)
+    # the support: Lanczos finds the extreme eigenvalues first (30 steps of a 48-dimensional operator)
+    assert rel(nodes.max(), lam[-1]) < 1e-6 and abs(float(nodes.min() - lam[0])) < 1e-6 * float(lam.abs().max())
+
+
+def test_per_layer_traces_sum_to_the_trace_and_equal_the_dense_blocks():
+    ht = HessianTrace(every_n_steps=10, per_layer=True)
+    dm, net, _ = setup([ht])
+    H, ws = dense(net, dm)
+    sizes = [w.numel() for w in ws]
+    blocks = [float(d.sum()) for d in H.diagonal().split(sizes)]
+    layers = [ht.last[f"hessian/trace/layer{j + 1}"] for j in range(3)]
+    # both exact: float64 rounding of sums of a few thousand O(1) terms
+    assert abs(sum(layers) - ht.last["hessian/trace"]) <= 1e-10 * ht.last["hessian/trace"]
+    assert all(rel(a, b) < 1e-10 for a, b in zip(layers, blocks))
+
+
+def test_per_layer_sharpness_is_the_top_eigenvalue_of_each_block():
+    sh = Sharpness(every_n_steps=10, per_layer=True, tol=1e-12)
+    dm, net, _ = setup([sh])
+    H, ws = dense(net, dm)
+    sizes = [w.numel() for w in ws]
+    starts = [sum(sizes[:j]) for j in range(3)]
+    for j in range(3):
+        block = H[starts[j]:starts[j] + sizes[j], starts[j]:starts[j] + sizes[j]]
+        assert rel(sh.last[f"hessian/sharpness/layer{j + 1}"], torch.linalg.eigvalsh(block)[-1]) < 1e-9
+
+
+def test_per_layer_with_replicas_and_quadratic_net():
+    ht, sh = HessianTrace(every_n_steps=10, per_layer=True), Sharpness(every_n_steps=10, per_layer=True, tol=1e-12)
+    dm, net, _ = setup([ht, sh], replicas=2)
+    for r in range(2):
+        H, ws = dense(net, dm, r)
+        sizes = [w.numel() for w in ws]
+        first = H[:sizes[0], :sizes[0]]
+        assert rel(ht.replica_history["hessian/trace/layer1"][-1][1][r], torch.trace(first)) < 1e-10
+        assert rel(sh.replica_history["hessian/sharpness/layer1"][-1][1][r], torch.linalg.eigvalsh(first)[-1]) < 1e-9
+    # QuadraticNet has no per-factor closed form: the dense Hessian's blocks
+    from lightning_flat.datamodules import QuadraticSensingDataModule
+
+    dm = QuadraticSensingDataModule(n=30, d=4, rank_pos=1, rank_neg=1, batch_size=None, seed=0)
+    net = QuadraticNet(4, 2, 1, lr=0.01)
+    ht = HessianTrace(every_n_steps=5, per_layer=True)
+    tr, _ = trainer(5, [ht])
+    tr.fit(net, dm)
+    parts = [ht.last["hessian/trace/layer1"], ht.last["hessian/trace/layer2"]]
+    assert abs(sum(parts) - ht.last["hessian/trace"]) <= 1e-9 * abs(ht.last["hessian/trace"])
+
+
+def test_density_heatmap_draws(tmp_path):
+    from lightning_flat.plotting import density_heatmap, figure, save
+
+    sd = SpectralDensity(every_n_steps=5)
+    setup([sd])
+    fig, axes = figure(1, 1)
+    im = density_heatmap(axes[0][0], sd.densities, lines={"2/lr": ([0, 20], [100.0, 100.0])})
+    assert im.get_array().shape == (200, len(sd.densities))  # one column per measured step
+    assert save(fig, tmp_path / "d.png") and (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="method must be one of"):
+        SpectralDensity(method="pyhessian")
+    with pytest.raises(TypeError, match="per_layer must be True or False"):
+        HessianTrace(per_layer="yes")
