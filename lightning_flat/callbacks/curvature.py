@@ -224,8 +224,6 @@ class _CurvatureCallback(MeasuringCallback):
             return
         if self._batch is None:
             # the fixed curvature batch: the first training batch, without label noise whatever the callbacks' order
-            from lightning_flat.callbacks.label_noise import LabelNoise
-
             self._batch = self._clean_copy(trainer, batch)
         elif len(self._more) + 1 < self.num_batches:
             self._more.append(self._clean_copy(trainer, batch))

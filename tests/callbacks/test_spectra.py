@@ -10,7 +10,7 @@ from conftest import rel
 from helpers import trainer
 from lightning_flat import functional as F
 from lightning_flat.callbacks import HessianTrace, Sharpness, SpectralDensity
-from lightning_flat.datamodules import MatrixSensingDataModule, UnivariateRegressionDataModule
+from lightning_flat.datamodules import MatrixSensingDataModule
 from lightning_flat.models import DeepLinearNet, QuadraticNet
 
 
