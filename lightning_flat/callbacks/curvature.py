@@ -81,6 +81,20 @@ def isolated(pl_module: L.LightningModule, eval_mode: bool):
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def _parse_threshold(value: float | str | None):
+    """``track_above``: ``None``, a number, or ``"2/lr"`` / ``"c*2/lr"`` (a multiple of 2/lr, read every step)."""
+    import re
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(?:([0-9.eE+-]+)\s*\*\s*)?2\s*/\s*lr\s*", value)
+        if m is None:
+            raise ValueError(f"track_above must be a number, '2/lr' or 'c*2/lr' (e.g. '0.9*2/lr'), got {value!r}")
+        return ("two_over_lr", float(m.group(1)) if m.group(1) else 1.0)
+    return ("value", check_real("track_above", value))
+
+
 def _layer_traces(pl_module: L.LightningModule, meas: Measurements, targets: Tensor) -> Tensor:
     """The Hessian trace of each factor's diagonal block, ``(..., L)``, exact: the closed form's terms where the
     model has them (``hessian_trace_terms``), else the diagonals of the dense Hessian (small models)."""
@@ -396,6 +410,12 @@ class Sharpness(_CurvatureCallback):
 
     On a generic module, ``batches=k`` measures the Hessian of the mean loss over the first ``k`` training batches.
 
+    ``track_above`` (a number, ``"2/lr"`` or ``"c*2/lr"``) also finds every eigenvalue above that threshold by
+    LOBPCG warm-started from the previous read (on the lightning_flat models, of the first active replica): kept
+    in ``tracked`` as ``(step, [values])`` and logged as ``hessian/above/count``, ``hessian/above/{i}`` (the
+    first 10), ``hessian/above/threshold`` and ``hessian/above/hvps``. ``per_layer=True`` logs the top eigenvalue
+    of each diagonal block, ``hessian/sharpness/layer{j}`` (a parameter tensor's on other modules).
+
     Logged keys: ``hessian/sharpness``, ``hessian/sharpness_hvps`` (HVPs used by this read, Lanczos only),
     ``hessian/eigenvalue_{i}`` for ``i < top_k`` when ``top_k > 1``, ``hessian/two_over_lr``. With replicas, each
     replica has its own Hessian (the dense ones all at once, :func:`lightning_flat.functional.replica_loss_hessians`),
@@ -406,9 +426,12 @@ class Sharpness(_CurvatureCallback):
                  warm_start: bool = True, top_k: int = 1, measurements: Measurements | None = None,
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
                  eval_mode: bool = True, seed: int = 0, edge_of_stability: bool = False, batches: int = 1,
-                 per_layer: bool = False) -> None:
+                 per_layer: bool = False, track_above: float | str | None = None) -> None:
         super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches)
         self.per_layer = check_bool("per_layer", per_layer)
+        self.track_above = _parse_threshold(track_above)
+        self.tracked: list[tuple[int, list[float]]] = []  # (step, every eigenvalue above the threshold)
+        self._track_x: Tensor | None = None
         self.edge_of_stability = check_bool("edge_of_stability", edge_of_stability)
         self.top_k = check_positive_int("top_k", top_k)
         self.method = check_choice("method", method, ("auto", "exact", "lanczos"))
@@ -421,7 +444,59 @@ class Sharpness(_CurvatureCallback):
         out = self._measure(trainer, pl_module)
         if self.per_layer:
             out.update(self._per_layer(trainer, pl_module))
+        if self.track_above is not None:
+            out.update(self._track(trainer, pl_module))
         return out
+
+    def _threshold(self, trainer: L.Trainer) -> float:
+        kind, c = self.track_above
+        if kind == "value":
+            return c
+        two = self._two_over_lr(trainer)
+        two = float(two.min()) if isinstance(two, Tensor) else float(two)
+        return c * two
+
+    def _track(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Every eigenvalue above the threshold: LOBPCG for the top k, warm-started from the previous read's
+        vectors, k grown until the k-th falls below the threshold."""
+        threshold = self._threshold(trainer)
+        with torch.enable_grad():
+            if is_linear_net(pl_module):
+                meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "Sharpness")
+                R = getattr(pl_module, "replicas", 1)
+                active = getattr(pl_module, "replica_active", None)
+                r = 0 if active is None else (int(active.nonzero()[0, 0]) if bool(active.any()) else None)
+                if r is None:
+                    return {}
+                ws = [w[r] for w in pl_module.weights()] if R > 1 else pl_module.weights()
+                hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=pl_module.replica_end_to_end(r if R > 1 else None))
+                size, dtype, device = w0.numel(), w0.dtype, w0.device
+                values, hvps = self._above(hvp, size, dtype, device, threshold)
+            else:
+                with isolated(pl_module, self.eval_mode):
+                    op = self._operator(trainer, pl_module)
+                    values, hvps = self._above(op.matvec, op.size, op.dtype, op.device, threshold)
+        self.tracked.append((trainer.global_step, values))
+        out: dict[str, Any] = {"hessian/above/count": float(len(values)), "hessian/above/threshold": threshold,
+                               "hessian/above/hvps": float(hvps)}
+        out.update({f"hessian/above/{i}": v for i, v in enumerate(values[:10])})
+        return out
+
+    def _above(self, hvp, size: int, dtype: torch.dtype, device: torch.device, threshold: float):
+        X0 = self._track_x
+        k = min(size, max(3, (X0.shape[1] if X0 is not None else 0)))
+        hvps = 0
+        while True:
+            # the last two vectors are guards; residual sqrt(tol) gives eigenvalues to about tol
+            theta, X, n = F.top_eigenpairs(hvp, size, k, dtype=dtype, device=device, X0=X0, tol=self.tol ** 0.5,
+                                           seed=self.seed, nconv=max(1, k - 2), above=threshold)
+            hvps += n
+            if float(theta[max(0, k - 3)]) <= threshold or k >= size:  # a converged one is below: all found
+                break
+            X0, k = X, min(size, 2 * k)  # all k above: look further, from what was found
+        above = [float(t) for t in theta if float(t) > threshold]
+        self._track_x = X[:, :len(above) + 2].detach()  # the next read's start: these and two more
+        return above, hvps
 
     def _per_layer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The top eigenvalue of each diagonal block of the Hessian (a factor's, or a parameter tensor's)."""
@@ -542,11 +617,13 @@ class Sharpness(_CurvatureCallback):
         return theta, hvps
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "v": self._v}
+        return {**super().state_dict(), "v": self._v, "tracked": self.tracked, "track_x": self._track_x}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._v = dict(state_dict.get("v") or {})
+        self.tracked = list(state_dict.get("tracked") or [])
+        self._track_x = state_dict.get("track_x")
 
 
 class SpectralDensity(_CurvatureCallback):

@@ -39,6 +39,7 @@ __all__ = [
     "replica_loss_hessians",
     "replica_sharpness",
     "sharpness",
+    "top_eigenpairs",
     "top_hessian_eigenpair",
 ]
 
@@ -362,3 +363,64 @@ def sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Te
         theta, _, _ = top_hessian_eigenpair(hvp, size, dtype=w0.dtype, device=w0.device, v0=v0,
                                             max_iter=max_iter, tol=tol, seed=seed)
     return theta
+
+
+def _orthonormal(S: Tensor, rtol: float = 1e-10) -> Tensor:
+    """An orthonormal basis of the columns of ``S`` (QR, dropping directions below ``rtol`` of the largest)."""
+    Q, Rm = torch.linalg.qr(S)
+    d = Rm.diagonal().abs()
+    keep = d > rtol * (float(d.max()) if d.numel() else 1.0)
+    return Q[:, keep]
+
+
+def top_eigenpairs(hvp, size: int, k: int, *, dtype: torch.dtype, device: torch.device, X0: Tensor | None = None,
+                   tol: float = 1e-8, max_iter: int = 300, seed: int = 0,
+                   nconv: int | None = None, above: float | None = None) -> tuple[Tensor, Tensor, int]:
+    r"""The ``k`` largest algebraic eigenpairs of a symmetric operator ``hvp`` by LOBPCG (Knyazev 2001): Rayleigh-Ritz
+    on the block :math:`[X, R, P]` of the current vectors, their residuals and the previous step's directions, until
+    the residuals of the leading ``nconv`` (default ``k``) satisfy :math:`\|Hx - \theta x\| \le
+    \mathrm{tol}\cdot\max(|\theta|, 1)` (the eigenvalue's error is about the residual squared over the gap; the
+    trailing vectors are guards that speed up convergence); with ``above``, only those above that level and the
+    first one below it. ``X0`` (e.g. the previous read's eigenvectors)
+    warm-starts it, so a read during training converges in a few blocks. Returns
+    ``(eigenvalues (k,) descending, eigenvectors (size, k), hvps)``."""
+    k = min(check_positive_int("k", k), size)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(size, k, generator=g, dtype=dtype).to(device)
+    if X0 is not None and X0.numel():
+        m = min(k, X0.shape[1])
+        X[:, :m] = X0[:, :m].to(dtype=dtype, device=device)
+    hvps = 0
+
+    def apply(V: Tensor) -> Tensor:
+        nonlocal hvps
+        hvps += V.shape[1]
+        return torch.stack([hvp(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    X = _orthonormal(X)
+    AX = apply(X)
+    P = None
+    theta = torch.zeros(k, dtype=dtype, device=device)
+    for _ in range(max_iter):
+        T = X.T @ AX
+        theta, Q = torch.linalg.eigh(0.5 * (T + T.T))
+        theta, Q = theta.flip(0)[:k], Q.flip(1)[:, :k]
+        X, AX = X @ Q, AX @ Q
+        R = AX - X * theta
+        n = k if nconv is None else min(nconv, k)
+        if above is not None:  # only the pairs above the level, and the first one below it, must converge
+            n = min(n, int((theta > above).sum()) + 1)
+        if X.shape[1] == k and bool((R.norm(dim=0) <= tol * theta.abs().clamp(min=1.0))[:n].all()):
+            break
+        # unit columns before the QR: converged residuals are tiny, and unscaled they would lose the basis accuracy
+        unit = lambda B: B / B.norm(dim=0).clamp(min=torch.finfo(B.dtype).tiny)  # noqa: E731
+        blocks = [X, unit(R)] + ([unit(P)] if P is not None else [])
+        S = _orthonormal(torch.cat(blocks, dim=1), rtol=1e-8)
+        AS = apply(S)
+        T = S.T @ AS
+        vals, Q = torch.linalg.eigh(0.5 * (T + T.T))
+        Q = Q.flip(1)[:, :k]
+        Xn, AXn = S @ Q, AS @ Q
+        P = Xn - X @ (X.T @ Xn)
+        X, AX = Xn, AXn
+    return theta, X, hvps

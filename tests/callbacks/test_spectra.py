@@ -118,3 +118,30 @@ def test_bad_arguments():
         SpectralDensity(method="pyhessian")
     with pytest.raises(TypeError, match="per_layer must be True or False"):
         HessianTrace(per_layer="yes")
+
+
+@pytest.mark.parametrize("threshold", [3.0, "0.05*2/lr"])
+def test_tracked_eigenvalues_are_every_eigenvalue_above_the_threshold(threshold):
+    sh = Sharpness(every_n_steps=10, track_above=threshold, tol=1e-10)
+    dm, net, _ = setup([sh])
+    H, _ = dense(net, dm)
+    lam = torch.linalg.eigvalsh(H).flip(0)
+    level = 3.0 if threshold == 3.0 else 0.05 * 2 / 0.02
+    want = lam[lam > level]
+    step, got = sh.tracked[-1]
+    assert step == 20 and len(got) == len(want) >= 2
+    # LOBPCG converged to residual 1e-10 relative: eigenvalues to ~1e-10 relative (squared for well separated ones)
+    assert all(rel(a, b) < 1e-6 for a, b in zip(got, want))
+    assert sh.last["hessian/above/count"] == len(want)
+
+
+def test_tracking_is_cheaper_warm():
+    sh = Sharpness(every_n_steps=1, track_above=3.0, tol=1e-8)
+    setup([sh], steps=6)
+    hvps = [v for _, v in sh.history["hessian/above/hvps"]]
+    assert hvps[-1] < hvps[0]  # warm-started from the previous read's vectors
+
+
+def test_bad_threshold():
+    with pytest.raises(ValueError, match="track_above must be a number, '2/lr' or 'c\\*2/lr'"):
+        Sharpness(track_above="twice the lr")

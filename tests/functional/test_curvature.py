@@ -120,3 +120,17 @@ def test_bad_weights():
         F.hessian_trace([torch.zeros(2, 3, dtype=F64)], m)
     with pytest.raises(ValueError, match="method must be one of"):
         F.sharpness([torch.zeros(3, 3, dtype=F64)], m, torch.zeros(2, dtype=F64), method="power")
+
+
+def test_top_eigenpairs_lobpcg_against_eigvalsh():
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    H = A @ A.T / 40 - torch.eye(40, dtype=torch.float64) + torch.diag(torch.linspace(0, 8, 40, dtype=torch.float64))
+    lam, vec = torch.linalg.eigh(H)
+    theta, X, hvps = F.top_eigenpairs(lambda v: H @ v, 40, 5, dtype=torch.float64, device="cpu", tol=1e-10)
+    # residual 1e-10: eigenvalues to ~1e-10 and better (error ~ residual^2 / gap)
+    assert float((theta - lam.flip(0)[:5]).abs().max()) < 1e-9
+    assert float((H @ X - X * theta).norm(dim=0).max()) < 1e-9 * float(theta.abs().max())
+    # warm start from the answer: converged at the first check
+    _, _, warm = F.top_eigenpairs(lambda v: H @ v, 40, 5, dtype=torch.float64, device="cpu", tol=1e-8, X0=X)
+    assert warm == 5 and hvps > warm
