@@ -58,3 +58,16 @@ def run_example(relpath, argv):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.main(argv)
+
+
+def failed_checks(summary, prefix):
+    """The checks of an example's summary whose name starts with ``prefix`` and that failed (and that some exist)."""
+    rows = [c for c in summary["checks"] if c["name"].startswith(prefix)]
+    assert rows, prefix
+    return [f"{c['name']}: {c['value']:.4g}" for c in rows if not c["passed"]]
+
+
+def assert_replot(example, results, out, figures):
+    """``--replot`` redraws exactly ``figures`` from a results file, without checks."""
+    summary = run_example(example, ["--replot", str(results), "--out", str(out)])
+    assert summary["checks"] == [] and [os.path.basename(p) for p in summary["figures"]] == figures

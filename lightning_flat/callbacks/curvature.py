@@ -110,6 +110,18 @@ def _layer_traces(pl_module: L.LightningModule, meas: Measurements, targets: Ten
     return torch.stack([part.sum(-1) for part in diag.split(sizes, dim=-1)], dim=-1)
 
 
+def _first_active(pl_module: L.LightningModule):
+    """``(weights, end_to_end)`` of a lightning_flat model's first active replica (the model itself without
+    replicas), or ``None`` when every replica is frozen."""
+    R = getattr(pl_module, "replicas", 1)
+    active = getattr(pl_module, "replica_active", None)
+    if active is not None and not bool(active.any()):
+        return None
+    r = 0 if active is None else int(active.nonzero()[0, 0])
+    weights = [w[r] for w in pl_module.weights()] if R > 1 else pl_module.weights()
+    return weights, pl_module.replica_end_to_end(r if R > 1 else None)
+
+
 def _block_hvp(hvp, sizes: list[int], j: int):
     """``v_j -> (H [0, .., v_j, .., 0])_j``: the operator of the j-th diagonal block of ``hvp``."""
     start = sum(sizes[:j])
@@ -317,6 +329,15 @@ class _CurvatureCallback(MeasuringCallback):
         # ranks too
         return cls(pl_module, batches, self.loss_fn, full_dataset=True, param_filter=lambda name, p: name in used)
 
+    def _first_active(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """``(weights, end_to_end, measurements, targets)`` of a lightning_flat model's first active replica, or
+        ``None`` when every replica is frozen."""
+        first = _first_active(pl_module)
+        if first is None:
+            return None
+        meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, type(self).__name__)
+        return (*first, meas, targets)
+
     def _state_key_config(self) -> dict[str, Any]:
         return {**super()._state_key_config(), "seed": self.seed, "eval_mode": self.eval_mode,
                 **{k: getattr(self, k) for k in ("num_matvecs", "method", "top_k", "warm_start") if hasattr(self, k)}}
@@ -462,14 +483,11 @@ class Sharpness(_CurvatureCallback):
         threshold = self._threshold(trainer)
         with torch.enable_grad():
             if is_linear_net(pl_module):
-                meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "Sharpness")
-                R = getattr(pl_module, "replicas", 1)
-                active = getattr(pl_module, "replica_active", None)
-                r = 0 if active is None else (int(active.nonzero()[0, 0]) if bool(active.any()) else None)
-                if r is None:
+                first = self._first_active(trainer, pl_module)
+                if first is None:
                     return {}
-                ws = [w[r] for w in pl_module.weights()] if R > 1 else pl_module.weights()
-                hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=pl_module.replica_end_to_end(r if R > 1 else None))
+                ws, e2e, meas, targets = first
+                hvp, w0 = F.loss_hvp(ws, meas, targets, end_to_end=e2e)
                 size, dtype, device = w0.numel(), w0.dtype, w0.device
                 values, hvps = self._above(hvp, size, dtype, device, threshold)
             else:
@@ -663,14 +681,10 @@ class SpectralDensity(_CurvatureCallback):
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         with torch.enable_grad():
             if is_linear_net(pl_module):
-                meas, targets = problem_data(trainer, pl_module, self.measurements, self.targets, "SpectralDensity")
-                R = getattr(pl_module, "replicas", 1)
-                active = getattr(pl_module, "replica_active", None)
-                r = 0 if active is None else int(active.nonzero()[0, 0]) if bool(active.any()) else None
-                if r is None:
+                first = self._first_active(trainer, pl_module)
+                if first is None:
                     return {}
-                ws = [w[r] for w in pl_module.weights()] if R > 1 else pl_module.weights()
-                e2e = pl_module.replica_end_to_end(r if R > 1 else None)
+                ws, e2e, meas, targets = first
                 size = sum(w.numel() for w in ws)
                 if self._exact(size):
                     H = F.loss_hessian([w.detach() for w in ws], meas, targets, end_to_end=e2e)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers import run_example
+from helpers import assert_replot, failed_checks, run_example
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +16,7 @@ def quick(tmp_path_factory):
 
 @pytest.mark.parametrize("prefix", ["Q1", "Q2", "Q3", "Q4", "Q5", "Q6", "Q7", "Q8"])
 def test_acceptance_checks(quick, prefix):
-    summary, _ = quick
-    rows = [c for c in summary["checks"] if c["name"].startswith(prefix)]
-    assert rows, prefix
-    failed = [f"{c['name']}: {c['value']:.4g}" for c in rows if not c["passed"]]
+    failed = failed_checks(quick[0], prefix)
     assert not failed, failed
 
 
@@ -34,9 +31,7 @@ def test_constants_and_outputs(quick):
 
 
 def test_replot(quick, tmp_path):
-    _, out = quick
-    summary = run_example("marion_chizat2024/run.py", ["--replot", str(out / "results.json"), "--out", str(tmp_path)])
-    assert summary["checks"] == [] and [os.path.basename(p) for p in summary["figures"]] == ["fig1cd_trajectories.png"]
+    assert_replot("marion_chizat2024/run.py", quick[1] / "results.json", tmp_path, ["fig1cd_trajectories.png"])
 
 
 @pytest.mark.perf

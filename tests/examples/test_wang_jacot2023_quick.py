@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import run_example
+from helpers import assert_replot, failed_checks, run_example
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +17,7 @@ def quick(tmp_path_factory):
 
 @pytest.mark.parametrize("prefix", ["Q1", "Q2", "Q3", "Q4", "Q5"])
 def test_acceptance_checks(quick, prefix):
-    summary, _ = quick
-    rows = [c for c in summary["checks"] if c["name"].startswith(prefix)]
-    assert rows, prefix
-    failed = [f"{c['name']}: {c['value']:.4g}" for c in rows if not c["passed"]]
+    failed = failed_checks(quick[0], prefix)
     assert not failed, failed
 
 
@@ -42,9 +39,7 @@ def test_outputs(quick):
 
 
 def test_replot(quick, tmp_path):
-    _, out = quick
-    summary = run_example("wang_jacot2023/run.py", ["--replot", str(out / "results.json"), "--out", str(tmp_path)])
-    assert summary["checks"] == [] and [os.path.basename(p) for p in summary["figures"]] == ["fig_quick.png"]
+    assert_replot("wang_jacot2023/run.py", quick[1] / "results.json", tmp_path, ["fig_quick.png"])
 
 
 @pytest.mark.perf
