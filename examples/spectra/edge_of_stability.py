@@ -48,7 +48,9 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     dm = UnivariateRegressionDataModule(n=50, d=5, seed=0, batch_size=None)
     model = DeepLinearNet([5] * 10 + [1], init="gaussian", init_scale=0.3, lr=args.lr, seed=7).double()
-    sd, sh = SpectralDensity(every_n_steps=every), Sharpness(every_n_steps=every, edge_of_stability=True)
+    sd = SpectralDensity(every_n_steps=every)
+    # the top eigenvalue, and every eigenvalue above half of 2/lr (LOBPCG warm-started across reads)
+    sh = Sharpness(every_n_steps=every, edge_of_stability=True, track_above="0.5*2/lr")
     trainer = L.Trainer(max_steps=steps, precision="64-true", logger=False, callbacks=[sd, sh, FiniteLossGuard()],
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                         accelerator="cpu", devices=1)
@@ -63,6 +65,9 @@ def main(argv=None) -> dict:
     density_heatmap(axes[0][0], sd.densities, lines={"2/lr": ([0, steps], [two_over_lr, two_over_lr])})
     axes[0][0].set_title("eigenvalue density (exact) over training")
     ax = axes[0][1]
+    xs = [step for step, vals in sh.tracked for _ in vals]
+    ys = [v for _, vals in sh.tracked for v in vals]
+    ax.scatter(xs, ys, s=8, color="tab:orange", zorder=3, label="every eigenvalue above 0.5 * 2/lr (tracked)")
     series(ax, s_steps, s_vals, label="sharpness (top eigenvalue)", color="tab:red")
     ax.axhline(two_over_lr, color="k", ls="--", lw=1, label=f"2/lr = {two_over_lr:g}")
     bulk = [float(n[n.numel() // 2]) for _, n, _ in sd.densities]
@@ -72,7 +77,8 @@ def main(argv=None) -> dict:
     ax.legend(fontsize=8, loc="center right")
     path = save(fig, os.path.join(out, "eos_density.png"))
     seconds = time.perf_counter() - t0
-    result = dict(lr=args.lr, steps=steps, two_over_lr=two_over_lr, median_last20=median,
+    tracked = [(step, vals) for step, vals in sh.tracked]
+    result = dict(lr=args.lr, steps=steps, two_over_lr=two_over_lr, median_last20=median, tracked=tracked,
                   ratio=median / two_over_lr, sharpness=list(zip(s_steps, s_vals)), figure=path, seconds=seconds)
     write_json(os.path.join(out, "results.json"), result)
     print(f"median sharpness over the last 20 measurements {median:.4g} = {median / two_over_lr:.3f} x 2/lr; "

@@ -93,6 +93,10 @@ class MeasuringCallback(StepHook, Callback):
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
+    def rename(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The keys as logged (subclasses may map them, e.g. to another group); identity here."""
+        return metrics
+
     def next_boundary(self, step: int) -> int:
         return (step // self.every_n_steps + 1) * self.every_n_steps
 
@@ -102,7 +106,7 @@ class MeasuringCallback(StepHook, Callback):
             return
         self._last_step = step
         with torch.no_grad():
-            metrics = self.measure(trainer, pl_module)
+            metrics = self.rename(self.measure(trainer, pl_module))
         active = getattr(pl_module, "replica_active", None)
         values: dict[str, float] = {}  # one value per key (the mean over active replicas), kept in history
         logged: dict[str, float] = {}  # what goes to the loggers: finite values of active replicas only

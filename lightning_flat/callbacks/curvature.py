@@ -222,9 +222,14 @@ class _CurvatureCallback(MeasuringCallback):
 
     def __init__(self, every_n_steps: int, measurements: Measurements | None, targets: Tensor | None,
                  loss_fn: Callable[[L.LightningModule, Any], Tensor] | None, batch: Any, eval_mode: bool,
-                 seed: int, batches: int = 1) -> None:
+                 seed: int, batches: int = 1, gauss_newton: tuple[Callable, Callable] | None = None) -> None:
         super().__init__(every_n_steps)
         self.num_batches = check_positive_int("batches", batches)
+        if gauss_newton is not None and (not isinstance(gauss_newton, (tuple, list)) or len(gauss_newton) != 2
+                                         or not all(callable(f) for f in gauss_newton)):
+            raise TypeError("gauss_newton must be a pair (forward_fn(module, batch) -> output, "
+                            f"loss_of_output_fn(output, batch) -> scalar), got {gauss_newton!r}")
+        self.gauss_newton = tuple(gauss_newton) if gauss_newton is not None else None
         if measurements is not None and not isinstance(measurements, Measurements):
             raise TypeError(f"measurements must be a lightning_flat Measurements, got {type(measurements).__name__}")
         if (measurements is None) != (targets is None):
@@ -286,7 +291,15 @@ class _CurvatureCallback(MeasuringCallback):
                              "training: pass loss_fn=lambda module, batch: <the batch loss, without side effects>")
         self._checked = True
 
+    def rename(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        if self.gauss_newton is None:
+            return metrics
+        return {("ggn/" + k[len("hessian/"):] if k.startswith("hessian/") else k): v for k, v in metrics.items()}
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.gauss_newton is not None and is_linear_net(pl_module):
+            raise ValueError(f"{type(self).__name__}(gauss_newton=...) is for generic modules; on the lightning_flat "
+                             "models the exact Hessian is measured")
         compiled = [name or type(pl_module).__name__ for name, m in pl_module.named_modules()
                     if hasattr(m, "_orig_mod")]  # torch.compile's wrapper (OptimizedModule) keeps the module there
         if compiled and not is_linear_net(pl_module) and self.loss_fn is default_loss_fn:
@@ -324,6 +337,13 @@ class _CurvatureCallback(MeasuringCallback):
                                         allow_unused=True)
             self._used = {n for (n, _), g in zip(params, grads) if g is not None}
         used = self._used if only is None else {only}
+        if self.gauss_newton is not None:  # J^T H_loss J instead of the Hessian (PSD for convex losses)
+            from hessian_eigenthings import GGNOperator
+
+            if trainer.world_size > 1:
+                raise ValueError(f"{type(self).__name__}(gauss_newton=...) runs on one device")
+            return GGNOperator(pl_module, batches, *self.gauss_newton, full_dataset=True,
+                               param_filter=lambda name, p: name in used)
         cls = DDPHessianOperator if trainer.world_size > 1 else HessianOperator
         # batches=k: the HVPs are averaged over the k batches (the Hessian of the mean loss), and under DDP over the
         # ranks too
@@ -385,8 +405,8 @@ class HessianTrace(_CurvatureCallback):
     def __init__(self, every_n_steps: int = 100, measurements: Measurements | None = None,
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
                  num_matvecs: int = 99, eval_mode: bool = True, seed: int = 0, batches: int = 1,
-                 per_layer: bool = False) -> None:
-        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches)
+                 per_layer: bool = False, gauss_newton: tuple[Callable, Callable] | None = None) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches, gauss_newton)
         self.per_layer = check_bool("per_layer", per_layer)
         self.num_matvecs = check_positive_int("num_matvecs", num_matvecs)
         if self.num_matvecs < 6:  # Hutch++: a third for the sketch, a third for its range, a third (>= 2) residual
@@ -436,6 +456,12 @@ class Sharpness(_CurvatureCallback):
     in ``tracked`` as ``(step, [values])`` and logged as ``hessian/above/count``, ``hessian/above/{i}`` (the
     first 10), ``hessian/above/threshold`` and ``hessian/above/hvps``. ``per_layer=True`` logs the top eigenvalue
     of each diagonal block, ``hessian/sharpness/layer{j}`` (a parameter tensor's on other modules).
+    ``preconditioned=True`` (generic modules trained with Adam, AdamW or RMSprop) logs
+    ``hessian/preconditioned_sharpness``, the top eigenvalue of :math:`P^{-1/2}HP^{-1/2}` with the optimizer's
+    second-moment preconditioner. ``gauss_newton=(forward_fn, loss_of_output_fn)`` (generic modules; ``forward_fn``
+    must call ``module(...)``, the module's ``forward``, into which the parameters are swapped) measures the
+    generalized Gauss-Newton matrix :math:`J^\top H_{loss} J` instead of the Hessian, under ``ggn/...`` keys (also
+    for :class:`HessianTrace` and :class:`SpectralDensity`).
 
     Logged keys: ``hessian/sharpness``, ``hessian/sharpness_hvps`` (HVPs used by this read, Lanczos only),
     ``hessian/eigenvalue_{i}`` for ``i < top_k`` when ``top_k > 1``, ``hessian/two_over_lr``. With replicas, each
@@ -447,9 +473,11 @@ class Sharpness(_CurvatureCallback):
                  warm_start: bool = True, top_k: int = 1, measurements: Measurements | None = None,
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
                  eval_mode: bool = True, seed: int = 0, edge_of_stability: bool = False, batches: int = 1,
-                 per_layer: bool = False, track_above: float | str | None = None) -> None:
-        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches)
+                 per_layer: bool = False, track_above: float | str | None = None,
+                 gauss_newton: tuple[Callable, Callable] | None = None, preconditioned: bool = False) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches, gauss_newton)
         self.per_layer = check_bool("per_layer", per_layer)
+        self.preconditioned = check_bool("preconditioned", preconditioned)
         self.track_above = _parse_threshold(track_above)
         self.tracked: list[tuple[int, list[float]]] = []  # (step, every eigenvalue above the threshold)
         self._track_x: Tensor | None = None
@@ -467,7 +495,38 @@ class Sharpness(_CurvatureCallback):
             out.update(self._per_layer(trainer, pl_module))
         if self.track_above is not None:
             out.update(self._track(trainer, pl_module))
+        if self.preconditioned:
+            out["hessian/preconditioned_sharpness"] = self._preconditioned(trainer, pl_module)
         return out
+
+    def _preconditioned(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        r"""The top eigenvalue of :math:`P^{-1/2}HP^{-1/2}`, the curvature an adaptive optimizer's step sees:
+        :math:`P = \sqrt{\hat v} + \epsilon` from Adam/AdamW's bias-corrected ``exp_avg_sq`` (RMSprop:
+        ``square_avg``). NaN before the optimizer's first step (no second moments yet)."""
+        if is_linear_net(pl_module):
+            raise ValueError("Sharpness(preconditioned=True) needs an adaptive optimizer's state; the lightning_flat "
+                             "models train with SGD")
+        opt = trainer.optimizers[0]
+        names = list(dict(pl_module.named_parameters()))
+        with isolated(pl_module, self.eval_mode), torch.enable_grad():
+            op = self._operator(trainer, pl_module)
+            params = dict(pl_module.named_parameters())
+            scales = []
+            for name in sorted(self._used, key=names.index):
+                p = params[name]
+                state = opt.state.get(p, {})
+                group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+                if "exp_avg_sq" in state:
+                    step = float(state["step"])
+                    v = state["exp_avg_sq"] / (1 - group["betas"][1] ** step)
+                elif "square_avg" in state:
+                    v = state["square_avg"]
+                else:
+                    return float("nan")
+                scales.append((v.sqrt() + group["eps"]).rsqrt().reshape(-1))
+            s = torch.cat(scales).to(op.dtype)
+            theta, _ = self._lanczos(lambda x: s * op.matvec(s * x), op.size, op.dtype, op.device, "preconditioned")
+        return float(theta)
 
     def _threshold(self, trainer: L.Trainer) -> float:
         kind, c = self.track_above
@@ -666,8 +725,9 @@ class SpectralDensity(_CurvatureCallback):
     def __init__(self, every_n_steps: int = 100, method: str = "auto", num_probes: int = 10, lanczos_steps: int = 80,
                  exact_max_params: int = 1024, measurements: Measurements | None = None,
                  targets: Tensor | None = None, loss_fn: Callable | None = None, batch: Any = None,
-                 eval_mode: bool = True, seed: int = 0, batches: int = 1) -> None:
-        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches)
+                 eval_mode: bool = True, seed: int = 0, batches: int = 1,
+                 gauss_newton: tuple[Callable, Callable] | None = None) -> None:
+        super().__init__(every_n_steps, measurements, targets, loss_fn, batch, eval_mode, seed, batches, gauss_newton)
         self.method = check_choice("method", method, ("auto", "exact", "slq"))
         self.num_probes = check_positive_int("num_probes", num_probes)
         self.lanczos_steps = check_positive_int("lanczos_steps", lanczos_steps)

@@ -145,3 +145,80 @@ def test_tracking_is_cheaper_warm():
 def test_bad_threshold():
     with pytest.raises(ValueError, match="track_above must be a number, '2/lr' or 'c\\*2/lr'"):
         Sharpness(track_above="twice the lr")
+
+
+class AdamRegression(__import__("lightning").LightningModule):
+    """A user's float64 tanh regression trained with Adam (or plain SGD), [x, y] batches of 8."""
+
+    def __init__(self, adam=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g,
+                                                                                         dtype=torch.float64)
+        self.adam = adam
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01) if self.adam else torch.optim.SGD(self.parameters(), 0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=8)
+
+
+def _flat_fn(net, loss_of_params):
+    names, shapes = [n for n, _ in net.named_parameters()], [p.shape for p in net.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def f(v):
+        out, k = {}, 0
+        for n, shp in zip(names, shapes):
+            out[n] = v[k:k + shp.numel()].reshape(shp)
+            k += shp.numel()
+        return loss_of_params(out)
+
+    return f, flat
+
+
+def test_gauss_newton_sharpness_against_dense_jacobians():
+    model = AdamRegression(adam=False)
+    fwd = lambda m, b: m(b[0])  # noqa: E731  (through the module's forward, where the operator swaps parameters)
+    loss_of_output = lambda out, b: torch.nn.functional.mse_loss(out, b[1])  # noqa: E731
+    sh = Sharpness(every_n_steps=1, gauss_newton=(fwd, loss_of_output), tol=1e-12)
+    tr, _ = trainer(1, [sh])
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr.fit(model)
+    x = model.x[:8]
+    net = AdamRegression(adam=False).net
+    f, flat = _flat_fn(net, lambda P: torch.func.functional_call(net, P, (x,)).reshape(-1))
+    flat = torch.cat([W0[n].reshape(-1) for n in W0])
+    J = torch.func.jacrev(f)(flat)  # (8*2, p)
+    G = J.T @ J * (2.0 / J.shape[0])  # mse_loss (mean): H_loss = (2/N) I
+    step, value = sh.history["ggn/sharpness"][0]
+    assert step == 0 and rel(value, torch.linalg.eigvalsh(G)[-1]) < 1e-9
+    assert "hessian/sharpness" not in sh.history
+
+
+def test_preconditioned_sharpness_against_the_dense_hessian():
+    model = AdamRegression()
+    sh = Sharpness(every_n_steps=2, preconditioned=True, tol=1e-12)
+    tr, _ = trainer(2, [sh])
+    tr.fit(model)
+    opt = tr.optimizers[0]
+    x, y = model.x[:8], model.y[:8]
+    net = model.net
+    f, flat = _flat_fn(net, lambda P: torch.nn.functional.mse_loss(torch.func.functional_call(net, P, (x,)), y))
+    H = torch.func.hessian(f)(flat)
+    beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+    v = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - beta2 ** float(opt.state[p]["step"]))).reshape(-1)
+                   for p in net.parameters()])
+    s = (v.sqrt() + eps).rsqrt()
+    want = torch.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1]
+    assert rel(sh.last["hessian/preconditioned_sharpness"], want) < 1e-8
+    assert math.isnan(sh.history["hessian/preconditioned_sharpness"][0][1])  # step 0: no second moments yet
