@@ -9,7 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 __all__ = ["figure", "series", "reference", "save", "density_heatmap"]
 
@@ -34,6 +34,7 @@ def series(ax, steps: Sequence[float], values: Sequence[float], label: str | Non
     ax.plot(steps, values, label=label, **kwargs)
     if logy:
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels (2x10^0, ...) clutter
     ax.set_xlabel("step")
     # step counts up to 1e6 on narrow panels: few ticks, powers of ten in the offset label, so they never overlap
     ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))

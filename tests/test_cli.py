@@ -87,3 +87,13 @@ def test_wang_jacot_schedules_say_what_their_comments_say():
     assert s.values(1500)["weight_decay"] == 0.001 and s.values(2500)["weight_decay"] == 0.1
     cli, s = load("e5_shuffle.yaml")
     assert cli.datamodule.sampling == "shuffle" and cli.model.dims == [2, 100, 100, 100, 2]
+
+
+def test_full_size_gatmiry_configs_train_as_they_are(tmp_path, monkeypatch):
+    """Each full-size YAML trains through the CLI as committed (a few steps; loggers off)."""
+    import glob as _glob
+
+    monkeypatch.chdir(tmp_path)
+    for path in sorted(_glob.glob(os.path.join(os.path.dirname(CONFIG), "*.yaml"))):
+        cli = run(["fit", "--config", path, "--trainer.max_steps=5", "--trainer.logger=false"])
+        assert cli.trainer.global_step == 5

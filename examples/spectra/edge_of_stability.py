@@ -3,7 +3,9 @@ descent with a learning rate whose 2/lr lies below the sharpness gradient flow w
 density (exact: 230 parameters) is measured every 5 steps with ``SpectralDensity``, the top eigenvalue with
 ``Sharpness(edge_of_stability=True)``, and drawn as a heatmap with the 2/lr line. The top eigenvalue rises through
 2/lr; gradient descent then oscillates with period 2, so the sharpness at even and odd steps alternates on both
-sides of 2/lr (measuring every 5 steps shows both), with a median near 2/lr, while the bulk stays near 0.
+sides of 2/lr (measuring every 5 steps shows both), with a median near 2/lr, while the bulk stays near 0. Here
+2/lr = 20 lies below S_min^a = 22.1, the sharpness of the flattest global minimiser (drawn in): gradient descent
+cannot converge to any minimiser and stays at the edge of stability.
 
     python examples/spectra/edge_of_stability.py --quick     # 400 steps (a few seconds)
     python examples/spectra/edge_of_stability.py             # 1500 steps
@@ -35,6 +37,7 @@ def main(argv=None) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)
     import lightning as L
 
+    from lightning_flat import functional as F
     from lightning_flat.callbacks import FiniteLossGuard, Sharpness, SpectralDensity
     from lightning_flat.datamodules import UnivariateRegressionDataModule
     from lightning_flat.io import output_folder, write_json
@@ -62,7 +65,9 @@ def main(argv=None) -> dict:
     median = 0.5 * (tail[9] + tail[10])
     fig, axes = figure(1, 2, size=(5.5, 3.8), title=f"Hessian spectrum under gradient descent, lr = {args.lr}: "
                                                      f"deep linear regression (depth 10, 230 parameters)")
-    density_heatmap(axes[0][0], sd.densities, lines={"2/lr": ([0, steps], [two_over_lr, two_over_lr])})
+    s_min_line = float(F.sharpness_lower_bound(dm.X, dm.y, 10, kind="a"))
+    density_heatmap(axes[0][0], sd.densities, lines={"2/lr": ([0, steps], [two_over_lr, two_over_lr]),
+                                                     "S_min": ([0, steps], [s_min_line, s_min_line])})
     axes[0][0].set_title("eigenvalue density (exact) over training")
     ax = axes[0][1]
     xs = [step for step, vals in sh.tracked for _ in vals]
@@ -70,6 +75,9 @@ def main(argv=None) -> dict:
     ax.scatter(xs, ys, s=8, color="tab:orange", zorder=3, label="every eigenvalue above 0.5 * 2/lr (tracked)")
     series(ax, s_steps, s_vals, label="sharpness (top eigenvalue)", color="tab:red")
     ax.axhline(two_over_lr, color="k", ls="--", lw=1, label=f"2/lr = {two_over_lr:g}")
+    # every global minimiser is at least this sharp (the flat-minima lower bound of deep linear regression)
+    s_min = float(F.sharpness_lower_bound(dm.X, dm.y, 10, kind="a"))
+    ax.axhline(s_min, color="tab:green", ls=":", lw=1.2, label=f"S_min^a = {s_min:.3g}: no minimiser is flatter")
     bulk = [float(n[n.numel() // 2]) for _, n, _ in sd.densities]
     series(ax, [d[0] for d in sd.densities], bulk, label="median eigenvalue (the bulk)", color="tab:blue")
     ax.set_ylabel("Hessian eigenvalue")
@@ -78,7 +86,7 @@ def main(argv=None) -> dict:
     path = save(fig, os.path.join(out, "eos_density.png"))
     seconds = time.perf_counter() - t0
     tracked = [(step, vals) for step, vals in sh.tracked]
-    result = dict(lr=args.lr, steps=steps, two_over_lr=two_over_lr, median_last20=median, tracked=tracked,
+    result = dict(lr=args.lr, steps=steps, two_over_lr=two_over_lr, s_min=s_min, median_last20=median, tracked=tracked,
                   ratio=median / two_over_lr, sharpness=list(zip(s_steps, s_vals)), figure=path, seconds=seconds)
     write_json(os.path.join(out, "results.json"), result)
     print(f"median sharpness over the last 20 measurements {median:.4g} = {median / two_over_lr:.3f} x 2/lr; "

@@ -716,7 +716,8 @@ class SpectralDensity(_CurvatureCallback):
     replicas, the first active replica's. On any other module, ``loss_fn`` on the kept batches, as
     :class:`HessianTrace`.
 
-    Kept in ``densities``: a list of ``(step, nodes, weights)`` (CPU float64 tensors). Logged keys:
+    Kept in ``densities``: a list of ``(step, nodes, weights)`` (CPU float64 tensors); a wandb logger also gets
+    the density as a histogram, ``spectrum/density``. Logged keys:
     ``spectrum/max`` and ``spectrum/min`` (the extreme nodes), ``spectrum/mean`` (:math:`\operatorname{tr}H/p`),
     ``spectrum/second_moment`` (:math:`\operatorname{tr}H^2/p`) and ``spectrum/negative_mass`` (the weight of the
     negative nodes). :func:`lightning_flat.plotting.density_heatmap` draws the densities over training.
@@ -767,10 +768,27 @@ class SpectralDensity(_CurvatureCallback):
         if not bool(torch.isfinite(nodes).all()):
             return {}
         self.densities.append((trainer.global_step, nodes, weights))
+        self._log_histogram(trainer, nodes, weights)
         return {"spectrum/max": float(nodes.max()), "spectrum/min": float(nodes.min()),
                 "spectrum/mean": float((weights * nodes).sum()),
                 "spectrum/second_moment": float((weights * nodes.square()).sum()),
                 "spectrum/negative_mass": float(weights[nodes < 0].sum())}
+
+    @staticmethod
+    def _log_histogram(trainer: L.Trainer, nodes: Tensor, weights: Tensor, bins: int = 64) -> None:
+        """The density as a wandb histogram (``spectrum/density``) for each WandbLogger of the trainer."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not trainer.is_global_zero:
+            return
+        import numpy as np
+        import wandb
+
+        counts, edges = np.histogram(nodes.numpy(), bins=bins, weights=weights.numpy())
+        for logger in loggers:
+            logger.log_metrics({"spectrum/density": wandb.Histogram(np_histogram=(counts, edges))},
+                               step=trainer.global_step)
 
     def _exact(self, size: int) -> bool:
         return self.method == "exact" or (self.method == "auto" and size <= self.exact_max_params)

@@ -222,3 +222,21 @@ def test_preconditioned_sharpness_against_the_dense_hessian():
     want = torch.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1]
     assert rel(sh.last["hessian/preconditioned_sharpness"], want) < 1e-8
     assert math.isnan(sh.history["hessian/preconditioned_sharpness"][0][1])  # step 0: no second moments yet
+
+
+def test_density_reaches_wandb_as_a_histogram(tmp_path, monkeypatch):
+    import glob
+
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    dm = MatrixSensingDataModule(n=40, d_out=4, d_in=3, rank=1, batch_size=8, seed=0)
+    logger = WandbLogger(project="lightning-flat", save_dir=str(tmp_path), offline=True)
+    tr = L.Trainer(max_steps=10, logger=logger, callbacks=[SpectralDensity(every_n_steps=5)], precision="64-true",
+                   enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    tr.fit(DeepLinearNet([3, 5, 4, 4], lr=0.02), dm)
+    logger.experiment.finish()
+    (record,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    data = open(record, "rb").read()
+    assert b"spectrum/density" in data and b"histogram" in data and b"spectrum/mean" in data
