@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) with the CPU build of torch first, then lightning-flat and its [dev] extras.
+# Create .venv (if needed) with the CPU build of torch first, then lightning-flat and its [dev] and [ray] extras
+# (the test suite runs the Ray sweep tests on a local Ray).
 # Idempotent: reinstalls only when pyproject.toml changed. PYTHON picks the interpreter.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,16 +12,16 @@ fi
 stamp=".venv/.lightning-flat-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "setting up .venv (CPU torch, then lightning-flat[dev]) ..." >&2
+    echo "setting up .venv (CPU torch, then lightning-flat[dev,ray]) ..." >&2
     # CPU torch first, with pip (it takes the local CPU build): a bare `torch` requirement would pull a multi-GB
     # CUDA build. The package's own `torch>=2.3` is then already satisfied.
     .venv/bin/python -m pip install --quiet torch==2.13.0
     # The rest with uv when it can be had (about 10x faster than pip here), else with pip.
     if .venv/bin/python -m pip install --quiet uv \
-        && VIRTUAL_ENV="$root/.venv" .venv/bin/uv pip install --quiet -e ".[dev]"; then
+        && VIRTUAL_ENV="$root/.venv" .venv/bin/uv pip install --quiet -e ".[dev,ray]"; then
         :
     else
-        .venv/bin/python -m pip install --quiet -e ".[dev]"
+        .venv/bin/python -m pip install --quiet -e ".[dev,ray]"
     fi
     .venv/bin/python -c "import torch, sys; sys.exit(0 if '+cpu' in torch.__version__ or not torch.cuda.is_available() else 1)" \
         || { echo "setup: torch is not the CPU build" >&2; exit 1; }

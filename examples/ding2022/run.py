@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 
-from lightning_flat.experiments.recovery import SETTINGS, solve_trial
+from lightning_flat.experiments.recovery import SETTINGS, recovery_trial
 
 TAU = 1e-4
 LOG_FLOOR = 1e-8  # Fig. 4's colour scale starts here
@@ -43,6 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="solve the trials in a local process pool (default) or with Ray Tune")
+    p.add_argument("--address", default=None, help="Ray cluster address (with --engine ray; default: a local Ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the trials a stopped run finished (in OUT/sweep) and solve only the others")
     p.add_argument("--replot", metavar="TRIALS_JSON", default=None,
                    help="redraw Figs. 3 and 4 and recompute the grid checks (2-5) from a trials.json, without solving")
     return p.parse_args(argv)
@@ -420,16 +425,19 @@ def main(argv=None) -> dict:
     axes_x = _axes(cfg)
     jobs = [(s, d, x, k) for s in SETTINGS for d in dims for x in axes_x[s] for k in range(cfg["trials"])]
     jobs.sort(key=lambda j: -j[1] * (j[2] if j[0] != "completion" else 100))  # big solves first
-    if args.workers > 1:
-        import multiprocessing as mp
+    from lightning_flat.sweep import run_sweep
 
-        # workers do not inherit the filter above: without it cvxpy warns once per inaccurate solve
-        with mp.get_context("spawn").Pool(args.workers, initializer=warnings.filterwarnings,
-                                          initargs=("ignore",)) as pool:
-            it = pool.imap_unordered(solve_trial, jobs, chunksize=2)
-            trials = list(_progress(it, len(jobs), not args.no_progress))
-    else:
-        trials = [solve_trial(j) for j in _progress(jobs, len(jobs), not args.no_progress)]
+    sweep_dir = os.path.join(out, "sweep")
+    if not args.resume and os.path.exists(os.path.join(sweep_dir, "recovery_trial.jsonl")):
+        os.remove(os.path.join(sweep_dir, "recovery_trial.jsonl"))  # a fresh grid (--resume keeps finished trials)
+    bar = _progress(None, len(jobs), not args.no_progress)
+    rows = run_sweep(recovery_trial, [dict(setting=s, d=d, x=x, trial=k) for s, d, x, k in jobs], sweep_dir,
+                     engine=args.engine, workers=args.workers, address=args.address,
+                     ray_chunk=max(1, len(jobs) // (4 * args.workers)),  # short trials: several per Ray task
+                     progress=(lambda row: bar.update(1)) if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    trials = [row["result"] for row in rows]
     solve_seconds = time.perf_counter() - t0
 
     tables = {s: cell_table(trials, s, dims, axes_x[s]) for s in SETTINGS}
@@ -505,7 +513,7 @@ def _progress(iterable, total, enabled):
         return iterable
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc="trials", smoothing=0.05)
+    return tqdm(iterable, total=total, desc="trials", smoothing=0.05, mininterval=2.0)
 
 
 if __name__ == "__main__":

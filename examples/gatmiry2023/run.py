@@ -58,6 +58,11 @@ def parse_args(argv=None):
                    help="intra-op threads per process (default 1, or LIGHTNING_FLAT_THREADS / OMP_NUM_THREADS)")
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="train the depths in a local process pool (default) or with Ray Tune")
+    p.add_argument("--address", default=None, help="Ray cluster address (with --engine ray; default: a local Ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the depths a stopped run finished (in OUT/sweep) and train only the others")
     p.add_argument("--replot", metavar="RESULTS_JSON", default=None,
                    help="redraw Figs. 1 and 2 from a results.json (next to it, or in --out) without training")
     return p.parse_args(argv)
@@ -83,6 +88,12 @@ def make_data(cfg):
 
     return MatrixSensingDataModule(n=cfg["n"], d_out=cfg["d"], d_in=cfg["d"], rank=cfg["r"],
                                    batch_size=cfg["batch_size"], seed=cfg["seed"])
+
+
+def depth_trial(config):
+    """One depth as a sweep trial (``lightning_flat.sweep``): JSON in, JSON out."""
+    return train_depth(config["depth"], config["cfg"], config["out"], config["wandb"], config["progress"],
+                       config["threads"], config["position"])
 
 
 def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):
@@ -360,16 +371,16 @@ def main(argv=None) -> dict:
     progress = not args.no_progress
     use_wandb = not args.no_wandb
     t_train = time.perf_counter()
-    if workers > 1 and len(cfg["depths"]) > 1:
-        import multiprocessing as mp
+    from lightning_flat.sweep import run_sweep
 
-        order = sorted(cfg["depths"], reverse=True)  # deepest (slowest) first
-        with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-            jobs = {L: pool.apply_async(train_depth, (L, cfg, out, use_wandb, progress, args.threads, i % workers))
-                    for i, L in enumerate(order)}
-            results = {L: jobs[L].get() for L in order}
-    else:
-        results = {L: train_depth(L, cfg, out, use_wandb, progress, args.threads) for L in cfg["depths"]}
+    order = sorted(cfg["depths"], reverse=True)  # deepest (slowest) first
+    sweep_dir = os.path.join(out, "sweep")
+    if not args.resume and os.path.exists(os.path.join(sweep_dir, "depth_trial.jsonl")):
+        os.remove(os.path.join(sweep_dir, "depth_trial.jsonl"))  # a fresh run (--resume keeps finished depths)
+    configs = [dict(depth=L, cfg=cfg, out=out, wandb=use_wandb, progress=progress, threads=args.threads,
+                    position=i % workers) for i, L in enumerate(order)]
+    rows = run_sweep(depth_trial, configs, sweep_dir, engine=args.engine, workers=workers, address=args.address)
+    results = {row["config"]["depth"]: row["result"] for row in rows}
     train_seconds = time.perf_counter() - t_train
     runs = {L: {**results[L], "scale": scale} for L in cfg["depths"]}
 

@@ -54,6 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default 1)")
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb runs")
     p.add_argument("--replot", metavar="RESULTS_JSON", default=None, help="redraw the figures from a results.json")
+    p.add_argument("--workers", type=int, default=None, help="processes for the sweeps (default: 1 quick, 2 full)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="run the sweeps' learning rates in a local process pool (default) or with Ray Tune")
+    p.add_argument("--address", default=None, help="Ray cluster address (with --engine ray; default: a local Ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the sweep trials a stopped run finished (in OUT/sweep) and run only the others")
     return p.parse_args(argv)
 
 
@@ -150,33 +156,70 @@ def residual(scales, seeds, lr, w, depth=DEPTH):
 
 
 def sweep(kind, dm, grid, plan, ctx, w=None):
-    """One model per learning rate: replicas = grid values x repetitions. Returns, per eta, the per-run records."""
-    out = {}
-    for eta, steps, reps in plan:
-        values = [v for v in grid for _ in range(reps)]
-        seeds = [1000 * i + j for i in range(len(grid)) for j in range(reps)]
-        model = mlp(values, seeds, eta) if kind == "mlp" else residual(values, seeds, eta, w)
-        model = model.double()
-        s_init = sharpness(model, dm)
-        t0 = time.perf_counter()
-        rec = _recorder()(track_from=steps - 50)  # w_prod over the last 50 steps (the swings at large eta)
-        fit(model, dm, steps, f"{kind}-eta{eta}", ctx, [rec])
-        dist, loss, div = state(model, dm)
-        if rec.products:
-            last = torch.stack(rec.products).reshape(len(rec.products), len(seeds), -1)
-            swing = (last - dm.w_star).square().sum(-1).nan_to_num(float("inf")).amax(0)
-        else:  # every run diverged before the last 50 steps (the guard stopped the sweep)
-            swing = torch.full((len(seeds),), float("inf"), dtype=torch.float64)
-        s_final = sharpness(model, dm, diverged=div)
-        rec = dict(eta=eta, steps=steps, value=values, seed=seeds, s_init=s_init.tolist(), s_final=s_final.tolist(),
-                   distance=dist.tolist(), loss=loss.tolist(), diverged=div.tolist(), swing=swing.tolist(),
-                   seconds=time.perf_counter() - t0)
-        if kind == "residual":
-            rec["theta_max"] = torch.stack([t.detach().double().flatten(-2).norm(dim=-1) for t in model.theta()]
-                                           ).amax(0).reshape(-1).tolist()
-        out[str(eta)] = rec
-        print(f"  {kind} eta={eta}: {len(seeds)} runs x {steps} steps in {rec['seconds']:.1f} s, "
-              f"{int(div.sum())} diverged", flush=True)
+    """One model per learning rate: replicas = grid values x repetitions, each learning rate a trial of one sweep
+    (``lightning_flat.sweep``: a local process pool or Ray, resumable). Returns, per eta, the per-run records."""
+    from lightning_flat.sweep import run_sweep
+
+    configs = [dict(kind=kind, data_seed=dm.seed, grid=list(grid), eta=eta, steps=steps, reps=reps,
+                    w=None if w is None else w.tolist(), out=ctx["out"], wandb=ctx["wandb"], threads=ctx["threads"])
+               for eta, steps, reps in plan]
+
+    def report(row):
+        r = row["result"]
+        print(f"  {kind} eta={r['eta']}: {len(r['seed'])} runs x {r['steps']} steps in {r['seconds']:.1f} s, "
+              f"{sum(r['diverged'])} diverged", flush=True)
+
+    rows = run_sweep(sweep_trial, configs, os.path.join(ctx["out"], "sweep"), engine=ctx["engine"],
+                     workers=ctx["workers"], address=ctx["address"], progress=report)
+    return {str(row["result"]["eta"]): row["result"] for row in rows}
+
+
+def _quiet():
+    """Offline wandb and no repeated warnings (divergences are counted and reported), in every process."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*diverged at step.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*FiniteLossGuard.*")  # a sweep whose every run diverged stops: recorded
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def sweep_trial(config):
+    """One learning rate of a sweep: every (scale, repetition) as a replica of one model; JSON in, JSON out."""
+    from lightning_flat.datamodules import UnivariateRegressionDataModule
+    from lightning_flat.threads import use_threads
+
+    _quiet()
+    use_threads(config["threads"])
+    dm = UnivariateRegressionDataModule(n=N, d=D, seed=config["data_seed"])
+    w = None if config["w"] is None else torch.tensor(config["w"], dtype=torch.float64)
+    kind, grid, eta, steps, reps = config["kind"], config["grid"], config["eta"], config["steps"], config["reps"]
+    ctx = dict(out=config["out"], wandb=config["wandb"])
+    values = [v for v in grid for _ in range(reps)]
+    seeds = [1000 * i + j for i in range(len(grid)) for j in range(reps)]
+    model = mlp(values, seeds, eta) if kind == "mlp" else residual(values, seeds, eta, w)
+    model = model.double()
+    s_init = sharpness(model, dm)
+    t0 = time.perf_counter()
+    rec = _recorder()(track_from=steps - 50)  # w_prod over the last 50 steps (the swings at large eta)
+    fit(model, dm, steps, f"{kind}-eta{eta}", ctx, [rec])
+    dist, loss, div = state(model, dm)
+    if rec.products:
+        last = torch.stack(rec.products).reshape(len(rec.products), len(seeds), -1)
+        swing = (last - dm.w_star).square().sum(-1).nan_to_num(float("inf")).amax(0)
+    else:  # every run diverged before the last 50 steps (the guard stopped the sweep)
+        swing = torch.full((len(seeds),), float("inf"), dtype=torch.float64)
+    s_final = sharpness(model, dm, diverged=div)
+    out = dict(eta=eta, steps=steps, value=values, seed=seeds, s_init=s_init.tolist(), s_final=s_final.tolist(),
+               distance=dist.tolist(), loss=loss.tolist(), diverged=div.tolist(), swing=swing.tolist(),
+               seconds=time.perf_counter() - t0)
+    if kind == "residual":
+        out["theta_max"] = torch.stack([t.detach().double().flatten(-2).norm(dim=-1) for t in model.theta()]
+                                       ).amax(0).reshape(-1).tolist()
     return out
 
 
@@ -551,15 +594,7 @@ def main(argv=None) -> dict:
         paths = figures(results, args.out or os.path.dirname(os.path.abspath(args.replot)))
         print(f"wrote {', '.join(paths)}")
         return dict(figures=paths, checks=[])
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*diverged at step.*")  # counted and reported below
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*FiniteLossGuard.*")  # a sweep whose every run diverged stops: recorded
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    _quiet()
     from lightning_flat.datamodules import UnivariateRegressionDataModule
     from lightning_flat.threads import use_threads
 
@@ -569,7 +604,11 @@ def main(argv=None) -> dict:
     from lightning_flat.io import output_folder
 
     output_folder(out)  # fails now, naming it, if nothing can be written there
-    ctx = dict(out=out, wandb=not args.no_wandb)
+    ctx = dict(out=out, wandb=not args.no_wandb, threads=args.threads, engine=args.engine,
+               workers=args.workers or (1 if args.quick else 2), address=args.address)
+    sweep_file = os.path.join(out, "sweep", "sweep_trial.jsonl")
+    if not args.resume and os.path.exists(sweep_file):
+        os.remove(sweep_file)  # a fresh run (--resume keeps the learning rates a stopped run finished)
     seed = args.seed if args.seed is not None else 0
     if args.quick:  # 2/eta vs S_min^a = 2La comparisons need a near 1
         while not 0.85 <= UnivariateRegressionDataModule(n=N, d=D, seed=seed).a <= 1.15:

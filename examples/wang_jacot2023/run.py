@@ -66,6 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes for the full run's experiments (default 2)")
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb runs")
     p.add_argument("--replot", metavar="RESULTS_JSON", default=None, help="redraw the figures from a results.json")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="run the experiments in a local process pool (default) or with Ray Tune")
+    p.add_argument("--address", default=None, help="Ray cluster address (with --engine ray; default: a local Ray)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the experiments a stopped run finished (in OUT/sweep) and run only the others")
     return p.parse_args(argv)
 
 
@@ -866,6 +871,11 @@ def _setup_worker(threads):
     use_threads(threads)
 
 
+def trial(config):
+    """One experiment as a sweep trial (``lightning_flat.sweep``): JSON in, JSON out."""
+    return run_job(tuple(config["job"]), config["ctx"])
+
+
 def run_job(job, ctx):
     """One experiment (run in a worker process for the full run)."""
     _setup_worker(ctx["threads"])
@@ -923,14 +933,16 @@ def main(argv=None) -> dict:
         jobs = [("e3", eps) for eps in E3_EPS] + [("e1",), ("e2", 4), ("e5", "e2"), ("e2", 3), ("e4",), ("e5", "e1"),
                                                   ("theory", True)]
     workers = args.workers or (1 if args.quick else 2)
-    if workers > 1:
-        import multiprocessing as mp
+    from lightning_flat.sweep import run_sweep
 
-        with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
-            handles = [pool.apply_async(run_job, (job, ctx)) for job in jobs]
-            results = [h.get() for h in handles]
-    else:
-        results = [run_job(job, ctx) for job in jobs]
+    sweep_dir = os.path.join(out, "sweep")
+    if not args.resume and os.path.exists(os.path.join(sweep_dir, "trial.jsonl")):
+        os.remove(os.path.join(sweep_dir, "trial.jsonl"))  # a fresh run (--resume keeps the finished experiments)
+    rows = run_sweep(trial, [{"job": list(job), "ctx": ctx} for job in jobs], sweep_dir, engine=args.engine,
+                     workers=workers, address=args.address,
+                     progress=lambda row: print(f"  done: {row['config']['job']} in {row['seconds']:.0f} s",
+                                                flush=True))
+    results = [row["result"] for row in rows]
     res = assemble(jobs, results)
     theory_checks, theory_record = res.pop("theory")
     res["theory"] = theory_record

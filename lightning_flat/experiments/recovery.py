@@ -50,6 +50,15 @@ def make_problem(setting: str, d: int, x: float, trial: int):
     return meas, meas(M), M
 
 
+def recovery_trial(config: dict) -> dict:
+    """:func:`solve_trial` as a sweep trial (``lightning_flat.sweep``): ``{"setting", "d", "x", "trial"}`` in."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cvxpy warns once per inaccurate solve; the trial records its status
+        return solve_trial((config["setting"], config["d"], config["x"], config["trial"]))
+
+
 def solve_trial(args):
     """One trial: both convex programs, errors, V2 checks and the Fig. 4 measures (in a worker process)."""
     setting, d, x, trial = args
