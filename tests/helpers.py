@@ -71,3 +71,19 @@ def assert_replot(example, results, out, figures):
     """``--replot`` redraws exactly ``figures`` from a results file, without checks."""
     summary = run_example(example, ["--replot", str(results), "--out", str(out)])
     assert summary["checks"] == [] and [os.path.basename(p) for p in summary["figures"]] == figures
+
+
+def flat_function(params, fn):
+    """``(f, flat)``: ``f(v) = fn(dict of tensors cut from v)`` over the concatenation ``flat`` of ``params`` (a
+    name -> tensor dict), for dense torch.func Hessians and Jacobians."""
+    names, shapes = list(params), [p.shape for p in params.values()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def f(v):
+        out, k = {}, 0
+        for n, shp in zip(names, shapes):
+            out[n] = v[k:k + shp.numel()].reshape(shp)
+            k += shp.numel()
+        return fn(out)
+
+    return f, flat

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import rel
-from helpers import trainer
+from helpers import flat_function, trainer
 from lightning_flat import functional as F
 from lightning_flat.callbacks import HessianTrace, Sharpness, SpectralDensity
 from lightning_flat.datamodules import MatrixSensingDataModule
@@ -173,17 +173,7 @@ class AdamRegression(__import__("lightning").LightningModule):
 
 
 def _flat_fn(net, loss_of_params):
-    names, shapes = [n for n, _ in net.named_parameters()], [p.shape for p in net.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-
-    def f(v):
-        out, k = {}, 0
-        for n, shp in zip(names, shapes):
-            out[n] = v[k:k + shp.numel()].reshape(shp)
-            k += shp.numel()
-        return loss_of_params(out)
-
-    return f, flat
+    return flat_function(dict(net.named_parameters()), loss_of_params)
 
 
 def test_gauss_newton_sharpness_against_dense_jacobians():

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
 from conftest import rel
-from helpers import trainer
+from helpers import flat_function, trainer
 from lightning_flat.callbacks import SAM, FiniteLossGuard, HessianTrace, HyperparameterSchedule, LabelNoise, Sharpness
 from lightning_flat.datamodules import MatrixSensingDataModule
 from lightning_flat.models import DeepLinearNet
@@ -270,18 +270,8 @@ def test_a_read_with_side_effects_works_with_loss_fn():
 
 # ---------------------------------------------------------------------------------------- where PyTorch allows it
 def dense_hessian_of(params, loss_of_params):
-    """The dense float64 Hessian of ``loss_of_params(dict)`` over the given parameters (a name -> tensor dict),
-    by torch.func.hessian over their concatenation."""
-    names, shapes = list(params), [p.shape for p in params.values()]
-    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
-
-    def f(v):
-        out, k = {}, 0
-        for n, shp in zip(names, shapes):
-            out[n] = v[k:k + shp.numel()].reshape(shp)
-            k += shp.numel()
-        return loss_of_params(out)
-
+    """The dense float64 Hessian of ``loss_of_params(dict)`` over the given parameters (a name -> tensor dict)."""
+    f, flat = flat_function(params, loss_of_params)
     return torch.func.hessian(f)(flat)
 
 
