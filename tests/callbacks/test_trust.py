@@ -205,14 +205,15 @@ def test_strict_arguments(make, match):
 
 # ---------------------------------------------------------------------------------------- monitorable values
 @pytest.mark.parametrize("logger", [True, False])
-def test_early_stopping_on_sharpness(logger):
+def test_early_stopping_on_sharpness(logger, tmp_path):
     dm = MatrixSensingDataModule(n=40, d_out=4, d_in=4, rank=1, batch_size=8, seed=0, steps_per_epoch=10)
     net = DeepLinearNet([4, 4, 4], lr=0.02, seed=0)
     sharp = Sharpness(every_n_steps=5)
     stop = EarlyStopping(monitor="hessian/sharpness", mode="max", stopping_threshold=0.0,
                          check_on_train_epoch_end=True)
     tr = L.Trainer(max_steps=200, logger=logger and None, callbacks=[sharp, stop], enable_progress_bar=False,
-                   enable_checkpointing=False, enable_model_summary=False, precision="64-true")
+                   enable_checkpointing=False, enable_model_summary=False, precision="64-true",
+                   default_root_dir=tmp_path)  # (logger=True writes its CSV logs there, not in the current folder)
     tr.fit(net, dm)
     assert tr.global_step == 10 and stop.stopped_epoch == 0  # stopped at the first epoch end it checked
     step, value = sharp.history["hessian/sharpness"][-1]
