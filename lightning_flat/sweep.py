@@ -121,7 +121,15 @@ def run_sweep(trial_fn: Callable[[dict], dict], configs: Iterable[dict[str, Any]
         else:
             import multiprocessing as mp
 
-            with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+            # each worker gets cpus_per_trial threads, as Ray gives its trials (the children read it at import)
+            saved = os.environ.get("OMP_NUM_THREADS")
+            os.environ.setdefault("OMP_NUM_THREADS", str(cpus_per_trial))
+            try:
+                pool = mp.get_context("spawn").Pool(min(workers, len(todo)))
+            finally:
+                if saved is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
+            with pool:
                 jobs = {key: pool.apply_async(_timed, ((trial_fn, config),)) for key, config in todo}
                 pending = dict(todo)
                 while jobs:
