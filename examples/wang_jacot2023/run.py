@@ -82,7 +82,8 @@ def yaml_config(name):
 
     with open(os.path.join(HERE, name)) as f:
         cfg = yaml.safe_load(f)
-    sched = next(c["init_args"] for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("HyperparameterSchedule"))
+    sched = next(c["init_args"] for c in cfg["trainer"]["callbacks"]
+                 if c["class_path"].endswith("HyperparameterSchedule"))
     data = cfg["data"]["init_args"]
     return dict(dims=cfg["model"]["init_args"]["dims"], eps=data["observed"][1][0], steps=cfg["trainer"]["max_steps"],
                 lr=sched["lr"], weight_decay=sched["weight_decay"], sampling=data.get("sampling", "replacement"))
@@ -318,8 +319,8 @@ def quick_runs(ctx):
     for depth in (4, 3):
         out[f"L{depth}"] = train(network(dims_for(depth, width), seeds), problem(cfg["eps"]), cfg["steps"],
                                  f"quick-L{depth}", ctx, cfg["lr"], cfg["weight_decay"])
-    out["gd"] = train(network(dims_for(4, width), seeds), problem(cfg["eps"], batch_size=None), 3000, "quick-L4-gd", ctx,
-                      cfg["lr"], cfg["weight_decay"])
+    out["gd"] = train(network(dims_for(4, width), seeds), problem(cfg["eps"], batch_size=None), 3000, "quick-L4-gd",
+                      ctx, cfg["lr"], cfg["weight_decay"])
     out["shuffle"] = train(network(dims_for(4, width), seeds), problem(cfg["eps"], sampling="shuffle"), cfg["steps"],
                            "quick-L4-shuffle", ctx, cfg["lr"], cfg["weight_decay"])
     return out
@@ -364,7 +365,8 @@ def theory(ctx, full):
     # equality: a few flops of rounding per entry, relative 1e-10 leaves a wide margin
     checks.append(("T1 equality at the balanced factors (max relative error)", worst_eq, worst_eq <= 1e-10))
 
-    # T2: one library SGD step with weight decay, D_l(t+1) = (1 - lr ridge)^2 D_l(t) + lr^2 (T_{l+1}^T T_{l+1} - T_l T_l^T)
+    # T2: one library SGD step with weight decay,
+    # D_l(t+1) = (1 - lr ridge)^2 D_l(t) + lr^2 (T_{l+1}^T T_{l+1} - T_l T_l^T)
     worst = 0.0
     for depth, batch in ((3, 1), (4, 2), (3, None)):
         meas = Entries(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), (2, 2), dtype=f64)

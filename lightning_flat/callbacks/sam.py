@@ -99,7 +99,8 @@ class SAM(StepHook, Callback):
     gradient and the new gradient is the mean over the ``k`` micro-batches at that one ascent point: the SAM step
     on the whole accumulated batch. Batch-norm running statistics are restored after SAM's extra forwards (the
     step's own forward updates them once). Refused at setup: manual optimization without ``loss_fn`` (its
-    ``training_step`` steps the optimizers), and several optimizers. Under DDP the new gradients are averaged across ranks. A
+    ``training_step`` steps the optimizers), and several optimizers. Under DDP the new gradients are averaged across
+    ranks. A
     :class:`HyperparameterSchedule` with ``sam_rho=...`` sets the radius of each step (``rho`` is then the value
     without a schedule and is not changed).
 

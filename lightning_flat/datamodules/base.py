@@ -119,7 +119,8 @@ class MeasurementSampler:
             return unique[streams[0]] if len(unique) == 1 else torch.stack([unique[s] for s in streams])
         if self.streams is None or len(set(self.streams)) == 1:
             # one run, or replicas that share their seed (hence their minibatches): one draw, one gather
-            keys = (self.seed, self.rank, step) if self.streams is None else (self.seed, self.rank, self.streams[0], step)
+            keys = (self.seed, self.rank, step) if self.streams is None else \
+                (self.seed, self.rank, self.streams[0], step)
             g.manual_seed(step_seed(*keys))
             return torch.randint(n, (B,), generator=g, device=device)
         rows = []

@@ -36,7 +36,8 @@ def balancedness(weights: Sequence[Tensor], per_layer: bool = False) -> Tensor:
         z = weights[0].new_zeros(batch)
         return z.unsqueeze(-1)[..., :0] if per_layer else z
     terms = torch.stack([
-        torch.linalg.matrix_norm(weights[j + 1].transpose(-1, -2) @ weights[j + 1] - weights[j] @ weights[j].transpose(-1, -2))
+        torch.linalg.matrix_norm(weights[j + 1].transpose(-1, -2) @ weights[j + 1]
+                                 - weights[j] @ weights[j].transpose(-1, -2))
         .expand(batch) for j in range(len(weights) - 1)
     ], dim=-1)
     _, e = torch.frexp(c)  # c = 2^(e - 1)

@@ -98,8 +98,9 @@ def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: floa
     ``B (d_in, r)``. Starts: the given matrices (e.g. guesses near the expected minimum) and ``restarts`` random
     ones. A result counts as rank ``r`` when its ``r``-th singular value exceeds ``1e-6`` times the first and the next
     one does not, and as a local minimum when BFGS ends with a vanishing gradient and a positive semi-definite Hessian
-    (so a stall on the way to a lower rank or a saddle is not returned). Gradients come from torch autograd; the penalty's :math:`s^{2/L}` is smooth away from
-    :math:`s = 0`, which is where the search for a rank-``r`` minimum stays.
+    (so a stall on the way to a lower rank or a saddle is not returned). Gradients come from torch autograd; the
+    penalty's :math:`s^{2/L}` is smooth away from :math:`s = 0`, which is where the search for a rank-``r`` minimum
+    stays.
     """
     import numpy as np
     from scipy.optimize import minimize
