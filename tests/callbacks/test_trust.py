@@ -468,3 +468,98 @@ def test_one_sam_with_batch_norm_and_compiled_modules_are_refused():
 
     with pytest.raises(ValueError, match=r"HessianTrace: the submodule\(s\) \['net'\] are torch.compile'd"):
         fit(Compiled(), 1, [HessianTrace(every_n_steps=1)])
+
+
+class TwoLoaders(Regression):
+    """Two training loaders (Lightning combines them: the batch is a dict of the loaders' batches)."""
+
+    def loss(self, batch):
+        return sum(torch.nn.functional.mse_loss(self.net(x), y) for x, y in batch.values())
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def train_dataloader(self):
+        a = torch.utils.data.TensorDataset(self.x[:12], self.y[:12])
+        b = torch.utils.data.TensorDataset(self.x[12:], self.y[12:])
+        return {"a": torch.utils.data.DataLoader(a, batch_size=3), "b": torch.utils.data.DataLoader(b, batch_size=4)}
+
+
+class LSTMRegression(L.LightningModule):
+    """An LSTM over short sequences that carries its hidden state from batch to batch (a common user pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = torch.nn.LSTM(2, 3, batch_first=True).double()
+        self.head = torch.nn.Linear(3, 1).double()
+        g = torch.Generator().manual_seed(4)
+        self.x, self.y = torch.randn(12, 5, 2, generator=g, dtype=F64), torch.randn(12, 1, generator=g, dtype=F64)
+        self.state = None
+
+    def loss(self, batch, state=None):
+        out, state = self.lstm(batch[0], state)
+        return torch.nn.functional.mse_loss(self.head(out[:, -1]), batch[1]), state
+
+    def training_step(self, batch, batch_idx):
+        loss, state = self.loss(batch, self.state)
+        self.state = tuple(s.detach() for s in state)  # carried to the next batch
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y), batch_size=4)
+
+
+def test_several_loaders_are_measured_and_training_is_untouched():
+    plain, measured = TwoLoaders(), TwoLoaders()
+    fit(plain, 3)
+    ht = HessianTrace(every_n_steps=1, num_matvecs=120)  # > 3 x 26 parameters: Hutch++ is exact
+    fit(measured, 3, [ht])
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), measured.state_dict().values()))
+    W0 = {k: v for k, v in params(TwoLoaders()).items()}
+    net = TwoLoaders().net
+    xa, ya, xb, yb = measured.x[:3], measured.y[:3], measured.x[12:16], measured.y[12:16]
+    H = dense_hessian_of(W0, lambda P: mse_at(net, xa, ya, "net.")(P) + mse_at(net, xb, yb, "net.")(P))
+    assert rel(ht.history["hessian/trace"][0][1], torch.trace(H)) < 1e-9  # the combined first batch, step 0
+
+
+def test_lstm_with_a_carried_state():
+    with pytest.raises(ValueError, match=r"changed the module \(attribute state"):
+        fit(LSTMRegression(), 2, [Sharpness(every_n_steps=1)])
+    plain, measured = LSTMRegression(), LSTMRegression()
+    fit(plain, 3)
+    sh = Sharpness(every_n_steps=1, loss_fn=lambda m, b: m.loss(b)[0], tol=1e-10)  # a fresh state for the read
+    fit(measured, 3, [sh])
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), measured.state_dict().values()))
+    assert torch.equal(plain.state[0], measured.state[0])  # the carried state is training's own
+    model = LSTMRegression()
+    W0 = params(model)
+    H = dense_hessian_of(W0, lambda P: torch.nn.functional.mse_loss(_lstm_out(model, P, model.x[:4]), model.y[:4]))
+    assert rel(sh.history["hessian/sharpness"][0][1], torch.linalg.eigvalsh(H)[-1]) < 1e-8
+
+
+def _lstm_out(model, P, x):
+    lstm = {k.removeprefix("lstm."): v for k, v in P.items() if k.startswith("lstm.")}
+    head = {k.removeprefix("head."): v for k, v in P.items() if k.startswith("head.")}
+    out, _ = torch.func.functional_call(model.lstm, lstm, (x,))
+    return torch.func.functional_call(model.head, head, (out[:, -1],))
+
+
+def test_label_noise_names_what_it_cannot_change():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Batch:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    ln = LabelNoise(1.0)
+
+    class T:
+        global_step, global_rank, accumulate_grad_batches = 0, 0, 1
+
+    with pytest.raises(TypeError, match="LabelNoise cannot change the targets of a Batch batch in place"):
+        ln.on_train_batch_start(T, None, Batch(torch.zeros(2), torch.zeros(2)), 0)
