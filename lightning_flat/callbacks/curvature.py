@@ -244,7 +244,7 @@ class _CurvatureCallback(MeasuringCallback):
         self.seed = seed
         self._batch: Any = _copy_batch(batch) if batch is not None else None
         self._more: list[Any] = []  # batches 2..k of the curvature data (batches=k)
-        self._used: set[str] | None = None  # the parameters the loss depends on (found at the first read)
+        self._used: list[str] | None = None  # the parameters the loss depends on, in module order (first read)
         self._checked = False  # the first read through training_step was checked for side effects
 
     fused_safe_hooks = ("on_train_batch_start",)  # generic modules only: lightning_flat models return at once
@@ -256,9 +256,9 @@ class _CurvatureCallback(MeasuringCallback):
         if self._batch is None:
             # the fixed curvature batch: the first training batch, without label noise whatever the callbacks' order
             self._batch = self._clean_copy(trainer, batch)
-        elif len(self._more) + 1 < self.num_batches:
+        elif not self._ready:
             self._more.append(self._clean_copy(trainer, batch))
-        if len(self._more) + 1 < self.num_batches:
+        if not self._ready:
             return  # reads start once the batches=k curvature batches are kept
         if trainer.global_step % self.every_n_steps == 0:
             self._run(trainer, pl_module, monitor=True)  # weights of step global_step, before its update
@@ -274,10 +274,17 @@ class _CurvatureCallback(MeasuringCallback):
                 kept = cb.clean(kept)
         return kept
 
+    @property
+    def _ready(self) -> bool:
+        """Generic path: all ``batches=k`` curvature batches are kept."""
+        return self._batch is not None and len(self._more) + 1 >= self.num_batches
+
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, monitor: bool = False) -> None:
-        if not is_linear_net(pl_module) and (self._batch is None or len(self._more) + 1 < self.num_batches):
-            return  # the curvature batches are not all kept yet
-        if self._checked or is_linear_net(pl_module) or self.loss_fn is not default_loss_fn:
+        if is_linear_net(pl_module):
+            return super()._run(trainer, pl_module, monitor)
+        if not self._ready:
+            return
+        if self._checked or self.loss_fn is not default_loss_fn:
             return super()._run(trainer, pl_module, monitor)
         # The first read through the user's training_step: it must leave the module as it was (a carried hidden
         # state, a metric's update, a list of collected losses would change training or logged values).
@@ -313,7 +320,7 @@ class _CurvatureCallback(MeasuringCallback):
                              "loss_fn=lambda module, batch: <the batch loss>")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if is_linear_net(pl_module) or (self._batch is not None and len(self._more) + 1 >= self.num_batches):
+        if is_linear_net(pl_module) or self._ready:
             super().on_train_start(trainer, pl_module)
 
     def _operator(self, trainer: L.Trainer, pl_module: L.LightningModule, only: str | None = None):
@@ -335,8 +342,8 @@ class _CurvatureCallback(MeasuringCallback):
             params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
             grads = torch.autograd.grad(self.loss_fn(pl_module, batches[0]), [p for _, p in params],
                                         allow_unused=True)
-            self._used = {n for (n, _), g in zip(params, grads) if g is not None}
-        used = self._used if only is None else {only}
+            self._used = [n for (n, _), g in zip(params, grads) if g is not None]
+        used = set(self._used) if only is None else {only}
         if self.gauss_newton is not None:  # J^T H_loss J instead of the Hessian (PSD for convex losses)
             from hessian_eigenthings import GGNOperator
 
@@ -427,7 +434,7 @@ class HessianTrace(_CurvatureCallback):
                         seed=self._probe_seed(trainer))
             out = {"hessian/trace": res.estimate, "hessian/trace_stderr": res.stderr}
             if self.per_layer:  # one Hutch++ per parameter tensor (the diagonal blocks); they sum to the trace
-                for name in sorted(self._used, key=list(dict(pl_module.named_parameters())).index):
+                for name in self._used:
                     block = trace(self._operator(trainer, pl_module, only=name), num_matvecs=self.num_matvecs,
                                   method="hutch++", seed=self._probe_seed(trainer))
                     out[f"hessian/trace/{name}"] = block.estimate
@@ -507,12 +514,11 @@ class Sharpness(_CurvatureCallback):
             raise ValueError("Sharpness(preconditioned=True) needs an adaptive optimizer's state; the lightning_flat "
                              "models train with SGD")
         opt = trainer.optimizers[0]
-        names = list(dict(pl_module.named_parameters()))
         with isolated(pl_module, self.eval_mode), torch.enable_grad():
             op = self._operator(trainer, pl_module)
             params = dict(pl_module.named_parameters())
             scales = []
-            for name in sorted(self._used, key=names.index):
+            for name in self._used:
                 p = params[name]
                 state = opt.state.get(p, {})
                 group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
@@ -581,8 +587,7 @@ class Sharpness(_CurvatureCallback):
         if not is_linear_net(pl_module):
             with isolated(pl_module, self.eval_mode), torch.enable_grad():
                 self._operator(trainer, pl_module)  # finds the used parameters
-                names = list(dict(pl_module.named_parameters()))
-                for name in sorted(self._used, key=names.index):
+                for name in self._used:
                     op = self._operator(trainer, pl_module, only=name)
                     theta, _ = self._lanczos(op.matvec, op.size, op.dtype, op.device, f"block:{name}")
                     out[f"hessian/sharpness/{name}"] = float(theta)

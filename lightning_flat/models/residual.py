@@ -119,15 +119,15 @@ class ResidualLinearNet(LinearNetBase):
         return self.hessian_trace_from(self.weights(), measurements, targets)
 
     def hessian_trace_from(self, weights: list[Tensor], measurements: Measurements, targets: Tensor | None) -> Tensor:
-        """The exact trace over the trained ``W_k``: the chain ``[W_1, ..., W_L, w^T]``'s layer terms without the
-        last (the fixed ``w`` is no coordinate)."""
-        w_row = self._w_row()
-        chain = list(weights) + [w_row.expand(*weights[0].shape[:-2], *w_row.shape[-2:])]
-        return F.hessian_trace(chain, measurements, per_layer=True)[..., :-1].sum(-1)
+        """The exact trace over the trained ``W_k`` (the sum of :meth:`hessian_trace_terms`)."""
+        return self._trace_terms(weights, measurements).sum(-1)
 
     def hessian_trace_terms(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
+        return self._trace_terms(self.weights(), measurements)
+
+    def _trace_terms(self, weights: list[Tensor], measurements: Measurements) -> Tensor:
+        """The chain ``[W_1, ..., W_L, w^T]``'s layer terms without the last (the fixed ``w`` is no coordinate)."""
         w_row = self._w_row()
-        weights = self.weights()
         chain = list(weights) + [w_row.expand(*weights[0].shape[:-2], *w_row.shape[-2:])]
         return F.hessian_trace(chain, measurements, per_layer=True)[..., :-1]
 
