@@ -181,14 +181,10 @@ class LabelNoise(StepHook, Callback):
             return batch
         if current is not noisy:
             return batch
-        if isinstance(batch, MeasurementBatch):
-            return MeasurementBatch(batch.measurements, clean, batch.index)
-        out = dict(batch) if isinstance(batch, dict) else list(batch)
-        if isinstance(out, dict):
-            out["targets" if self.target_key is None else self.target_key] = clean
-        else:
-            out[-1 if self.target_key is None else self.target_key] = clean
-        return out
+        copy = MeasurementBatch(batch.measurements, batch.targets, batch.index) if isinstance(batch, MeasurementBatch) \
+            else dict(batch) if isinstance(batch, dict) else list(batch)
+        self._set(copy, clean)
+        return copy
 
     def state_dict(self) -> dict[str, Any]:
         return {"std": self._std, "seed": self.seed}

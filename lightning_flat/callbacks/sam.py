@@ -216,10 +216,13 @@ class SAM(StepHook, Callback):
     def _replica_dims(pl_module: L.LightningModule) -> int:
         return 1 if is_linear_net(pl_module) and getattr(pl_module, "replicas", 1) > 1 else 0
 
-    def _nsam(self, pl_module: L.LightningModule, params: list[Tensor], rho: float,
-              batches: list[Any]) -> list[Tensor]:
-        eps = sam_perturbation([p.grad for p in params], rho, params=params, adaptive=self.adaptive,
-                               normalize=self.normalize, eta=self.eta, replica_dims=self._replica_dims(pl_module))
+    def _nsam(self, pl_module: L.LightningModule, params: list[Tensor], rho: float, batches: list[Any],
+              grads: list[Tensor] | None = None) -> list[Tensor]:
+        """The gradient of the mean loss over ``batches`` at the ascent point ``W + eps(grads)`` (``grads``: the
+        parameters' ``.grad`` unless given); the weights are restored bitwise afterwards."""
+        grads = [p.grad for p in params] if grads is None else grads
+        eps = sam_perturbation(grads, rho, params=params, adaptive=self.adaptive, normalize=self.normalize,
+                               eta=self.eta, replica_dims=self._replica_dims(pl_module))
         saved = [p.detach().clone() for p in params]
         try:
             with torch.no_grad():
@@ -227,41 +230,28 @@ class SAM(StepHook, Callback):
                     p.add_(e)
             loss_fn = self._loss_fn(pl_module)
             loss = sum(loss_fn(pl_module, b) for b in batches) / len(batches)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            out = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
             with torch.no_grad():
                 for p, s in zip(params, saved):
                     p.copy_(s)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, out)]
 
     def _msam_loop(self, pl_module: L.LightningModule, params: list[Tensor], batch: Any, rho: float) -> list[Tensor]:
         """m-SAM chunk by chunk with plain autograd: for modules whose forward mutates state (batch norm's running
-        statistics), which torch.func transforms refuse. The same sum of |c|/B times each chunk's SAM gradient."""
+        statistics), which torch.func transforms refuse. The same sum of |c|/B times each chunk's SAM gradient:
+        each chunk's ascent from its own gradient (:meth:`_nsam` on the chunk)."""
         fields, rebuild = _batch_fields(batch)
         B = next(iter(fields.values())).shape[0]
         loss_fn = self._loss_fn(pl_module)
         total = [torch.zeros_like(p) for p in params]
-        saved = [p.detach().clone() for p in params]
-        try:
-            for start in range(0, B, self.m):
-                chunk = rebuild({k: v[start:start + self.m] for k, v in fields.items()})
-                size = next(iter(fields.values()))[start:start + self.m].shape[0]
-                g = torch.autograd.grad(loss_fn(pl_module, chunk), params, allow_unused=True)
-                g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
-                eps = sam_perturbation(g, rho, params=params, adaptive=self.adaptive, normalize=self.normalize,
-                                       eta=self.eta)
-                with torch.no_grad():
-                    for p, e in zip(params, eps):
-                        p.add_(e)
-                gp = torch.autograd.grad(loss_fn(pl_module, chunk), params, allow_unused=True)
-                with torch.no_grad():
-                    for p, s in zip(params, saved):
-                        p.copy_(s)
-                total = [t + (size / B) * (0 if gi is None else gi) for t, gi in zip(total, gp)]
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+        for start in range(0, B, self.m):
+            part = {k: v[start:start + self.m] for k, v in fields.items()}
+            chunk = rebuild(part)
+            g = torch.autograd.grad(loss_fn(pl_module, chunk), params, allow_unused=True)
+            g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+            size = next(iter(part.values())).shape[0]
+            total = [t + (size / B) * gi for t, gi in zip(total, self._nsam(pl_module, params, rho, [chunk], g))]
         return total
 
     def _msam(self, pl_module: L.LightningModule, params: list[Tensor], batch: Any, rho: float) -> list[Tensor]:
