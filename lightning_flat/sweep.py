@@ -33,9 +33,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lightning_flat._checks import check_choice, check_positive_int
+from lightning_flat._checks import check_bool, check_choice, check_positive_int
 
-__all__ = ["run_sweep", "trial_key", "load_results", "ENGINES"]
+__all__ = ["run_sweep", "trial_key", "load_results", "add_sweep_arguments", "ENGINES"]
 
 ENGINES = ("local", "ray")
 
@@ -73,6 +73,11 @@ def _append(path: str, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _keyed(args: tuple[str, dict, Callable]) -> tuple[str, dict, tuple[dict, float]]:
+    key, config, trial_fn = args
+    return key, config, _timed((trial_fn, config))
+
+
 def _timed(args: tuple[Callable, dict]) -> tuple[dict, float]:
     trial_fn, config = args
     t0 = time.perf_counter()
@@ -82,12 +87,13 @@ def _timed(args: tuple[Callable, dict]) -> tuple[dict, float]:
 
 def run_sweep(trial_fn: Callable[[dict], dict], configs: Iterable[dict[str, Any]], folder: str, *,
               name: str | None = None, engine: str = "local", workers: int = 2, address: str | None = None,
-              cpus_per_trial: int = 1, ray_chunk: int = 1,
+              cpus_per_trial: int = 1, ray_chunk: int = 1, resume: bool = True,
               progress: Callable[[dict], None] | None = None) -> list[dict]:
     """Run ``trial_fn(config)`` for every config that has no result in ``<folder>/<name>.jsonl`` yet (``name``
     defaults to the function's name), with ``engine``; returns one row per config, in the order given:
     ``{"key", "config", "result", "seconds", "engine"}``. ``progress(row)`` is called as each trial ends (in this
-    process). ``ray_chunk`` trials run one after the other in each Ray Tune trial: a Ray trial starts a fresh
+    process). ``resume=False`` starts the results file afresh (a new sweep); by default the trials it holds are
+    kept and only the others run. ``ray_chunk`` trials run one after the other in each Ray Tune trial: a Ray trial starts a fresh
     worker process (seconds of imports), so short trials are better grouped."""
     if not callable(trial_fn):
         raise TypeError(f"trial_fn must be a function config -> dict, got {trial_fn!r}")
@@ -104,6 +110,8 @@ def run_sweep(trial_fn: Callable[[dict], dict], configs: Iterable[dict[str, Any]
 
     output_folder(folder)
     path = os.path.join(folder, f"{name}.jsonl")
+    if not check_bool("resume", resume) and os.path.exists(path):
+        os.remove(path)
     done = load_results(path)
     todo = [(k, c) for k, c in zip(keys, configs) if k not in done]
 
@@ -130,12 +138,8 @@ def run_sweep(trial_fn: Callable[[dict], dict], configs: Iterable[dict[str, Any]
                 if saved is None:
                     os.environ.pop("OMP_NUM_THREADS", None)
             with pool:
-                jobs = {key: pool.apply_async(_timed, ((trial_fn, config),)) for key, config in todo}
-                pending = dict(todo)
-                while jobs:
-                    for key in [k for k, j in jobs.items() if j.ready()]:
-                        finish(key, pending[key], *jobs.pop(key).get())
-                    time.sleep(0.05)
+                for key, config, (result, seconds) in pool.imap_unordered(_keyed, [(k, c, trial_fn) for k, c in todo]):
+                    finish(key, config, result, seconds)
     elif todo:
         _run_ray(todo, trial_fn, folder, name, workers, address, cpus_per_trial, ray_chunk, finish)
     return [done[k] for k in keys]
@@ -187,3 +191,13 @@ def _run_ray(todo, trial_fn, folder, name, workers, address, cpus_per_trial, chu
     finally:
         if started:
             ray.shutdown()
+
+
+def add_sweep_arguments(parser, what: str = "trials") -> None:
+    """The command-line options of an example that runs a sweep: ``--engine``, ``--address`` and ``--resume``."""
+    parser.add_argument("--engine", choices=ENGINES, default="local",
+                        help=f"run the {what} in a local process pool (default) or with Ray Tune")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (with --engine ray; default: a local Ray)")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"keep the {what} a stopped run finished (in OUT/sweep) and run only the others")

@@ -47,6 +47,13 @@ def test_resume_runs_only_the_missing_trials(tmp_path):
     assert [r["result"] for r in rows] == [r["result"] for r in fresh]
 
 
+def test_resume_false_starts_afresh(tmp_path):
+    run_sweep(train_block, GRID[:2], str(tmp_path), workers=1)
+    ran = []
+    run_sweep(train_block, GRID[:2], str(tmp_path), workers=1, resume=False, progress=lambda r: ran.append(r["key"]))
+    assert len(ran) == 2 and len(load_results(str(tmp_path / "train_block.jsonl"))) == 2
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="engine must be one of 'local', 'ray'"):
         run_sweep(train_block, GRID, str(tmp_path), engine="slurm")

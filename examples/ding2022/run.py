@@ -43,11 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="solve the trials in a local process pool (default) or with Ray Tune")
-    p.add_argument("--address", default=None, help="Ray cluster address (with --engine ray; default: a local Ray)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the trials a stopped run finished (in OUT/sweep) and solve only the others")
+    from lightning_flat.sweep import add_sweep_arguments
+
+    add_sweep_arguments(p, "trials")
     p.add_argument("--replot", metavar="TRIALS_JSON", default=None,
                    help="redraw Figs. 3 and 4 and recompute the grid checks (2-5) from a trials.json, without solving")
     return p.parse_args(argv)
@@ -428,11 +426,9 @@ def main(argv=None) -> dict:
     from lightning_flat.sweep import run_sweep
 
     sweep_dir = os.path.join(out, "sweep")
-    if not args.resume and os.path.exists(os.path.join(sweep_dir, "recovery_trial.jsonl")):
-        os.remove(os.path.join(sweep_dir, "recovery_trial.jsonl"))  # a fresh grid (--resume keeps finished trials)
     bar = _progress(None, len(jobs), not args.no_progress)
     rows = run_sweep(recovery_trial, [dict(setting=s, d=d, x=x, trial=k) for s, d, x, k in jobs], sweep_dir,
-                     engine=args.engine, workers=args.workers, address=args.address,
+                     engine=args.engine, workers=args.workers, address=args.address, resume=args.resume,
                      ray_chunk=max(1, len(jobs) // (4 * args.workers)),  # short trials: several per Ray task
                      progress=(lambda row: bar.update(1)) if bar is not None else None)
     if bar is not None:

@@ -58,11 +58,9 @@ def parse_args(argv=None):
                    help="intra-op threads per process (default 1, or LIGHTNING_FLAT_THREADS / OMP_NUM_THREADS)")
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="train the depths in a local process pool (default) or with Ray Tune")
-    p.add_argument("--address", default=None, help="Ray cluster address (with --engine ray; default: a local Ray)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the depths a stopped run finished (in OUT/sweep) and train only the others")
+    from lightning_flat.sweep import add_sweep_arguments
+
+    add_sweep_arguments(p, "depths")
     p.add_argument("--replot", metavar="RESULTS_JSON", default=None,
                    help="redraw Figs. 1 and 2 from a results.json (next to it, or in --out) without training")
     return p.parse_args(argv)
@@ -375,11 +373,10 @@ def main(argv=None) -> dict:
 
     order = sorted(cfg["depths"], reverse=True)  # deepest (slowest) first
     sweep_dir = os.path.join(out, "sweep")
-    if not args.resume and os.path.exists(os.path.join(sweep_dir, "depth_trial.jsonl")):
-        os.remove(os.path.join(sweep_dir, "depth_trial.jsonl"))  # a fresh run (--resume keeps finished depths)
     configs = [dict(depth=L, cfg=cfg, out=out, wandb=use_wandb, progress=progress, threads=args.threads,
                     position=i % workers) for i, L in enumerate(order)]
-    rows = run_sweep(depth_trial, configs, sweep_dir, engine=args.engine, workers=workers, address=args.address)
+    rows = run_sweep(depth_trial, configs, sweep_dir, engine=args.engine, workers=workers, address=args.address,
+                     resume=args.resume)
     results = {row["config"]["depth"]: row["result"] for row in rows}
     train_seconds = time.perf_counter() - t_train
     runs = {L: {**results[L], "scale": scale} for L in cfg["depths"]}

@@ -55,11 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb runs")
     p.add_argument("--replot", metavar="RESULTS_JSON", default=None, help="redraw the figures from a results.json")
     p.add_argument("--workers", type=int, default=None, help="processes for the sweeps (default: 1 quick, 2 full)")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="run the sweeps' learning rates in a local process pool (default) or with Ray Tune")
-    p.add_argument("--address", default=None, help="Ray cluster address (with --engine ray; default: a local Ray)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the sweep trials a stopped run finished (in OUT/sweep) and run only the others")
+    from lightning_flat.sweep import add_sweep_arguments
+
+    add_sweep_arguments(p, "sweeps' learning rates")
     return p.parse_args(argv)
 
 
@@ -169,8 +167,10 @@ def sweep(kind, dm, grid, plan, ctx, w=None):
         print(f"  {kind} eta={r['eta']}: {len(r['seed'])} runs x {r['steps']} steps in {r['seconds']:.1f} s, "
               f"{sum(r['diverged'])} diverged", flush=True)
 
+    # one results file per sweep (kind and its learning rates), so a fresh run restarts each without the others
     rows = run_sweep(sweep_trial, configs, os.path.join(ctx["out"], "sweep"), engine=ctx["engine"],
-                     workers=ctx["workers"], address=ctx["address"], progress=report)
+                     workers=ctx["workers"], address=ctx["address"], resume=ctx["resume"], progress=report,
+                     name=f"{kind}-" + "-".join(str(eta) for eta, _, _ in plan))
     return {str(row["result"]["eta"]): row["result"] for row in rows}
 
 
@@ -605,10 +605,7 @@ def main(argv=None) -> dict:
 
     output_folder(out)  # fails now, naming it, if nothing can be written there
     ctx = dict(out=out, wandb=not args.no_wandb, threads=args.threads, engine=args.engine,
-               workers=args.workers or (1 if args.quick else 2), address=args.address)
-    sweep_file = os.path.join(out, "sweep", "sweep_trial.jsonl")
-    if not args.resume and os.path.exists(sweep_file):
-        os.remove(sweep_file)  # a fresh run (--resume keeps the learning rates a stopped run finished)
+               workers=args.workers or (1 if args.quick else 2), address=args.address, resume=args.resume)
     seed = args.seed if args.seed is not None else 0
     if args.quick:  # 2/eta vs S_min^a = 2La comparisons need a near 1
         while not 0.85 <= UnivariateRegressionDataModule(n=N, d=D, seed=seed).a <= 1.15:

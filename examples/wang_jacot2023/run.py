@@ -66,11 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes for the full run's experiments (default 2)")
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb runs")
     p.add_argument("--replot", metavar="RESULTS_JSON", default=None, help="redraw the figures from a results.json")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="run the experiments in a local process pool (default) or with Ray Tune")
-    p.add_argument("--address", default=None, help="Ray cluster address (with --engine ray; default: a local Ray)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the experiments a stopped run finished (in OUT/sweep) and run only the others")
+    from lightning_flat.sweep import add_sweep_arguments
+
+    add_sweep_arguments(p, "experiments")
     return p.parse_args(argv)
 
 
@@ -938,10 +936,8 @@ def main(argv=None) -> dict:
     from lightning_flat.sweep import run_sweep
 
     sweep_dir = os.path.join(out, "sweep")
-    if not args.resume and os.path.exists(os.path.join(sweep_dir, "trial.jsonl")):
-        os.remove(os.path.join(sweep_dir, "trial.jsonl"))  # a fresh run (--resume keeps the finished experiments)
     rows = run_sweep(trial, [{"job": list(job), "ctx": ctx} for job in jobs], sweep_dir, engine=args.engine,
-                     workers=workers, address=args.address,
+                     workers=workers, address=args.address, resume=args.resume,
                      progress=lambda row: print(f"  done: {row['config']['job']} in {row['seconds']:.0f} s",
                                                 flush=True))
     results = [row["result"] for row in rows]
