@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -14,10 +15,16 @@ from typing import Any
 __all__ = ["atomic_path", "output_folder", "write_json"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_file(folder: str, name: str, suffix: str) -> str:
+    """Create an empty, unused file in ``folder`` with mode ``0o666`` as the umask allows (what ``open(path, "w")``
+    gives; ``tempfile.mkstemp`` would give 0o600), and return its path."""
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -28,11 +35,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=folder)
-    os.close(fd)
+    tmp = _new_file(folder, os.path.basename(path), suffix)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
