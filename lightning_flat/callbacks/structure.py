@@ -108,7 +108,7 @@ class MatrixNorms(MeasuringCallback):
         if callable(getattr(pl_module, "weights", None)):
             weights = pl_module.weights()
             out["norm/weights_sq"] = sum(W.square().sum((-2, -1)) for W in weights)
-            out["norm/representation_cost"] = len(weights) * s.pow(2.0 / len(weights)).sum(-1)
+            out["norm/representation_cost"] = F.representation_cost(E, len(weights))
         return out
 
 

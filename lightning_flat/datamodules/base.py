@@ -138,7 +138,7 @@ class MeasurementSampler:
         for k in range(first // n, last // n + 1):
             g.manual_seed(step_seed(*keys, _SHUFFLE, k))
             perms.append(torch.randperm(n, generator=g, device=self.targets.device))
-        return torch.cat(perms)[first - (first // n) * n:last - (first // n) * n + 1]
+        return torch.cat(perms)[first % n:first % n + B]
 
     def batch(self, step: int, generator: torch.Generator | None = None,
               scratch: dict[str, Tensor] | None = None) -> MeasurementBatch:
