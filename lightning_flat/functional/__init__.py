@@ -32,6 +32,7 @@ from lightning_flat.functional.regression import (
 )
 from lightning_flat.functional.ridge import (
     balanced_factors,
+    factored_second_order_check,
     ridge_critical_residuals,
     ridge_local_minimum,
     ridge_objective,
@@ -72,6 +73,7 @@ __all__ = [
     "effective_rank",
     "end_to_end",
     "epsilon_gd",
+    "factored_second_order_check",
     "fiber_stationarity_residual",
     "flatten_weights",
     "flattest_factorization",

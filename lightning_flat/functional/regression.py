@@ -64,8 +64,8 @@ def sharpness_lower_bound(X: Tensor, y: Tensor, depth: int, kind: str = "lambda"
     Example:
         >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
         >>> y = X @ torch.tensor([1.0, 0.0], dtype=torch.float64)
-        >>> float(sharpness_lower_bound(X, y, 1, "a"))  # L = 1: the Hessian is 2 Sigma, seen along w* = e_1
-        1.3333333333333333
+        >>> round(float(sharpness_lower_bound(X, y, 1, "a")), 6)  # L = 1: the Hessian is 2 Sigma, along w* = e_1
+        1.333333
     """
     L = check_positive_int("depth", depth)
     check_choice("kind", kind, ("lambda", "a"))

@@ -22,7 +22,8 @@ from lightning_flat.functional.curvature import measurement_loss
 from lightning_flat.functional.spectral import representation_cost, singular_values
 from lightning_flat.measurements import Measurements
 
-__all__ = ["ridge_objective", "balanced_factors", "ridge_critical_residuals", "ridge_local_minimum"]
+__all__ = ["ridge_objective", "balanced_factors", "ridge_critical_residuals", "ridge_local_minimum",
+           "factored_second_order_check"]
 
 
 def ridge_objective(E: Tensor, measurements: Measurements, targets: Tensor, ridge: float, depth: int) -> Tensor:
@@ -88,25 +89,97 @@ def ridge_critical_residuals(weights: list[Tensor], measurements: Measurements, 
             "rank": k}
 
 
+def _balanced_rank_factors(E: Tensor, rank: int, depth: int) -> list[Tensor]:
+    """Balanced factors of the rank-``rank`` truncation of ``E`` through hidden layers of width ``rank``:
+    :math:`W_1 = S^{1/L}V_r^\top`, :math:`W_j = S^{1/L}` in between, :math:`W_L = U_rS^{1/L}` (``depth = 1``: ``E``)."""
+    if depth == 1:
+        return [E]
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    root = S[:rank].pow(1.0 / depth)
+    return ([root[:, None] * Vh[:rank]] + [torch.diag(root) for _ in range(depth - 2)]
+            + [U[:, :rank] * root])
+
+
+def factored_second_order_check(E: Tensor, measurements: Measurements, targets: Tensor, ridge: float, depth: int,
+                                rank: int) -> tuple[float, float]:
+    r"""``(gradient, lowest_eigenvalue)`` of the weight-decayed training objective
+    :math:`J(\theta) = L(W_L\cdots W_1) + \frac{\mathrm{ridge}}2\sum_j\|W_j\|_F^2` at the balanced factors of
+    ``E`` (:func:`_balanced_rank_factors`, hidden widths ``rank``): the largest gradient entry and the lowest eigenvalue
+    of the Hessian relative to its largest magnitude (``nan`` for both where they are not finite).
+
+    :math:`J(\theta)` is a polynomial in the factors, so both exist at every point, unlike the derivatives of
+    :math:`J(E)` (:func:`ridge_objective`), whose :math:`s^{2/L}` is not differentiable where a singular value is
+    zero, and whose second derivatives through the SVD are not defined where two singular values meet. Since
+    :math:`J(\theta) \ge J(E(\theta))` with equality at balanced factors, a local minimum of :math:`J(E)` among the
+    matrices of rank at most ``rank`` is a local minimum of :math:`J(\theta)` there (gradient zero, Hessian positive
+    semi-definite; the rotations of the hidden layers are flat directions), and a saddle of :math:`J(E)` with distinct
+    singular values shows a negative eigenvalue."""
+    weights = [W.detach() for W in _balanced_rank_factors(E.to(torch.float64), rank, depth)]
+    shapes = [W.shape for W in weights]
+    meas = measurements.to(dtype=torch.float64)
+    b = targets.to(torch.float64)
+
+    def objective(theta: Tensor) -> Tensor:
+        Ws, k = [], 0
+        for shape in shapes:
+            n = shape[0] * shape[1]
+            Ws.append(theta[k:k + n].reshape(shape))
+            k += n
+        out = Ws[0]
+        for W in Ws[1:]:
+            out = W @ out
+        return measurement_loss(out, meas, b) + 0.5 * ridge * theta.square().sum()
+
+    theta = torch.cat([W.reshape(-1) for W in weights])
+    grad = torch.func.grad(objective)(theta)
+    H = torch.func.hessian(objective)(theta)
+    if not (bool(torch.isfinite(grad).all()) and bool(torch.isfinite(H).all())):
+        return float("nan"), float("nan")
+    eig = torch.linalg.eigvalsh(0.5 * (H + H.T))
+    scale = float(eig.abs().max())
+    return float(grad.abs().max()), float(eig[0]) / scale if scale > 0 else 0.0
+
+
+def _core_penalty(A: Tensor, B: Tensor, depth: int) -> Tensor:
+    r""":math:`\sum_i s_i(AB^\top)^{2/L}` over the ``r`` singular values of :math:`AB^\top` that can be nonzero
+    (``A (d_out, r)``, ``B (d_in, r)``): the eigenvalues of the ``r x r`` matrix :math:`C^\top B^\top B C` with
+    :math:`A^\top A = CC^\top` (Cholesky) are the :math:`s_i^2`. Differentiable wherever ``A`` and ``B`` have full
+    column rank, whereas the SVD of the ``d_out x d_in`` product meets the zero singular values beyond ``r``, where
+    :math:`s^{2/L}` has no derivative. NaN where ``A`` has not full column rank."""
+    C, info = torch.linalg.cholesky_ex(A.T @ A)
+    if int(info) != 0:
+        return torch.full((), float("nan"), dtype=A.dtype)
+    M = C.T @ (B.T @ B) @ C
+    return torch.linalg.eigvalsh(0.5 * (M + M.T)).clamp(min=0.0).pow(1.0 / depth).sum()
+
+
 def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: float, depth: int, rank: int,
                         starts: list[Tensor] | None = None, restarts: int = 20, seed: int = 0,
                         gtol: float = 1e-12) -> tuple[Tensor, float] | None:
     r"""The lowest local minimum of rank exactly ``rank`` of :math:`J(E)` (:func:`ridge_objective`) found by
     multi-start BFGS (scipy) in float64, ``(E, J)``, or ``None`` when every start ends at another rank.
 
-    Full rank searches over ``E`` itself; a lower rank ``r`` over :math:`E = AB^\top` with ``A (d_out, r)``,
-    ``B (d_in, r)``. Starts: the given matrices (e.g. guesses near the expected minimum) and ``restarts`` random
-    ones. A result counts as rank ``r`` when its ``r``-th singular value exceeds ``1e-6`` times the first and the next
-    one does not, and as a local minimum when BFGS ends with a vanishing gradient and a positive semi-definite Hessian
-    (so a stall on the way to a lower rank or a saddle is not returned). Gradients come from torch autograd; the
-    penalty's :math:`s^{2/L}` is smooth away from :math:`s = 0`, which is where the search for a rank-``r`` minimum
-    stays.
+    Full rank searches over ``E`` itself; a lower rank ``r`` over :math:`E = AB^	op` with ``A (d_out, r)``,
+    ``B (d_in, r)``, its penalty computed from the ``r`` singular values that can be nonzero
+    (:func:`_core_penalty`). Starts: the given matrices (e.g. guesses near the expected minimum) and ``restarts``
+    random ones.
+
+    Where :math:`J(E)` is not smooth: :math:`s^{2/L}` has no derivative at :math:`s = 0` (``L >= 2``), so the search
+    is smooth only while the ``r`` singular values it keeps are positive, and second derivatives through an SVD are
+    not defined where two singular values meet. A start or an end point where the objective or its gradient is not
+    finite is skipped (the other starts go on). A result counts as rank ``r`` when its ``r``-th singular value exceeds
+    ``1e-6`` times the first and the next one does not, and as a local minimum by the first- and second-order
+    conditions of the factored objective :math:`J(	heta)` at its balanced factors
+    (:func:`factored_second_order_check`), which is a polynomial, so the verdict does not depend on where BFGS
+    happened to stop: the gradient at most ``max(100 gtol, 1e-8) max(1, s_1)`` and the lowest Hessian eigenvalue
+    above ``-1e-6`` times the largest (a stall on the way to a lower rank or a saddle is not returned).
     """
     import numpy as np
     from scipy.optimize import minimize
 
     depth = check_positive_int("depth", depth)
     rank = check_positive_int("rank", rank)
+    ridge = check_real("ridge", ridge, low=0.0)
     d_out, d_in = measurements.shape
     if rank > min(d_out, d_in):
         raise ValueError(f"rank must be <= {min(d_out, d_in)}, got {rank}")
@@ -116,19 +189,28 @@ def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: floa
     g = torch.Generator().manual_seed(seed)
     scale = float(b.abs().max()) if b.numel() else 1.0
 
+    def factors(x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[:d_out * rank].reshape(d_out, rank), x[d_out * rank:].reshape(d_in, rank)
+
     def to_matrix(x: Tensor) -> Tensor:
         if full:
             return x.reshape(d_out, d_in)
-        return x[:d_out * rank].reshape(d_out, rank) @ x[d_out * rank:].reshape(d_in, rank).T
+        A, B = factors(x)
+        return A @ B.T
 
     def J_of(t: Tensor) -> Tensor:
-        return ridge_objective(to_matrix(t), meas, b, ridge, depth)
+        if full:
+            return ridge_objective(to_matrix(t), meas, b, ridge, depth)
+        A, B = factors(t)
+        return measurement_loss(A @ B.T, meas, b) + 0.5 * ridge * depth * _core_penalty(A, B, depth)
 
     def f(x):
         t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
         J = J_of(t)
-        J.backward()
-        return float(J.detach()), t.grad.numpy().copy()
+        if not bool(torch.isfinite(J)):
+            return float("inf"), np.zeros_like(x)  # BFGS's line search backs off from a non-finite point
+        (grad,) = torch.autograd.grad(J, t)
+        return float(J.detach()), grad.numpy().copy()
 
     x0s = []
     for E0 in starts or []:
@@ -143,20 +225,24 @@ def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: floa
     x0s += [scale * torch.randn(n_params, generator=g, dtype=torch.float64) for _ in range(restarts)]
     best = None
     for x0 in x0s:
-        res = minimize(f, x0.numpy(), jac=True, method="BFGS", options={"gtol": gtol, "maxiter": 20000})
-        x = torch.tensor(res.x, dtype=torch.float64)
-        E = to_matrix(x)
+        J0, g0 = f(x0.numpy())
+        if not (np.isfinite(J0) and np.isfinite(g0).all()):
+            continue  # the objective is not differentiable at this start (e.g. a zero singular value)
+        with np.errstate(all="ignore"):
+            res = minimize(f, x0.numpy(), jac=True, method="BFGS", options={"gtol": gtol, "maxiter": 20000})
+        if not (np.isfinite(res.x).all() and np.isfinite(res.fun)):
+            continue
+        E = to_matrix(torch.tensor(res.x, dtype=torch.float64)).detach()
         s = torch.linalg.svdvals(E)
         if float(s[0]) <= 0 or float(s[rank - 1]) <= 1e-6 * float(s[0]) or \
                 (rank < len(s) and float(s[rank]) > 1e-6 * float(s[0])):
             continue
-        # a local minimum, not a stall on the way to a lower rank (where s^(2/L) is not smooth) or a saddle: a
-        # vanishing gradient and a positive semi-definite Hessian (the A B^T parameterisation's fiber is flat)
-        grad = np.abs(f(res.x)[1]).max()
-        H = torch.autograd.functional.hessian(J_of, x)
-        eig = torch.linalg.eigvalsh(0.5 * (H + H.T))
-        if not grad <= max(100 * gtol, 1e-8) or float(eig[0]) < -1e-6 * float(eig.abs().max()):
+        # a local minimum, not a stall on the way to a lower rank or a saddle: first- and second-order conditions of
+        # the factored objective, a polynomial (defined wherever BFGS stopped); its gradient is the E-gradient pulled
+        # back through factors of size s_1^((L-1)/L) <= max(1, s_1)
+        grad, lowest = factored_second_order_check(E, meas, b, ridge, depth, rank)
+        if not grad <= max(100 * gtol, 1e-8) * max(1.0, float(s[0])) or not lowest >= -1e-6:
             continue
         if best is None or res.fun < best[1]:
-            best = (E.detach(), float(res.fun))
+            best = (E, float(res.fun))
     return best

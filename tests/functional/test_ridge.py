@@ -80,6 +80,56 @@ def test_minima_by_rank(depth, eps, ridge, rank2, rank1):
     assert float(s1[1]) <= 1e-10 * float(s1[0])  # exactly rank one (A B^T with one column)
 
 
+def test_minima_survive_starts_and_end_points_where_the_objective_is_not_smooth(monkeypatch):
+    """BFGS may stop where J(E) has no derivatives (a zero singular value: s^(2/L); two equal ones: the SVD's second
+    derivatives): such candidates are judged by the factored objective, a polynomial, or skipped, never a crash."""
+    import scipy.optimize
+
+    meas, b = _problem(0.1)
+    depth, ridge = 4, 0.1
+    real = scipy.optimize.minimize
+    rigged = []
+
+    class Stop:  # what BFGS returns, rigged to end at a chosen point
+        def __init__(self, E):
+            self.x, self.fun = E.reshape(-1).numpy(), float(F.ridge_objective(E, meas, b, ridge, depth))
+
+    def minimize(fun, x0, **kwargs):
+        if rigged:
+            return Stop(rigged.pop(0))
+        return real(fun, x0, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", minimize)
+    # two equal singular values (E = I/2): the autograd Hessian of J(E) through the SVD is NaN there
+    rigged[:] = [0.5 * torch.eye(2, dtype=F64)]
+    good = [torch.tensor([[1.0, x], [0.1, 1.0]], dtype=F64) for x in (0.3, 0.5, 0.8)]
+    r2 = F.ridge_local_minimum(meas, b, ridge, depth, 2, starts=[torch.eye(2, dtype=F64)] + good, restarts=0)
+    s = torch.linalg.svdvals(r2[0])
+    # the reference minimum of this problem (rank 2: E01 = 0.6258, s2/s1 = 0.3535, printed to 4 decimals)
+    assert abs(float(r2[0][0, 1]) - 0.6258) <= 2e-4 and abs(float(s[1] / s[0]) - 0.3535) <= 2e-4
+    # a start at E = 0 (rank 1: A = B = 0, where s^(2/L) has no derivative) is skipped, the others go on
+    zero = torch.zeros(2, 2, dtype=F64)
+    r1 = F.ridge_local_minimum(meas, b, ridge, depth, 1, starts=[zero, torch.tensor([[1.0, 10.0], [0.1, 1.0]],
+                                                                                     dtype=F64)], restarts=0)
+    s1 = torch.linalg.svdvals(r1[0])
+    assert abs(float(r1[0][0, 1]) - 1.5450) <= 2e-4 and abs(float(s1[0]) - 1.9488) <= 2e-4
+    # only non-smooth starts: nothing found, no error
+    assert F.ridge_local_minimum(meas, b, ridge, depth, 1, starts=[zero], restarts=0) is None
+
+
+def test_factored_check_tells_minima_from_other_points():
+    meas, b = _problem(0.1)
+    starts = [torch.tensor([[1.0, 0.6], [0.1, 1.0]], dtype=F64)]
+    E, _ = F.ridge_local_minimum(meas, b, 0.1, 4, 2, starts=starts, restarts=0)
+    grad, lowest = F.factored_second_order_check(E, meas, b, 0.1, 4, 2)
+    # at a BFGS minimum (gradient 1e-12 in E): the factored gradient is that pulled back through O(1) factors, the
+    # Hessian is PSD up to round-off of its O(1) entries (the hidden rotations are exact zero directions)
+    assert grad <= 1e-8 and lowest >= -1e-10
+    # where two singular values meet (E = I/2) the check is still defined, and says: not critical
+    grad, lowest = F.factored_second_order_check(0.5 * torch.eye(2, dtype=F64), meas, b, 0.1, 4, 2)
+    assert math.isfinite(grad) and math.isfinite(lowest) and grad > 1e-3
+
+
 def test_critical_residuals_vanish_at_balanced_factors_of_a_minimum():
     meas, b = _problem(0.25)
     starts = [torch.tensor([[1.0, 0.8], [0.25, 1.0]], dtype=F64)]
