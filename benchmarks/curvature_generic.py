@@ -30,11 +30,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "callb
 class Timed:
     """Wrap a callback's measure() to record seconds per read."""
 
-    def __init__(self, cb):
+    def __init__(self, cb, cold: bool = False):
         self.cb, self.seconds = cb, []
         inner = cb.measure
 
         def measure(trainer, pl_module):
+            if cold:  # forget the previous read's vector: every Lanczos run starts from a random vector
+                cb.load_state_dict({**cb.state_dict(), "v": {}})
             t = time.perf_counter()
             out = inner(trainer, pl_module)
             self.seconds.append(time.perf_counter() - t)
@@ -47,11 +49,11 @@ def sharpness_reads(width: int, steps: int, every: int) -> dict:
     import lightning as L
 
     from generic_modules import TanhMLP
-    from lightning_flat.callbacks import Sharpness
+    from lightning_flat.callbacks import CurvatureOptions, Sharpness
 
     model = TanhMLP(width=width, n=256, batch_size=64, lr=0.05)
-    warm, cold = Timed(Sharpness(every, tol=1e-8, warm_start=True)), Timed(Sharpness(every, tol=1e-8, warm_start=False,
-                                                                                     seed=1))
+    warm = Timed(Sharpness(every, tol=1e-8, method="lanczos"))
+    cold = Timed(Sharpness(every, tol=1e-8, method="lanczos", options=CurvatureOptions(seed=1)), cold=True)
     trainer = L.Trainer(max_steps=steps, logger=False, callbacks=[warm.cb, cold.cb], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.fit(model)

@@ -108,10 +108,10 @@ def library_draws(dm, model, dtype, steps):
     from lightning_flat.datamodules import MeasurementSampler
 
     meas, targets = dm.measurements_as(dtype)
-    sampler = MeasurementSampler(meas, targets, B, dm.seed, 1000, streams=model.replica_seeds)
+    sampler = MeasurementSampler(meas, targets, B, dm.seed, 1000, streams=model.replicas.seeds)
     noise = LabelNoise(1.0)
     cpu = torch.device("cpu")
-    return [(sampler.indices(k), noise.noise((B,), k, 0, dtype, cpu, model.replica_seeds)) for k in range(steps)]
+    return [(sampler.indices(k), noise.noise((B,), k, 0, dtype, cpu, model.replicas.seeds)) for k in range(steps)]
 
 
 def check(dm, depth, dtype, steps=40) -> dict:

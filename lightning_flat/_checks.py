@@ -85,16 +85,3 @@ def check_tensor(name: str, value: Any, *, ndim: int | None = None, min_ndim: in
                              f"{'y' if int(bad.sum()) == 1 else 'ies'} (the first at index {first}: "
                              f"{value[first].item()})")
     return value
-
-
-def check_per_replica(name: str, value: Any, replicas: int, *, low: float | None = 0.0, allow_none: bool = False,
-                      **kw: Any) -> Any:
-    """A real number, or a list of ``replicas`` real numbers (one per replica); ``None`` where allowed."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, (list, tuple)):
-        if len(value) != replicas:
-            raise ValueError(f"{name} must be a number or a list of {replicas} numbers (one per replica), "
-                             f"got a list of {len(value)}")
-        return [check_real(f"{name}[{r}]", v, low=low, **kw) for r, v in enumerate(value)]
-    return check_real(name, value, low=low, **kw)

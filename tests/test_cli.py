@@ -34,7 +34,7 @@ def test_full_size_configs_parse():
     for path in paths:
         cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                            run=False, args=["--config", path, "--trainer.logger=false"])
-        assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas == 2 and cli.model.replica_seeds == [0, 0]
+        assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas == 2 and cli.model.replicas.seeds == [0, 0]
         (sched,) = [c for c in cli.trainer.callbacks if isinstance(c, HyperparameterSchedule)]
         assert sched.values(299999) == {"label_noise": [1.0, 0.0], "lr": [0.01, 0.0]}
         assert sched.values(300000) == {"label_noise": [0.0, 0.0], "lr": [0.01, 0.0]}
@@ -56,7 +56,7 @@ def test_wang_jacot_configs_run_as_they_are(tmp_path, monkeypatch):
     for i, path in enumerate(WJ):
         logger = [f"--trainer.logger.init_args.save_dir={tmp_path}"] if i == 0 else ["--trainer.logger=false"]
         cli = run(["fit", "--config", path, "--trainer.max_steps=20", *logger])
-        assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas == 16
+        assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas.count == 16
         assert isinstance(cli.datamodule, ObservedEntriesDataModule) and cli.datamodule.batch_size == 1
         assert cli.trainer.global_step == 20
         (sv,) = [c for c in cli.trainer.callbacks if isinstance(c, SingularValues)]

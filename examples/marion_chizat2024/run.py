@@ -121,7 +121,7 @@ def state(model, dm):
         E = model.end_to_end().detach().double()
         loss = F.measurement_loss(E, dm.measurements, dm.targets)
         dist = dm.test_error(E)
-    active = model.replica_active if model.replica_active is not None else torch.ones(1, dtype=torch.bool)
+    active = model.replicas.active if model.replicas.active is not None else torch.ones(1, dtype=torch.bool)
     diverged = ~active | ~torch.isfinite(loss) | (loss > 1e10) | ~torch.isfinite(dist)
     return dist.reshape(-1), loss.reshape(-1), diverged.reshape(-1)
 
@@ -131,7 +131,7 @@ def sharpness(model, dm, weights=None, diverged=None):
     from lightning_flat import functional as F
 
     if weights is None:
-        weights = model.weights() if model.replicas > 1 else [w.unsqueeze(0) for w in model.weights()]
+        weights = model.weights() if model.replicas.count > 1 else [w.unsqueeze(0) for w in model.weights()]
     Ws = [w.detach().double() for w in weights]
     return F.replica_sharpness(Ws, dm.measurements, dm.targets, end_to_end=model.end_to_end_from,
                                active=None if diverged is None else ~diverged)

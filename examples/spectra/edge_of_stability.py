@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     import lightning as L
 
     from lightning_flat import functional as F
-    from lightning_flat.callbacks import FiniteLossGuard, Sharpness, SpectralDensity
+    from lightning_flat.callbacks import EigenvaluesAbove, FiniteLossGuard, Sharpness, SpectralDensity
     from lightning_flat.datamodules import UnivariateRegressionDataModule
     from lightning_flat.io import output_folder, write_json
     from lightning_flat.models import DeepLinearNet
@@ -53,8 +53,10 @@ def main(argv=None) -> dict:
     model = DeepLinearNet([5] * 10 + [1], init="gaussian", init_scale=0.3, lr=args.lr, seed=7).double()
     sd = SpectralDensity(every_n_steps=every)
     # the top eigenvalue, and every eigenvalue above half of 2/lr (LOBPCG warm-started across reads)
-    sh = Sharpness(every_n_steps=every, edge_of_stability=True, track_above="0.5*2/lr")
-    trainer = L.Trainer(max_steps=steps, precision="64-true", logger=False, callbacks=[sd, sh, FiniteLossGuard()],
+    sh = Sharpness(every_n_steps=every, edge_of_stability=True)
+    above = EigenvaluesAbove("0.5*2/lr", every_n_steps=every)
+    trainer = L.Trainer(max_steps=steps, precision="64-true", logger=False,
+                        callbacks=[sd, sh, above, FiniteLossGuard()],
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                         accelerator="cpu", devices=1)
     trainer.fit(model, dm)
@@ -70,8 +72,8 @@ def main(argv=None) -> dict:
                                                      "S_min": ([0, steps], [s_min_line, s_min_line])})
     axes[0][0].set_title("eigenvalue density (exact) over training")
     ax = axes[0][1]
-    xs = [step for step, vals in sh.tracked for _ in vals]
-    ys = [v for _, vals in sh.tracked for v in vals]
+    xs = [step for step, vals in above.tracked for _ in vals]
+    ys = [v for _, vals in above.tracked for v in vals]
     ax.scatter(xs, ys, s=8, color="tab:orange", zorder=3, label="every eigenvalue above 0.5 * 2/lr (tracked)")
     series(ax, s_steps, s_vals, label="sharpness (top eigenvalue)", color="tab:red")
     ax.axhline(two_over_lr, color="k", ls="--", lw=1, label=f"2/lr = {two_over_lr:g}")
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
     ax.legend(fontsize=8, loc="center right")
     path = save(fig, os.path.join(out, "eos_density.png"))
     seconds = time.perf_counter() - t0
-    tracked = [(step, vals) for step, vals in sh.tracked]
+    tracked = [(step, vals) for step, vals in above.tracked]
     result = dict(lr=args.lr, steps=steps, two_over_lr=two_over_lr, s_min=s_min, median_last20=median, tracked=tracked,
                   ratio=median / two_over_lr, sharpness=list(zip(s_steps, s_vals)), figure=path, seconds=seconds)
     write_json(os.path.join(out, "results.json"), result)

@@ -196,12 +196,12 @@ def train(model, dm, steps, name, ctx, lr=None, weight_decay=None, extra=(), ran
     steps_, ratio = table(sv, "sv/ratio2")
     out = dict(name=name, steps=steps_, ratio=ratio, s1=table(sv, "sv/s1")[1],
                relerr=table(comp, "completion/relerr")[1], train_mse=table(comp, "completion/train_mse")[1],
-               seconds=seconds, active=[True] if model.replica_active is None else model.replica_active.tolist())
+               seconds=seconds, active=[True] if model.replicas.active is None else model.replicas.active.tolist())
     if rank is not None:
         out["rank_steps"], out["approx_rank"] = table(rank, "rank/approx")
         out["weights_sq"] = table(norms, "norm/weights_sq")[1]
         out["representation_cost"] = table(norms, "norm/representation_cost")[1]
-    print(f"  {name}: {model.replicas} runs x {steps} steps in {seconds:.1f} s", flush=True)
+    print(f"  {name}: {model.replicas.count} runs x {steps} steps in {seconds:.1f} s", flush=True)
     return out
 
 
@@ -374,7 +374,7 @@ def theory(ctx, full):
         lr, ridge = 0.2, 0.1
         fit(model, dm, 5, lr, ridge)  # a few steps first: the state is not the init
         W0 = [w.detach().clone() for w in model.weights()]
-        sampler = MeasurementSampler(meas, b, batch, dm.seed, 100_000, streams=model.replica_seeds)
+        sampler = MeasurementSampler(meas, b, batch, dm.seed, 100_000, streams=model.replicas.seeds)
         batch_ = sampler.batch(0)  # the batch the engine draws at the next Trainer's first step
         Ws = [w.clone().requires_grad_(True) for w in W0]
         loss = F.measurement_loss(F.end_to_end(Ws), batch_.measurements, batch_.targets)

@@ -1,7 +1,9 @@
 """Lightning callbacks: measure curvature and structure, or change training (label noise, schedules, guard)."""
 
 from lightning_flat.callbacks.base import MeasuringCallback
-from lightning_flat.callbacks.curvature import HessianTrace, Sharpness, SpectralDensity
+from lightning_flat.callbacks.curvature import CurvatureCallback, HessianTrace, Sharpness
+from lightning_flat.callbacks.spectra import EigenvaluesAbove, PreconditionedSharpness, SpectralDensity
+from lightning_flat.curvature import CurvatureOptions
 from lightning_flat.callbacks.guard import FiniteLossGuard
 from lightning_flat.callbacks.label_noise import LabelNoise
 from lightning_flat.callbacks.sam import SAM
@@ -17,13 +19,17 @@ from lightning_flat.callbacks.structure import (
 __all__ = [
     "ApproximateRank",
     "Balancedness",
+    "CurvatureCallback",
+    "CurvatureOptions",
     "EffectiveRank",
+    "EigenvaluesAbove",
     "FiniteLossGuard",
     "HessianTrace",
     "HyperparameterSchedule",
     "LabelNoise",
     "MatrixNorms",
     "MeasuringCallback",
+    "PreconditionedSharpness",
     "SAM",
     "Sharpness",
     "SingularValues",

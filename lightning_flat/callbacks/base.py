@@ -11,38 +11,32 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_flat._checks import check_positive_int
-from lightning_flat.engine.hooks import StepHook
-from lightning_flat.engine.replicas import LOG_REPLICAS, active_mean, replica_metrics
-from lightning_flat.measurements import Measurements
-from lightning_flat.models.base import LinearNetBase
+from lightning_flat.engine.hooks import BoundaryHook
+from lightning_flat.engine.replicas import LOG_REPLICAS, replicas_of
 
-__all__ = ["MeasuringCallback", "problem_data", "is_linear_net", "results_table"]
+__all__ = ["MeasuringCallback", "results_table", "config_state_key"]
 
 
-def is_linear_net(pl_module: L.LightningModule) -> bool:
-    """True for the lightning_flat models, which have exact closed forms (``weights()``, measurement loss)."""
-    return isinstance(pl_module, LinearNetBase)
+def _plain(value: Any) -> Any:
+    """A value as it appears in a state key: callables by their qualified name, containers item by item."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if callable(value):
+        return getattr(value, "__qualname__", None) or type(value).__qualname__
+    return repr(value)
 
 
-def problem_data(trainer: L.Trainer, pl_module: L.LightningModule, measurements: Measurements | None = None,
-                 targets: Tensor | None = None, who: str = "this callback") -> tuple[Measurements, Tensor]:
-    """The full training measurements and targets in the module's dtype and device: the ones given to the callback,
-    else the datamodule's (``datamodule.measurements_as``)."""
-    dtype, device = pl_module.dtype, pl_module.device
-    if measurements is not None:
-        if targets is None:
-            raise ValueError(f"{who}: measurements were given without targets")
-        return measurements.to(device=device, dtype=dtype), targets.to(device=device, dtype=dtype)
-    dm = trainer.datamodule
-    if dm is not None and hasattr(dm, "measurements_as"):
-        return dm.measurements_as(dtype, device)
-    raise ValueError(
-        f"{who} needs the training measurements: fit with a lightning_flat datamodule or pass "
-        "measurements= and targets= to the callback"
-    )
+def config_state_key(obj: Any, config: dict[str, Any]) -> str:
+    """``ClassName{config}`` with every configuration value in plain form: two differently configured instances of
+    one class get different keys (so both can sit in one Trainer and keep their checkpoint state apart)."""
+    return f"{type(obj).__qualname__}{ {k: _plain(v) for k, v in config.items()} }"
 
 
-class MeasuringCallback(StepHook, Callback):
+class MeasuringCallback(BoundaryHook, Callback):
     """Base of the callbacks that measure the model every ``every_n_steps`` optimizer steps.
 
     A measurement is taken whenever ``trainer.global_step`` is a multiple of ``every_n_steps`` (step 0 of a fresh
@@ -60,8 +54,9 @@ class MeasuringCallback(StepHook, Callback):
     training a wandb logger gets them as a Table (``replica_table()``).
 
     Subclasses implement ``measure(trainer, pl_module) -> dict``; it runs under ``torch.no_grad()`` and must not
-    change the model or any global random state. On the lightning_flat models the training engine ends its fused
-    chunks at the measured steps (:meth:`next_boundary`).
+    change the model or any global random state, and ``config()`` (every constructor argument), from which the
+    checkpoint ``state_key`` is built. On the lightning_flat models the training engine ends its fused chunks at the
+    measured steps (:meth:`next_boundary`).
     """
 
     group = "measure"
@@ -69,7 +64,7 @@ class MeasuringCallback(StepHook, Callback):
     #: At the end of training the last measuring callback of the Trainer logs (INFO, rank zero) one table of every
     #: measuring callback's keys: :func:`results_table`. Set to False on the class or an instance to skip it.
     print_results = True
-    fused_safe_hooks = ("on_train_batch_end",)
+    fused_safe_hooks = ("on_train_batch_start", "on_train_batch_end")
 
     def __init__(self, every_n_steps: int = 100) -> None:
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
@@ -79,16 +74,24 @@ class MeasuringCallback(StepHook, Callback):
         self._last_step: int | None = None
         self._state_key: str | None = None
 
-    def _state_key_config(self) -> dict[str, Any]:
-        """What tells two instances of the class apart in a checkpoint (extended by subclasses)."""
+    def config(self) -> dict[str, Any]:
+        """Every constructor argument (extended by subclasses): what tells two instances apart in a checkpoint."""
         return {"every_n_steps": self.every_n_steps}
 
     @property
     def state_key(self) -> str:
         # Lightning reads state_key on every hook call of every step: build the string once.
         if self._state_key is None:
-            self._state_key = self._generate_state_key(**self._state_key_config())
+            self._state_key = config_state_key(self, self.config())
         return self._state_key
+
+    def ready(self) -> bool:
+        """Whether a measurement can be taken now (e.g. a curvature callback's batches are kept)."""
+        return True
+
+    def observe(self, trainer: L.Trainer, batch: Any) -> bool:
+        """Look at a training batch before its step; True when the callback became ready with it."""
+        return False
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
@@ -102,22 +105,21 @@ class MeasuringCallback(StepHook, Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, monitor: bool = False) -> None:
         step = trainer.global_step
-        if self._last_step == step:
+        if self._last_step == step or not self.ready():
             return
         self._last_step = step
         with torch.no_grad():
             metrics = self.rename(self.measure(trainer, pl_module))
-        active = getattr(pl_module, "replica_active", None)
+        reps = replicas_of(pl_module)
         values: dict[str, float] = {}  # one value per key (the mean over active replicas), kept in history
         logged: dict[str, float] = {}  # what goes to the loggers: finite values of active replicas only
         for k, v in metrics.items():
             v = v.detach().to(torch.float64) if isinstance(v, Tensor) else torch.as_tensor(v, dtype=torch.float64)
             if v.ndim >= 1:
-                if active is not None:  # a frozen replica is not measured
-                    v = torch.where(active.to(v.device), v, torch.full_like(v, float("nan")))
+                v = reps.mask(v)  # a frozen replica is not measured
                 self.replica_history.setdefault(k, []).append((step, [float(x) for x in v.cpu()]))
-            values[k] = float(active_mean(v, active))
-            logged.update({name: float(x) for name, x in replica_metrics(k, v, active, self.log_replicas).items()})
+            values[k] = float(reps.mean(v))
+            logged.update({name: float(x) for name, x in reps.metrics(k, v).items()})
         for k, v in values.items():
             self.history.setdefault(k, []).append((step, v))
         self.last = values
@@ -146,6 +148,11 @@ class MeasuringCallback(StepHook, Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self._run(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.observe(trainer, batch) and trainer.global_step % self.every_n_steps == 0:
+            self._run(trainer, pl_module, monitor=True)  # the first read possible: weights of step global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -4,45 +4,47 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_flat._checks import check_nonnegative_int, check_real
-from lightning_flat.datamodules.base import step_seed
-from lightning_flat.engine.hooks import StepContext, StepHook, engine_drives, hparams_at
-from lightning_flat.measurements import MeasurementBatch
+from lightning_flat.engine.hooks import StepContext, StepHook, batch_targets, with_targets
+from lightning_flat.engine.replicas import per_stream, replicas_of
 
 __all__ = ["LabelNoise"]
 
 _STREAM = 0x4C4E  # keeps the noise stream apart from the minibatch sampler's
 
 
-class LabelNoise(StepHook, Callback):
+class LabelNoise(StepHook):
     r"""Add fresh :math:`N(0, \mathrm{std}^2)` noise to the targets of each training batch.
 
     The loss optimised at step t is :math:`\frac1B\sum_{i\in B_t}(f_i - b_i - \xi_{t,i})^2`: the noise sits inside
     the residual, is redrawn for every sample and step, and the stored dataset is never modified (the batch gets a
-    new targets tensor). The noise of step t comes from a generator seeded by ``(seed, rank, t)``, so a run resumed
-    from a checkpoint draws exactly the noise of the uninterrupted run; ``state_dict`` keeps ``std`` and ``seed``.
+    new targets tensor). The noise of step t comes from a generator seeded by ``(seed, rank, t)`` (and the run's seed
+    with replicas: replica ``r`` draws what a single run with its seed draws), so a run resumed from a checkpoint
+    draws exactly the noise of the uninterrupted run; ``state_dict`` keeps ``std`` and ``seed``.
 
     ``std = 0`` draws nothing. A :class:`HyperparameterSchedule` with ``label_noise=...`` sets the std of each step
     (``std`` is then the value without a schedule, and is not changed); ``last_std`` is the std of the latest step.
+    Under gradient accumulation every micro-batch gets its own draw.
 
-    On the lightning_flat models the noise is added by the training engine at every SGD step (also inside fused
-    chunks, see :class:`~lightning_flat.engine.StepHook`); the batch the sampler made is not modified. On any other
-    LightningModule it is added in ``on_train_batch_start``, by replacing the targets in the batch container.
-    Batches: a :class:`MeasurementBatch`, a dict (``target_key``, default ``"targets"``) or a list (``target_key``
-    an index, default the last entry). Tuples cannot be changed in place: use a list or a dict.
+    It acts at every SGD step through the step phases (:class:`~lightning_flat.engine.StepHook`): inside the
+    engine's fused chunks on the lightning_flat models, from Lightning's hooks on any other module (the targets are
+    then replaced in the batch container). Batches: a :class:`~lightning_flat.measurements.MeasurementBatch`, a dict
+    (``target_key``, default ``"targets"``) or a list (``target_key`` an index, default the last entry); tuples
+    cannot be changed in place: use a list or a dict. Targets must be real-valued.
 
     Args:
-        std: noise standard deviation (absolute, in target units), >= 0.
+        std: noise standard deviation (absolute, in target units), >= 0; with replicas a list gives one per replica.
         seed: seed of the noise stream.
         target_key: where the targets sit in a dict or list batch.
-    """
 
-    fused_safe_hooks = ("on_train_batch_start",)
+    Raises:
+        ValueError: a negative ``std``; at setup, a per-replica ``std`` whose length is not the model's replica count.
+        TypeError: a ``target_key`` that is neither a str, an int nor None; during the first step, integer targets
+            (class labels) or a batch whose targets cannot be replaced.
+    """
 
     def __init__(self, std: float | list[float] = 1.0, seed: int = 0, target_key: str | int | None = None) -> None:
         self.std = std
@@ -68,64 +70,36 @@ class LabelNoise(StepHook, Callback):
             self._std = check_real("std", value, low=0.0)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        replicas = getattr(pl_module, "replicas", 1)
-        if isinstance(self._std, list) and len(self._std) != replicas:
+        count = replicas_of(pl_module).count
+        if isinstance(self._std, list) and len(self._std) != count:
             raise ValueError(f"LabelNoise(std=[...]) has {len(self._std)} values (one per replica) but the model has "
-                             f"{replicas} replica(s)")
+                             f"{count} replica(s)")
 
     @property
     def state_key(self) -> str:
-        # Lightning reads state_key on every hook call of every step: build the string once (from the initial seed).
+        # Lightning reads state_key on every hook call of every step: build the string once.
         if self._state_key is None:
-            self._state_key = self._generate_state_key(seed=self.seed)
+            self._state_key = f"{type(self).__qualname__}{{'seed': {self.seed}, 'target_key': {self.target_key!r}}}"
         return self._state_key
 
     def noise(self, shape: torch.Size, step: int, rank: int, dtype: torch.dtype, device: torch.device,
               streams: list[int] | None = None, micro: int = 0) -> Tensor:
         """The standard normal noise of step ``step`` (before multiplying by ``std``). With ``streams`` (the seeds
-        of the runs: a lightning_flat model's ``replica_seeds``) the noise of run ``r`` is keyed by ``streams[r]``,
-        so replica ``r`` draws what a single run with that seed draws; several streams need ``shape = (R, B)``.
-        ``micro`` numbers the micro-batches of one optimizer step under gradient accumulation (each its own draw;
-        micro-batch 0 draws what a run without accumulation draws)."""
+        of the runs: a lightning_flat model's ``replicas.streams``) the noise of run ``r`` is keyed by
+        ``streams[r]``, so replica ``r`` draws what a single run with that seed draws; several streams need
+        ``shape = (R, B)``. ``micro`` numbers the micro-batches of one optimizer step under gradient accumulation
+        (each its own draw; micro-batch 0 draws what a run without accumulation draws)."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-        g = self._generator
         extra = (micro,) if micro else ()
-        if streams is None or len(streams) == 1:
-            keys = (self.seed, _STREAM, rank, step) if streams is None else (self.seed, _STREAM, rank, streams[0], step)
-            g.manual_seed(step_seed(*keys, *extra))
-            return torch.randn(shape, generator=g, dtype=dtype, device=device)
-        if len(shape) < 1 or shape[0] != len(streams):
+        several = streams is not None and len(streams) > 1
+        if several and (len(shape) < 1 or shape[0] != len(streams)):
             raise ValueError(f"LabelNoise: {len(streams)} replicas need targets of shape ({len(streams)}, ...), "
                              f"got {tuple(shape)}")
-        rows = []
-        for s in streams:
-            g.manual_seed(step_seed(self.seed, _STREAM, rank, s, step, *extra))
-            rows.append(torch.randn(shape[1:], generator=g, dtype=dtype, device=device))
-        return torch.stack(rows)
-
-    def _get(self, batch: Any) -> Tensor:
-        if isinstance(batch, MeasurementBatch):
-            return batch.targets
-        if isinstance(batch, dict):
-            key = "targets" if self.target_key is None else self.target_key
-            if key not in batch:
-                raise KeyError(f"LabelNoise: batch has no key {key!r}; set target_key to one of {list(batch)}")
-            return batch[key]
-        if isinstance(batch, list):
-            return batch[-1 if self.target_key is None else self.target_key]
-        raise TypeError(
-            f"LabelNoise cannot change the targets of a {type(batch).__name__} batch in place: yield a "
-            "MeasurementBatch, a dict or a list"
-        )
-
-    def _set(self, batch: Any, value: Tensor) -> None:
-        if isinstance(batch, MeasurementBatch):
-            batch.targets = value
-        elif isinstance(batch, dict):
-            batch["targets" if self.target_key is None else self.target_key] = value
-        else:
-            batch[-1 if self.target_key is None else self.target_key] = value
+        row = shape[1:] if several else shape
+        return per_stream(streams, lambda s: (self.seed, _STREAM, rank, step, *extra) if s is None else
+                          (self.seed, _STREAM, rank, s, step, *extra),
+                          lambda g: torch.randn(row, generator=g, dtype=dtype, device=device), self._generator)
 
     def noisy(self, y: Tensor, std: float | list[float], step: int, rank: int, streams: list[int] | None,
               micro: int = 0) -> Tensor:
@@ -150,41 +124,27 @@ class LabelNoise(StepHook, Callback):
         std = self.last_std = ctx.hparams.get("label_noise", self._std)
         if not isinstance(std, list) and std == 0.0:
             return
-        batch = ctx.batch
-        y = self.noisy(batch.targets, std, ctx.step, ctx.trainer.global_rank, ctx.streams)
-        ctx.batch = MeasurementBatch(batch.measurements, y, batch.index)
+        try:
+            clean = ctx.targets(self.target_key)
+        except (KeyError, TypeError) as err:
+            raise type(err)(f"LabelNoise {err.args[0]}") from None
+        noisy = self.noisy(clean, std, ctx.step, ctx.rank, ctx.replicas.streams, ctx.micro)
+        ctx.set_targets(noisy, self.target_key)
+        self._clean = (noisy, clean) if ctx.in_place else None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        if engine_drives(pl_module):
-            return  # the engine adds the noise at every step (step_targets)
-        std = self.last_std = hparams_at(trainer, trainer.global_step).get("label_noise", self._std)
-        if not isinstance(std, list) and std == 0.0:
-            return
-        streams = getattr(pl_module, "replica_seeds", None)
-        micro = batch_idx % getattr(trainer, "accumulate_grad_batches", 1)  # a fresh draw per micro-batch of a step
-        clean = self._get(batch)
-        noisy = self.noisy(clean, std, trainer.global_step, trainer.global_rank, streams, micro)
-        self._set(batch, noisy)
-        self._clean = (noisy, clean)
-
-    def clean(self, batch: Any) -> Any:
-        """``batch`` with the targets this callback replaced by noisy ones put back (a shallow copy; the batch
-        itself is left as training sees it), or ``batch`` itself when it holds no targets of this callback: how the
-        curvature callbacks keep a noiseless batch whatever the callbacks' order."""
+    def undo_targets(self, batch: Any) -> Any:
+        """``batch`` with the targets this callback replaced in place put back (a shallow copy; the batch itself is
+        left as training sees it), or ``batch`` itself when it holds no targets of this callback."""
         if self._clean is None or isinstance(batch, Tensor):
             return batch
         noisy, clean = self._clean
         try:
-            current = self._get(batch)
+            current = batch_targets(batch, self.target_key)
         except (KeyError, TypeError, IndexError):
             return batch
         if current is not noisy:
             return batch
-        copy = MeasurementBatch(batch.measurements, batch.targets, batch.index) if isinstance(batch, MeasurementBatch) \
-            else dict(batch) if isinstance(batch, dict) else list(batch)
-        self._set(copy, clean)
-        return copy
+        return with_targets(batch, clean, self.target_key)
 
     def state_dict(self) -> dict[str, Any]:
         return {"std": self._std, "seed": self.seed}

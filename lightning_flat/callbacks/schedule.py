@@ -8,11 +8,10 @@ from collections.abc import Sequence
 from typing import Any, Union
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 
 from lightning_flat._checks import check_positive_int, check_real
-from lightning_flat.engine.hooks import StepContext, StepHook, engine_drives
-from lightning_flat.engine.optim import write_hyperparameters
+from lightning_flat.engine.hooks import StepContext, StepHook
+from lightning_flat.engine.replicas import replicas_of
 
 __all__ = ["HyperparameterSchedule", "Schedule", "SHAPES"]
 
@@ -188,7 +187,7 @@ def _parse(name: str, spec: Any) -> Schedule | ReplicaSchedule:
     return Schedule(name, spec)
 
 
-class HyperparameterSchedule(StepHook, Callback):
+class HyperparameterSchedule(StepHook):
     """Set the learning rate, ridge (weight decay), label-noise std and SAM radius of each step from schedules.
 
     Each of ``lr``, ``weight_decay``, ``label_noise`` and ``sam_rho`` is ``None`` (left alone) or a :class:`Schedule`
@@ -200,17 +199,15 @@ class HyperparameterSchedule(StepHook, Callback):
     The values of step ``s`` are in place when step ``s`` runs, whatever the callbacks' order: the learning rate and
     ridge in every param group of every optimizer; the label-noise std and the SAM radius are read by
     :class:`LabelNoise` and :class:`SAM` from this schedule (their own ``std``/``rho`` are the values without a
-    schedule and are never changed). On the lightning_flat models the training engine asks for the values of every
-    SGD step (also inside fused chunks, see :class:`~lightning_flat.engine.StepHook`); on any other LightningModule
-    the param groups are set at the start of training and after each optimizer step. Values depend on the step
-    only, so a resumed run follows the same schedule.
+    schedule and are never changed). The values of every SGD step are set through the ``step_hparams`` phase
+    (:class:`~lightning_flat.engine.StepHook`: inside the engine's fused chunks on the lightning_flat models, from
+    Lightning's hooks on any other module, where the param groups also hold the coming step's values between
+    steps). Values depend on the step only, so a resumed run follows the same schedule.
 
     Logged keys (at the first step, at every change of value and every ``every_n_steps``): ``hparams/lr``,
     ``hparams/weight_decay``, ``hparams/label_noise``, ``hparams/sam_rho`` for the scheduled ones (per-replica
     values: their mean and ``.../r{k}``).
     """
-
-    fused_safe_hooks = ("on_train_batch_end",)
 
     def __init__(self, lr: ScheduleSpec = None, weight_decay: ScheduleSpec = None, label_noise: ScheduleSpec = None,
                  sam_rho: ScheduleSpec = None, every_n_steps: int = 1000) -> None:
@@ -226,6 +223,13 @@ class HyperparameterSchedule(StepHook, Callback):
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
         self.current: dict[str, float | list[float]] = {}
 
+    @property
+    def state_key(self) -> str:
+        from lightning_flat.callbacks.base import config_state_key
+
+        return config_state_key(self, {**{k: s.spec for k, s in self.schedules.items()},
+                                       "every_n_steps": self.every_n_steps})
+
     def values(self, step: int) -> dict[str, float | list[float]]:
         """The scheduled values of global step ``step``."""
         return {name: s.value(step) for name, s in self.schedules.items()}
@@ -240,7 +244,7 @@ class HyperparameterSchedule(StepHook, Callback):
         for name, kind in (("label_noise", LabelNoise), ("sam_rho", SAM)):
             if name in self.schedules and not any(isinstance(c, kind) for c in trainer.callbacks):
                 raise ValueError(f"HyperparameterSchedule({name}=...) needs a {kind.__name__} callback in the Trainer")
-        replicas = getattr(pl_module, "replicas", 1)
+        replicas = replicas_of(pl_module).count
         for name, sched in self.schedules.items():
             if isinstance(sched, ReplicaSchedule) and len(sched) != replicas:
                 raise ValueError(f"HyperparameterSchedule({name}=...) has {len(sched)} per-replica schedules but the "
@@ -272,23 +276,6 @@ class HyperparameterSchedule(StepHook, Callback):
         values = self.values(ctx.step)
         ctx.hparams.update(values)
         self._record(ctx.trainer, ctx.step, values)
-
-    def _apply(self, trainer: L.Trainer, force: bool = False) -> None:
-        """The Lightning path: the values of the coming step into the optimizers' param groups, then log."""
-        step = trainer.global_step
-        values = self.values(step)
-        if values != self.current or force:
-            write_hyperparameters(trainer.optimizers, values)
-        self._record(trainer, step, values)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not engine_drives(pl_module):
-            self._apply(trainer, force=True)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if not engine_drives(pl_module):
-            self._apply(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"current": dict(self.current)}

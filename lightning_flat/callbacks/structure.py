@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
+from torch import Tensor
 
 from lightning_flat import functional as F
 from lightning_flat._checks import check_bool, check_choice, check_positive_int, check_real
@@ -16,22 +17,26 @@ from lightning_flat.functional.spectral import _scaled_schatten
 __all__ = ["ApproximateRank", "Balancedness", "EffectiveRank", "MatrixNorms", "SingularValues"]
 
 
-def _weights(pl_module: L.LightningModule, who: str) -> list:
-    if not callable(getattr(pl_module, "weights", None)):
-        raise TypeError(
-            f"{who} needs a module with weights() -> [W_1, ..., W_L] (the lightning_flat models have it), "
-            f"got {type(pl_module).__name__}"
-        )
-    return pl_module.weights()
+@runtime_checkable
+class Factored(Protocol):
+    """A module whose map is an end-to-end matrix of trained factors (the lightning_flat models)."""
+
+    def weights(self) -> list[Tensor]: ...
+
+    def end_to_end(self) -> Tensor: ...
 
 
-def _end_to_end(pl_module: L.LightningModule, who: str):
-    if callable(getattr(pl_module, "end_to_end", None)):
-        return pl_module.end_to_end()
-    return F.end_to_end(_weights(pl_module, who))
+class StructureCallback(MeasuringCallback):
+    """Base of the callbacks that read a lightning_flat model's factors and end-to-end matrix; any other module is
+    refused at setup."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, Factored):
+            raise TypeError(f"{type(self).__name__} needs a module with weights() -> [W_1, ..., W_L] and "
+                            f"end_to_end() (the lightning_flat models), got {type(pl_module).__name__}")
 
 
-class Balancedness(MeasuringCallback):
+class Balancedness(StructureCallback):
     r"""Log :math:`\sum_j\|W_{j+1}^\top W_{j+1} - W_jW_j^\top\|_F` every ``every_n_steps``.
 
     Logged keys: ``balance/total`` and, with ``per_layer=True``, ``balance/layer{j}`` for ``j = 1..L-1`` (the term
@@ -42,8 +47,11 @@ class Balancedness(MeasuringCallback):
         super().__init__(every_n_steps)
         self.per_layer = check_bool("per_layer", per_layer)
 
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "per_layer": self.per_layer}
+
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        weights = _weights(pl_module, "Balancedness")
+        weights = pl_module.weights()
         if any(weights[j].shape[-1] != weights[j - 1].shape[-2] for j in range(1, len(weights))):
             raise TypeError(f"Balancedness needs a chain of factors E = W_L ... W_1 (e.g. DeepLinearNet); "
                             f"{type(pl_module).__name__}'s weights are not one")
@@ -55,7 +63,7 @@ class Balancedness(MeasuringCallback):
         return out
 
 
-class EffectiveRank(MeasuringCallback):
+class EffectiveRank(StructureCallback):
     r"""Log ranks of the end-to-end matrix ``E`` (and optionally of each factor) every ``every_n_steps``.
 
     ``kinds`` among ``"entropy"`` (exp of the entropy of the normalised singular values), ``"stable"``
@@ -79,10 +87,13 @@ class EffectiveRank(MeasuringCallback):
         self.tol = None if tol is None else check_real("tol", tol, low=0.0)
         self.layers = check_bool("layers", layers)
 
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "kinds": list(self.kinds), "tol": self.tol, "layers": self.layers}
+
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        mats = {"end_to_end": _end_to_end(pl_module, "EffectiveRank")}
+        mats = {"end_to_end": pl_module.end_to_end()}
         if self.layers:
-            for j, W in enumerate(_weights(pl_module, "EffectiveRank")):
+            for j, W in enumerate(pl_module.weights()):
                 mats[f"layer{j + 1}"] = W
         out = {}
         for name, M in mats.items():
@@ -91,7 +102,7 @@ class EffectiveRank(MeasuringCallback):
         return out
 
 
-class MatrixNorms(MeasuringCallback):
+class MatrixNorms(StructureCallback):
     r"""Log norms of the end-to-end matrix ``E`` every ``every_n_steps``.
 
     Logged keys: ``norm/nuclear`` (:math:`\|E\|_*`), ``norm/frobenius``, ``norm/spectral`` and, when the module
@@ -102,17 +113,16 @@ class MatrixNorms(MeasuringCallback):
     """
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        E = _end_to_end(pl_module, "MatrixNorms")
+        E = pl_module.end_to_end()
         s = F.singular_values(E)
         out = {"norm/nuclear": s.sum(-1), "norm/frobenius": _scaled_schatten(s, 2.0), "norm/spectral": s[..., 0]}
-        if callable(getattr(pl_module, "weights", None)):
-            weights = pl_module.weights()
-            out["norm/weights_sq"] = sum(W.square().sum((-2, -1)) for W in weights)
-            out["norm/representation_cost"] = F.representation_cost(E, len(weights))
+        weights = pl_module.weights()
+        out["norm/weights_sq"] = sum(W.square().sum((-2, -1)) for W in weights)
+        out["norm/representation_cost"] = F.representation_cost(E, len(weights))
         return out
 
 
-class SingularValues(MeasuringCallback):
+class SingularValues(StructureCallback):
     r"""Log the singular values of the end-to-end matrix ``E`` and their ratios every ``every_n_steps``.
 
     Logged keys: ``sv/s{k}`` (:math:`s_k(E)`, descending, ``k = 1..top``) and ``sv/ratio{k}``
@@ -125,11 +135,11 @@ class SingularValues(MeasuringCallback):
         super().__init__(every_n_steps)
         self.top = None if top is None else check_positive_int("top", top)
 
-    def _state_key_config(self) -> dict[str, Any]:
-        return {**super()._state_key_config(), "top": self.top}
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "top": self.top}
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        s = F.singular_values(_end_to_end(pl_module, "SingularValues"))
+        s = F.singular_values(pl_module.end_to_end())
         k = s.shape[-1] if self.top is None else min(self.top, s.shape[-1])
         out = {f"sv/s{i + 1}": s[..., i] for i in range(k)}
         for i in range(1, k):
@@ -137,7 +147,7 @@ class SingularValues(MeasuringCallback):
         return out
 
 
-class ApproximateRank(MeasuringCallback):
+class ApproximateRank(StructureCallback):
     r"""Log the approximate rank of the parameters, :func:`lightning_flat.functional.approximate_rank`, every
     ``every_n_steps``: :math:`\max_j\sum_i f_\alpha(s_i(W_j)^2)`, each squared singular value of a factor counting 1
     above ``alpha`` and less below. With weight decay it falls from the hidden width at init to the rank of ``E`` as
@@ -152,11 +162,11 @@ class ApproximateRank(MeasuringCallback):
         self.alpha = check_real("alpha", alpha, low=0.0, low_open=True)
         self.per_layer = check_bool("per_layer", per_layer)
 
-    def _state_key_config(self) -> dict[str, Any]:
-        return {**super()._state_key_config(), "alpha": self.alpha}
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "alpha": self.alpha, "per_layer": self.per_layer}
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        ranks = [F.soft_rank(W, self.alpha) for W in _weights(pl_module, "ApproximateRank")]
+        ranks = [F.soft_rank(W, self.alpha) for W in pl_module.weights()]
         out = {"rank/approx": torch.stack(ranks).amax(0)}
         if self.per_layer:
             out.update({f"rank/approx_layer{j + 1}": r for j, r in enumerate(ranks)})

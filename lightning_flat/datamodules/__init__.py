@@ -1,6 +1,6 @@
 """LightningDataModules that generate measurement problems."""
 
-from lightning_flat.datamodules.base import MeasurementDataModule, MeasurementSampler, StepChunk
+from lightning_flat.datamodules.base import MeasurementDataModule, MeasurementSampler
 from lightning_flat.datamodules.entries import ObservedEntriesDataModule
 from lightning_flat.datamodules.matrix_sensing import MatrixSensingDataModule
 from lightning_flat.datamodules.recovery import (
@@ -18,6 +18,5 @@ __all__ = [
     "MeasurementSampler",
     "ObservedEntriesDataModule",
     "QuadraticSensingDataModule",
-    "StepChunk",
     "UnivariateRegressionDataModule",
 ]

@@ -9,51 +9,15 @@ import torch
 from torch import Tensor
 
 from lightning_flat._checks import check_choice, check_nonnegative_int, check_positive_int, check_tensor
+from lightning_flat.engine.interfaces import StepChunk, StepPlan
+from lightning_flat.engine.replicas import per_stream, step_seed
 from lightning_flat.measurements import MeasurementBatch, Measurements
 
-__all__ = ["MeasurementDataModule", "MeasurementSampler", "StepChunk", "step_seed"]
+__all__ = ["MeasurementDataModule", "MeasurementSampler"]
 
-_MASK64 = (1 << 64) - 1
 _SHUFFLE = 0x5348554646  # keeps the permutations' seeds apart from the i.i.d. draws' (step keys)
 #: How minibatch indices are drawn: i.i.d. with replacement (the default), or epoch-wise permutations.
 SAMPLINGS = ("replacement", "shuffle")
-
-
-def step_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (splitmix64 chain): the random numbers of step ``k`` depend on ``(seed, k)``
-    only, so a run resumed from a checkpoint at step ``k`` draws exactly what the uninterrupted run draws."""
-    x = 0x9E3779B97F4A7C15
-    for k in keys:
-        x = (x ^ (int(k) & _MASK64)) & _MASK64
-        x = (x + 0x9E3779B97F4A7C15) & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        x ^= x >> 31
-    return x >> 1
-
-
-class StepChunk:
-    """Global steps ``[start, start + length)`` of a :class:`MeasurementSampler`, run by one ``training_step`` call
-    of a lightning_flat model (a fused chunk). The batches are made when the engine runs each step
-    (:meth:`batch`), so a chunk costs nothing to yield."""
-
-    __slots__ = ("start", "length", "sampler", "_generator", "_scratch")
-
-    def __init__(self, start: int, length: int, sampler: MeasurementSampler,
-                 generator: torch.Generator | None = None, scratch: dict[str, Tensor] | None = None) -> None:
-        self.start, self.length, self.sampler = start, length, sampler
-        self._generator = generator
-        self._scratch = scratch
-
-    def batch(self, step: int) -> MeasurementBatch:
-        """The batch of global step ``step`` (the same values the sampler yields for that step one at a time). Its
-        measurements may reuse the memory of the previous step's batch: it is valid until the next call."""
-        if not self.start <= step < self.start + self.length:
-            raise IndexError(f"step {step} is outside this chunk's steps [{self.start}, {self.start + self.length})")
-        return self.sampler.batch(step, self._generator, self._scratch)
-
-    def __repr__(self) -> str:
-        return f"StepChunk(start={self.start}, length={self.length})"
 
 
 class MeasurementSampler:
@@ -114,20 +78,16 @@ class MeasurementSampler:
         g = generator if generator is not None else torch.Generator(device=device)
         n, B = len(self.measurements), self.batch_size
         if self.sampling == "shuffle":
-            streams = [None] if self.streams is None else self.streams
-            unique = {s: self._shuffled(step, s, g) for s in dict.fromkeys(streams)}
-            return unique[streams[0]] if len(unique) == 1 else torch.stack([unique[s] for s in streams])
-        if self.streams is None or len(set(self.streams)) == 1:
-            # one run, or replicas that share their seed (hence their minibatches): one draw, one gather
-            keys = (self.seed, self.rank, step) if self.streams is None else \
-                (self.seed, self.rank, self.streams[0], step)
-            g.manual_seed(step_seed(*keys))
-            return torch.randint(n, (B,), generator=g, device=device)
-        rows = []
-        for s in self.streams:
-            g.manual_seed(step_seed(self.seed, self.rank, s, step))
-            rows.append(torch.randint(n, (B,), generator=g, device=device))
-        return torch.stack(rows)
+            return self._shuffled_streams(step, g)
+        # one run, or replicas that share their seed (hence their minibatches): one draw, one gather
+        return per_stream(self.streams, lambda s: (self.seed, self.rank, step) if s is None else
+                          (self.seed, self.rank, s, step),
+                          lambda gen: torch.randint(n, (B,), generator=gen, device=device), g, share=True)
+
+    def _shuffled_streams(self, step: int, g: torch.Generator) -> Tensor:
+        streams = [None] if self.streams is None else self.streams
+        unique = {s: self._shuffled(step, s, g) for s in dict.fromkeys(streams)}
+        return unique[streams[0]] if len(unique) == 1 else torch.stack([unique[s] for s in streams])
 
     def _shuffled(self, step: int, stream: int | None, g: torch.Generator) -> Tensor:
         """Positions ``[step B, (step+1) B)`` of the stream's sequence of permutations."""
@@ -225,7 +185,7 @@ class MeasurementDataModule(L.LightningDataModule):
         return dm
 
     def setup(self, stage: str) -> None:
-        trainer = getattr(self, "trainer", None)
+        trainer = self.trainer
         if trainer is not None and self.hparams and trainer.is_global_zero:
             # Lightning would merge these with the model's and refuse keys present in both (e.g. `seed`).
             for logger in trainer.loggers:
@@ -240,9 +200,12 @@ class MeasurementDataModule(L.LightningDataModule):
                                      self.targets.to(device=device, dtype=dtype))
         return self._cast_cache[key]
 
+    def has_ground_truth(self) -> bool:
+        """Whether :meth:`test_error` can be computed (the problem has a ground truth)."""
+        return self.ground_truth is not None
+
     def _module_dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        trainer = getattr(self, "trainer", None)
-        module = trainer.lightning_module if trainer is not None else None
+        module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None:
             for p in module.parameters():
                 if p.is_floating_point():
@@ -251,16 +214,18 @@ class MeasurementDataModule(L.LightningDataModule):
         return torch.get_default_dtype(), torch.device("cpu")
 
     def train_dataloader(self) -> MeasurementSampler:
+        """The sampler, in the dtype and on the device of the trainer's module. A lightning_flat model's
+        :class:`~lightning_flat.engine.StepPlan` gives the seed streams (one per replica) and the fused chunks."""
         dtype, device = self._module_dtype_device()
         meas, targets = self.measurements_as(dtype, device)
-        trainer = getattr(self, "trainer", None)
+        trainer = self.trainer
         rank = trainer.global_rank if trainer is not None else 0
         start = (lambda: trainer.global_step) if trainer is not None else (lambda: 0)
         module = trainer.lightning_module if trainer is not None else None
-        streams = getattr(module, "replica_seeds", None)
-        chunks = getattr(module, "steps_in_call", None)  # a lightning_flat model's fused chunks
+        plan = module if isinstance(module, StepPlan) else None
         return MeasurementSampler(meas, targets, self.batch_size, self.seed, self.steps_per_epoch, start, rank,
-                                  streams, chunks if callable(chunks) else None, self.sampling)
+                                  plan.replicas.streams if plan is not None else None,
+                                  plan.steps_in_call if plan is not None else None, self.sampling)
 
     def test_error(self, E: Tensor) -> Tensor:
         r"""Population error :math:`\|E - M^*\|_F^2`, shape ``(...)`` for ``E (..., d_out, d_in)``."""

@@ -1,23 +1,49 @@
-"""The training machinery the lightning_flat models share: analytic steps, fused chunks, the step interface that
-per-step callbacks use, replica bookkeeping and :class:`ReplicaSGD`."""
+"""The training machinery the lightning_flat models share: replicas and their random streams, the step interface
+that per-step callbacks use (run by the engine inside fused chunks, and by one driver from Lightning's hooks
+elsewhere), analytic steps and fused chunks, and :class:`ReplicaSGD`."""
 
-from lightning_flat.engine.hooks import PER_STEP_HOOKS, PHASES, StepContext, StepHook, engine_drives
+from lightning_flat.engine.grid import ReplicaGrid
+from lightning_flat.engine.hooks import PHASES, BoundaryHook, StepContext, StepHook, StepOracle, scheduled_hparams
+from lightning_flat.engine.interfaces import EngineDriven, MeasurementProblem, StepChunk, StepPlan, WeightLoss
 from lightning_flat.engine.loop import MODES, TrainingEngine, unknown_per_step_hooks
+from lightning_flat.engine.module_loss import ModuleOracle, training_step_loss
 from lightning_flat.engine.optim import ReplicaSGD
-from lightning_flat.engine.replicas import active_mean, freeze_nonfinite, replica_metrics, replica_seeds
+from lightning_flat.engine.replicas import (
+    Replicas,
+    Replicated,
+    active_mean,
+    per_stream,
+    replica_metrics,
+    replica_seeds,
+    replicas_of,
+    step_seed,
+)
 
 __all__ = [
+    "BoundaryHook",
+    "EngineDriven",
     "MODES",
-    "PER_STEP_HOOKS",
+    "MeasurementProblem",
+    "ModuleOracle",
     "PHASES",
+    "ReplicaGrid",
     "ReplicaSGD",
+    "Replicas",
+    "Replicated",
+    "StepChunk",
     "StepContext",
     "StepHook",
+    "StepOracle",
+    "StepPlan",
     "TrainingEngine",
+    "WeightLoss",
     "active_mean",
-    "engine_drives",
-    "freeze_nonfinite",
+    "per_stream",
     "replica_metrics",
     "replica_seeds",
+    "replicas_of",
+    "scheduled_hparams",
+    "step_seed",
+    "training_step_loss",
     "unknown_per_step_hooks",
 ]

@@ -16,6 +16,11 @@ changes (a new Lightning release), instead of training going silently wrong.
   pays at every SGD step. Lightning sets plain attributes on the module dozens of times per call
   (``_current_fx_name``, ...), each through ``nn.Module.__setattr__``'s registry checks, and inspects
   ``training_step``'s signature at every call (``inspect.getfullargspec``, which honours ``__signature__``).
+- :func:`per_step_hooks`: which hooks of Lightning's ``Callback`` run once per training batch, derived from the
+  class itself (every hook it defines that names a batch or runs before/after the backward pass or the optimizer
+  step); :data:`KNOWN_CALLBACK_HOOKS` is what it defined when this was written, so the tripwire test fails when a
+  Lightning release adds a hook, for someone to look at where it runs.
+- :func:`compiled_submodules`: ``torch.compile``'s wrapper keeps the original module as ``_orig_mod``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["advance_global_step", "checkpoint_step_period", "silenced_logging", "FastSetattr", "cache_signature"]
+__all__ = ["advance_global_step", "checkpoint_step_period", "silenced_logging", "FastSetattr", "cache_signature",
+           "per_step_hooks", "callback_hooks", "KNOWN_CALLBACK_HOOKS", "compiled_submodules"]
 
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
@@ -96,3 +102,37 @@ def cache_signature(function: Any) -> Any:
     if not hasattr(function, "__signature__"):
         function.__signature__ = inspect.signature(function)
     return function
+
+
+def callback_hooks() -> tuple[str, ...]:
+    """Every hook Lightning's ``Callback`` class defines (its ``on_*`` methods), sorted."""
+    from lightning.pytorch.callbacks import Callback
+
+    return tuple(sorted(n for n, v in vars(Callback).items() if n.startswith("on_") and callable(v)))
+
+
+def per_step_hooks() -> tuple[str, ...]:
+    """The ``Callback`` hooks that Lightning calls once per training batch (hence once per fused chunk): those of
+    :func:`callback_hooks` that name a training batch or run before/after the backward pass, the optimizer step or
+    zeroing the gradients."""
+    return tuple(n for n in callback_hooks()
+                 if n.startswith(("on_train_batch_", "on_before_", "on_after_")) and n != "on_after_validation")
+
+
+#: ``callback_hooks()`` when this module was written (Lightning 2.5/2.6).
+KNOWN_CALLBACK_HOOKS = (
+    "on_after_backward", "on_before_backward", "on_before_optimizer_step", "on_before_zero_grad", "on_exception",
+    "on_fit_end", "on_fit_start", "on_load_checkpoint", "on_predict_batch_end", "on_predict_batch_start",
+    "on_predict_end", "on_predict_epoch_end", "on_predict_epoch_start", "on_predict_start", "on_sanity_check_end",
+    "on_sanity_check_start", "on_save_checkpoint", "on_test_batch_end", "on_test_batch_start", "on_test_end",
+    "on_test_epoch_end", "on_test_epoch_start", "on_test_start", "on_train_batch_end", "on_train_batch_start",
+    "on_train_end", "on_train_epoch_end", "on_train_epoch_start", "on_train_start", "on_validation_batch_end",
+    "on_validation_batch_start", "on_validation_end", "on_validation_epoch_end", "on_validation_epoch_start",
+    "on_validation_start",
+)
+
+
+def compiled_submodules(module: Any) -> list[str]:
+    """The names of ``module``'s submodules that are ``torch.compile`` wrappers (``OptimizedModule``, which keeps
+    the compiled module as ``_orig_mod``)."""
+    return [name or type(module).__name__ for name, m in module.named_modules() if hasattr(m, "_orig_mod")]

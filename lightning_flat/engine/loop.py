@@ -3,26 +3,28 @@
 One :class:`TrainingEngine` belongs to each model. At ``on_fit_start`` it picks how the model trains under this
 Trainer:
 
-- ``"fused"`` (the default path): one ``training_step`` call runs a chunk of SGD steps (the datamodule's sampler
-  yields a :class:`~lightning_flat.datamodules.StepChunk`); each step computes its gradients with the oracle, runs the
+- ``"fused"`` (the default path): one ``training_step`` call runs a chunk of SGD steps (the sampler yields a
+  :class:`~lightning_flat.engine.StepChunk`); each step computes its gradients with the oracle, runs the
   :class:`~lightning_flat.engine.StepHook` phases of the per-step callbacks and applies the update with the model's
   :class:`~lightning_flat.engine.ReplicaSGD`. ``trainer.global_step`` counts every SGD step (see
   :func:`~lightning_flat.engine.compat.advance_global_step`). A chunk ends wherever anything needs a step boundary:
-  a hook's :meth:`~lightning_flat.engine.StepHook.next_boundary`, ``Trainer(log_every_n_steps)``,
+  a :class:`~lightning_flat.engine.BoundaryHook`'s ``next_boundary``, ``Trainer(log_every_n_steps)``,
   ``ModelCheckpoint(every_n_train_steps)``, ``max_steps``, the end of an epoch, and at most ``chunk_size`` steps.
 - ``"stepwise"``: one SGD step per call, with the same step (the gradients are written to ``.grad`` in the model's
   ``backward`` hook and Lightning's optimizer step applies the same update), when something needs Lightning's
-  per-step hooks: a callback the engine does not know that overrides one of them, a per-step hook of a model
+  per-step hooks: a callback that defines one of them without declaring it fused-safe, a per-step hook of a model
   subclass, a validation loop, learning-rate schedulers, gradient clipping, another optimizer, or
   ``chunk_size=1``. Both paths give bitwise the same run.
-- ``"lightning"``: Lightning's own automatic optimization with an autograd backward (the callbacks then use their
-  Lightning hooks), for what the engine does not cover: several devices (DDP), mixed precision, L-BFGS,
-  gradient accumulation, or a subclass that replaces ``training_step``, ``backward`` or ``optimizer_step``.
+- ``"lightning"``: Lightning's own automatic optimization with an autograd backward (the step hooks then run from
+  Lightning's hooks, :class:`~lightning_flat.engine.hooks.LightningDriver`), for what the engine does not cover:
+  several devices (DDP), mixed precision, L-BFGS, gradient accumulation, or a subclass that replaces
+  ``training_step``, ``backward`` or ``optimizer_step``.
 
-The gradient oracle is analytic (:mod:`lightning_flat.functional.gradients`: residual, one adjoint, the chain rule
-of the parameterization) unless the model asks for ``gradients="autograd"``, has a trace penalty, or its subclass
-changes ``end_to_end_from`` without an analytic vector-Jacobian product; autograd is the reference it is tested
-against.
+What the engine needs from its module (the lightning_flat models provide it, see
+:class:`~lightning_flat.models.LinearNetBase`): ``replicas``, ``chunk_size``, ``gradients``, ``optimizer``,
+``weights()``, ``uses_analytic_gradients()``, ``end_to_end_and_cache``/``end_to_end_vjp`` (the analytic oracle),
+``training_losses_from_weights`` (autograd), ``loss_from_weights`` and ``log_training_step``. The engine imports no
+model: it is given the class whose hooks hand training to it (``base``).
 """
 
 from __future__ import annotations
@@ -34,29 +36,17 @@ import torch
 from torch import Tensor
 
 from lightning_flat.engine import compat
-from lightning_flat.engine.hooks import PER_STEP_HOOKS, PHASES, StepContext, StepHook, hparams_at
+from lightning_flat.engine.hooks import BoundaryHook, StepContext, phase_hooks, scheduled_hparams
+from lightning_flat.engine.interfaces import StepChunk
 from lightning_flat.engine.optim import ReplicaSGD, write_hyperparameters
-from lightning_flat.engine.replicas import freeze_nonfinite
 from lightning_flat.functional.gradients import residual_and_end_to_end_gradient
 from lightning_flat.measurements import unpack_batch
 
-__all__ = ["TrainingEngine", "MODES"]
+__all__ = ["TrainingEngine", "MODES", "unknown_per_step_hooks"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("fused", "stepwise", "lightning")
-
-#: Per-step Lightning hooks of Lightning's own callbacks that are safe to call once per chunk: progress bars only
-#: display, checkpoints by steps get their boundaries, time-based ones fire at a chunk's end.
-_LIGHTNING_SAFE: dict[str, tuple[str, ...]] = {
-    "TQDMProgressBar": PER_STEP_HOOKS,
-    "RichProgressBar": PER_STEP_HOOKS,
-    "ProgressBar": PER_STEP_HOOKS,
-    "ModelCheckpoint": PER_STEP_HOOKS,
-    "Timer": PER_STEP_HOOKS,
-    "ModelSummary": PER_STEP_HOOKS,
-    "RichModelSummary": PER_STEP_HOOKS,
-}
 
 
 def _owner(cls: type, name: str) -> type:
@@ -66,40 +56,76 @@ def _owner(cls: type, name: str) -> type:
     return object
 
 
+def _lightning_display_callbacks() -> tuple[type, ...]:
+    """Lightning's own callbacks whose per-step hooks only display or save at boundaries the engine honours
+    (progress bars, checkpoints by steps, the timer, model summaries): their hooks may run once per chunk."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar, Timer
+
+    return ProgressBar, ModelCheckpoint, Timer, ModelSummary
+
+
 def unknown_per_step_hooks(callback: Any) -> list[str]:
-    """The per-step Lightning hooks that ``callback`` overrides and that the engine does not know are safe to call
-    once per chunk (empty: the callback may run with fused chunks)."""
+    """The per-step Lightning hooks (:func:`~lightning_flat.engine.compat.per_step_hooks`) that ``callback``
+    defines and that are not known to be safe once per chunk (declared in ``fused_safe_hooks``, or Lightning's own
+    display and checkpoint callbacks' own hooks): empty when the callback may run with fused chunks."""
     from lightning.pytorch.callbacks import Callback
 
+    display = _lightning_display_callbacks()
     out = []
-    for name in PER_STEP_HOOKS:
+    for name in compat.per_step_hooks():
         owner = _owner(type(callback), name)
         if owner is Callback or owner is object:
             continue
         if name in owner.__dict__.get("fused_safe_hooks", ()):
             continue
-        if owner.__module__.startswith("lightning.pytorch.") and name in _LIGHTNING_SAFE.get(owner.__name__, ()):
+        if issubclass(owner, display) and owner.__module__.startswith("lightning."):
             continue
         out.append(f"{type(callback).__name__}.{name}")
     return out
 
 
+class _EngineOracle:
+    """The engine's gradient oracle as a :class:`~lightning_flat.engine.StepOracle` (for ``step_gradients``)."""
+
+    def __init__(self, engine: TrainingEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, loss_fn: Any = None) -> _EngineOracle:
+        return self
+
+    def loss_and_grads(self, weights: list[Tensor], batches: list[Any]) -> tuple[Tensor, list[Tensor]]:
+        if len(batches) != 1:
+            raise ValueError(f"the engine runs one batch per step, got {len(batches)}")
+        return self.engine.loss_and_grads(weights, batches[0])
+
+    def loss_at(self, weights: list[Tensor], batch: Any) -> Tensor:
+        return self.engine.module.loss_from_weights(list(weights), batch)
+
+
 class TrainingEngine:
     """How a lightning_flat model trains (see the module docstring). ``mode``, ``oracle`` and ``reason`` (why the
-    engine left the fused path, empty on it) are set at ``on_fit_start``."""
+    engine left the fused path, empty on it) are set at ``on_fit_start``.
 
-    def __init__(self, module: Any) -> None:
+    Args:
+        module: the model.
+        base: the class whose ``training_step``/``backward``/``optimizer_step`` and per-step hooks hand training to
+            the engine (a subclass that overrides them takes another path).
+    """
+
+    def __init__(self, module: Any, base: type) -> None:
         self.module = module
+        self.base = base
         self.mode = "lightning"
         self.oracle = "autograd"
         self.reason = ""
-        self._hooks: dict[str, list[StepHook]] = {p: [] for p in PHASES}
-        self._boundary_hooks: list[StepHook] = []
+        self._hooks: dict[str, list[Any]] = phase_hooks([])
+        self._boundary_hooks: list[BoundaryHook] = []
         self._periods: list[int] = []
         self._max_steps = -1
         self._log_every = 0
         self._pending: StepContext | None = None
         self._applied: dict[str, Any] = {}
+        self._step_oracle = _EngineOracle(self)
 
     # ------------------------------------------------------------------------------------------------- set-up
     def configure(self, trainer: Any) -> None:
@@ -109,16 +135,11 @@ class TrainingEngine:
         self._applied = {}
         self._log_every = max(int(trainer.log_every_n_steps or 0), 0)
         self.mode, self.reason = self._pick_mode(trainer)
-        self.oracle = self._pick_oracle()
+        self.oracle = "analytic" if self.mode != "lightning" and m.uses_analytic_gradients() else "autograd"
         callbacks = list(trainer.callbacks)
-        hooks = [cb for cb in callbacks if isinstance(cb, StepHook)]
-
-        def overrides(h: StepHook, name: str) -> bool:
-            return _owner(type(h), name) is not StepHook
-
-        self._hooks = {p: [h for h in hooks if overrides(h, p) or (p == "step_hparams" and overrides(h, "hparams"))]
-                       for p in PHASES}
-        self._boundary_hooks = [h for h in hooks if _owner(type(h), "next_boundary") is not StepHook]
+        self._hooks = phase_hooks(callbacks)
+        self._boundary_hooks = [cb for cb in callbacks if isinstance(cb, BoundaryHook)
+                                and _owner(type(cb), "next_boundary") is not BoundaryHook]
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         periods = [self._log_every] + [compat.checkpoint_step_period(cb) for cb in callbacks
@@ -129,16 +150,13 @@ class TrainingEngine:
             log.info(f"{type(m).__name__}: one SGD step per training_step ({self.mode} path) because of {self.reason}")
 
     def _pick_mode(self, trainer: Any) -> tuple[str, str]:
-        from lightning_flat.models.base import LinearNetBase
-
         m = self.module
         cls = type(m)
-        replaced = [n for n in ("training_step", "backward", "optimizer_step")
-                    if _owner(cls, n) is not LinearNetBase]
+        replaced = [n for n in ("training_step", "backward", "optimizer_step") if _owner(cls, n) is not self.base]
         precision = str(trainer.precision)
         if replaced:
             return "lightning", f"{cls.__name__} replaces {', '.join(replaced)}"
-        if getattr(m, "optimizer", "sgd") != "sgd":
+        if m.optimizer != "sgd":
             return "lightning", f"optimizer={m.optimizer!r}"
         if trainer.world_size > 1:
             return "lightning", f"it trains on {trainer.world_size} processes (DDP's backward is autograd)"
@@ -147,10 +165,10 @@ class TrainingEngine:
         if trainer.accumulate_grad_batches != 1:
             return "lightning", f"accumulate_grad_batches={trainer.accumulate_grad_batches}"
         reasons = []
-        for name in PER_STEP_HOOKS + ("optimizer_zero_grad", "configure_gradient_clipping", "lr_scheduler_step",
-                                      "validation_step"):
+        for name in compat.per_step_hooks() + ("optimizer_zero_grad", "configure_gradient_clipping",
+                                               "lr_scheduler_step", "validation_step"):
             owner = _owner(cls, name)
-            if owner is not LinearNetBase and owner.__module__.split(".")[0] not in ("lightning", "pytorch_lightning"):
+            if owner is not self.base and owner.__module__.split(".")[0] not in ("lightning", "pytorch_lightning"):
                 reasons.append(f"{cls.__name__}.{name}")
         for cb in trainer.callbacks:
             reasons += unknown_per_step_hooks(cb)
@@ -160,22 +178,11 @@ class TrainingEngine:
             reasons.append(f"gradient_clip_val={trainer.gradient_clip_val}")
         if len(trainer.optimizers) != 1 or not isinstance(trainer.optimizers[0], ReplicaSGD):
             reasons.append("the optimizer is not the model's ReplicaSGD")
-        if getattr(m, "chunk_size", 1) <= 1:
+        if m.chunk_size <= 1:
             reasons.append("chunk_size=1")
         if reasons:
             return "stepwise", ", ".join(reasons)
         return "fused", ""
-
-    def _pick_oracle(self) -> str:
-        m = self.module
-        if self.mode == "lightning" or getattr(m, "gradients", "analytic") != "analytic":
-            return "autograd"
-        if getattr(m, "trace_penalty", 0.0):
-            return "autograd"
-        cls = type(m)
-        if len({_owner(cls, n) for n in ("end_to_end_from", "end_to_end_and_cache", "end_to_end_vjp")}) > 1:
-            return "autograd"  # a subclass changed the parameterization without its vector-Jacobian product
-        return "analytic"
 
     # -------------------------------------------------------------------------------------------------- chunks
     def steps_in_call(self, step: int) -> int:
@@ -215,10 +222,9 @@ class TrainingEngine:
         (default ``module.weights()``) saves that call when a chunk runs many steps."""
         m = self.module
         trainer = m.trainer
-        weights = m.weights() if weights is None else weights
-        ctx = StepContext(step=step, trainer=trainer, module=m, batch=batch, hparams={},
-                          streams=m.replica_seeds, weights=weights,
-                          loss_and_grads=self.loss_and_grads, replica_dims=1 if m.replicas > 1 else 0)
+        replicas = m.replicas
+        ctx = StepContext(step, trainer, m, batch, replicas, {}, trainer.global_rank, 0, [],
+                          m.weights() if weights is None else weights, oracle=self._step_oracle)
         hooks = self._hooks
         for h in hooks["step_hparams"]:
             h.step_hparams(ctx)
@@ -226,36 +232,25 @@ class TrainingEngine:
             self.apply_hparams(trainer, ctx.hparams)
         for h in hooks["step_targets"]:
             h.step_targets(ctx)
-        ctx.losses, ctx.grads = self.loss_and_grads(weights, ctx.batch)
-        if m.replica_active is not None:
-            freeze_nonfinite(ctx.losses, m.replica_active, m.diverged, step, m.replica_seeds)
-        for h in hooks["step_gradients"]:
-            h.step_gradients(ctx)
+        ctx.losses, ctx.grads = self.loss_and_grads(ctx.weights, ctx.batch)
+        replicas.freeze_nonfinite(ctx.losses, step)
+        if hooks["step_gradients"]:
+            ctx.batches = [ctx.batch]
+            for h in hooks["step_gradients"]:
+                h.step_gradients(ctx)
         for h in hooks["step_check"]:
             h.step_check(ctx)
         if ctx.stop is None:
-            self._check_divergence(ctx)
+            what = replicas.stop_reason(ctx.losses)
+            if what is not None:  # without a FiniteLossGuard's say: nothing can train any more
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                ctx.stop = (f"{type(m).__name__}: {what} at step {step}; training stops, the weights are those of "
+                            f"step {step} (this update was not applied). Add FiniteLossGuard for other policies.")
+                rank_zero_warn(ctx.stop)
         if ctx.stop is not None:
             trainer.should_stop = True
         return ctx
-
-    def _check_divergence(self, ctx: StepContext) -> None:
-        """Without a FiniteLossGuard's say: stop when nothing can train any more (a single model's loss is not
-        finite, or every replica is frozen), with the weights of the last finite step and a warning."""
-        m = ctx.module
-        if m.replica_active is None:
-            if bool(torch.isfinite(ctx.losses).all()):
-                return
-            what = f"a non-finite training loss ({float(ctx.losses)})"
-        elif bool(m.replica_active.any()):
-            return
-        else:
-            what = f"every replica diverged ({dict(sorted(m.diverged.items()))})"
-        from lightning.pytorch.utilities import rank_zero_warn
-
-        ctx.stop = (f"{type(m).__name__}: {what} at step {ctx.step}; training stops, the weights are those of step "
-                    f"{ctx.step} (this update was not applied). Add FiniteLossGuard for other policies.")
-        rank_zero_warn(ctx.stop)
 
     def apply_hparams(self, trainer: Any, hparams: dict[str, Any]) -> None:
         """Put scheduled ``lr``/``weight_decay`` into every optimizer's param groups (:func:`write_hyperparameters`),
@@ -270,9 +265,13 @@ class TrainingEngine:
         before Lightning's hooks of that step run (at the start of training and at the end of every call), so that
         callbacks reading the optimizer see the values the step will use."""
         if self.mode != "lightning":
-            values = hparams_at(trainer, trainer.global_step)
+            values = scheduled_hparams(trainer, trainer.global_step)
             if values:
                 self.apply_hparams(trainer, values)
+
+    def drives_step_hooks(self) -> bool:
+        """True when the engine runs the step hooks' phases (not on Lightning's own path)."""
+        return self.mode != "lightning"
 
     # ------------------------------------------------------------------------------------ the Lightning hooks
     def training_step(self, batch: Any) -> Tensor:
@@ -282,9 +281,9 @@ class TrainingEngine:
             ctx = self.run_step(trainer.global_step, batch)
             self._pending = ctx
             self._log(ctx)
-            return self._loss_value(ctx)
+            return m.replicas.masked_sum(ctx.losses).detach()
         # fused: every step of the chunk, updates included
-        chunk = batch if hasattr(batch, "length") and hasattr(batch, "batch") else None
+        chunk = batch if isinstance(batch, StepChunk) else None
         start = trainer.global_step
         if chunk is not None and chunk.start != start:
             raise RuntimeError(f"the sampler's chunk starts at step {chunk.start} but the trainer is at step {start}")
@@ -302,7 +301,7 @@ class TrainingEngine:
             grads = ctx.grads
             opt.apply_gradients(grads if order is None else [None if k is None else grads[k] for k in order])
         compat.advance_global_step(trainer, done - 1)
-        return self._loss_value(ctx)
+        return m.replicas.masked_sum(ctx.losses).detach()
 
     @staticmethod
     def _order(weights: list[Tensor], opt: Any) -> list[int | None] | None:
@@ -318,14 +317,6 @@ class TrainingEngine:
         every = self._log_every
         if every and (ctx.step + 1) % every == 0:
             self.module.log_training_step(ctx.losses, ctx.step)
-
-    @staticmethod
-    def _loss_value(ctx: StepContext) -> Tensor:
-        losses = ctx.losses
-        active = ctx.module.replica_active
-        if active is not None:
-            losses = torch.where(active, losses, torch.zeros_like(losses))
-        return losses.sum().detach()
 
     def backward(self, loss: Tensor) -> bool:
         """The model's ``backward`` hook: write the step's gradients to ``.grad`` (stepwise), do nothing (fused:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_flat._checks import check_real
+from lightning_flat.engine.replicas import Replicas, per_replica_tensor
 
 __all__ = ["ReplicaSGD", "write_hyperparameters"]
 
@@ -34,8 +35,7 @@ def write_hyperparameters(optimizers: Iterable[torch.optim.Optimizer], values: d
     every param group of every optimizer; other keys are ignored."""
     for key in ("lr", "weight_decay"):
         if key in values:
-            v = values[key]
-            stored = torch.tensor(v, dtype=torch.float64) if isinstance(v, (list, tuple)) else v
+            stored = per_replica_tensor(values[key])
             for opt in optimizers:
                 for group in opt.param_groups:
                     group[key] = stored
@@ -52,20 +52,22 @@ class ReplicaSGD(torch.optim.Optimizer):
     .. math:: d = g + \lambda_r W, \quad b \leftarrow \mu b + d \ (b = d \text{ at the first step}), \quad
               W \leftarrow W - \eta_r b.
 
-    ``active`` (a bool tensor ``(R,)``, typically the model's ``replica_active`` buffer, read at every step) freezes
-    the replicas that are ``False``: their weights and momentum stay as they are, whatever their gradient holds.
+    ``replicas`` (the model's :class:`~lightning_flat.engine.Replicas`, whose ``active`` mask is read at every step)
+    freezes the replicas that are not active: their weights and momentum stay as they are, whatever their gradient
+    holds. ``lr`` and ``weight_decay`` may be given as per-replica lists.
 
     :meth:`step` reads ``p.grad`` (Lightning's path); :meth:`apply_gradients` takes the gradients as a list (the
     engine's fused path). Both run the same update, so a run is bitwise the same on either path.
     """
 
-    def __init__(self, params: Iterable, lr: float | Tensor, momentum: float = 0.0, weight_decay: float | Tensor = 0.0,
-                 active: Tensor | None = None) -> None:
+    def __init__(self, params: Iterable, lr: float | Tensor | list[float], momentum: float = 0.0,
+                 weight_decay: float | Tensor | list[float] = 0.0, replicas: Replicas | None = None) -> None:
+        lr, weight_decay = per_replica_tensor(lr), per_replica_tensor(weight_decay)
         _check_hyperparameter("lr", lr)
         _check_hyperparameter("weight_decay", weight_decay)
         check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.active = active
+        self.replicas = replicas
         # per (group, ndim, dtype, device): lr and weight decay shaped to broadcast, rebuilt when a group changes
         self._shaped: dict[tuple, tuple[Any, Any, Any, Any]] = {}
 
@@ -100,7 +102,7 @@ class ReplicaSGD(torch.optim.Optimizer):
 
     def _update(self, group: dict, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
         momentum = group["momentum"]
-        active = self.active
+        active = self.replicas.active if self.replicas is not None and self.replicas.dims else None
         if active is not None and bool(active.all()):
             active = None  # nobody is frozen: skip the masking
         # W <- W - lr d in one kernel for a float lr (add_ with alpha), else W - (lr * d) per replica

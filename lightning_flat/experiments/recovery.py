@@ -11,7 +11,7 @@ SETTINGS = ("sensing", "bilinear", "completion", "quadratic")
 
 
 def _seed(*keys: int) -> int:
-    from lightning_flat.datamodules.base import step_seed
+    from lightning_flat.engine.replicas import step_seed
 
     return step_seed(*keys) % (2**31)
 

@@ -6,18 +6,29 @@ Import as ``from lightning_flat import functional as F``.
 from lightning_flat.functional.balance import balancedness
 from lightning_flat.functional.curvature import (
     end_to_end,
-    flatten_weights,
     hessian_trace,
-    loss_hessian,
-    loss_hvp,
     measurement_loss,
     partial_products,
+    trace_surrogate,
+)
+from lightning_flat.functional.eigen import (
+    block_operator,
+    dense_top_eigenvalues,
+    density_moments,
+    eigenvalues_above,
+    exact_density,
+    preconditioned_operator,
+    top_eigenpairs,
+    top_hessian_eigenpair,
+)
+from lightning_flat.functional.hessian import (
+    EXACT_MAX_PARAMS,
+    flatten_weights,
+    loss_hessian,
+    loss_hvp,
     replica_loss_hessians,
     replica_sharpness,
     sharpness,
-    top_eigenpairs,
-    top_hessian_eigenpair,
-    trace_surrogate,
     unflatten_weights,
 )
 from lightning_flat.functional.regression import (
@@ -64,7 +75,14 @@ from lightning_flat.functional.theory import (
 )
 
 __all__ = [
+    "EXACT_MAX_PARAMS",
     "approximate_rank",
+    "block_operator",
+    "dense_top_eigenvalues",
+    "density_moments",
+    "eigenvalues_above",
+    "exact_density",
+    "preconditioned_operator",
     "balanced_factors",
     "balancedness",
     "conserved_gaps",

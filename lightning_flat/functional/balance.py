@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_flat.functional._scaling import pow2_scale, times_pow2
 from lightning_flat.functional.curvature import _check_weights
 
 __all__ = ["balancedness"]
@@ -43,19 +44,3 @@ def balancedness(weights: Sequence[Tensor], per_layer: bool = False) -> Tensor:
     _, e = torch.frexp(c)  # c = 2^(e - 1)
     terms = times_pow2(terms, 2 * (e - 1).unsqueeze(-1))
     return terms if per_layer else terms.sum(-1)
-
-
-def pow2_scale(amax: Tensor) -> Tensor:
-    """The power of two :math:`2^e \ge` ``amax`` with ``amax`` in :math:`(2^{e-1}, 2^e]` (1 where ``amax`` is 0 or
-    not finite): dividing by it and multiplying back is exact in floating point."""
-    _, e = torch.frexp(amax.detach())
-    ok = torch.isfinite(amax) & (amax > 0)
-    return torch.where(ok, torch.ldexp(torch.ones_like(amax), e), torch.ones_like(amax))
-
-
-def times_pow2(x: Tensor, n: Tensor) -> Tensor:
-    """``x * 2**n`` for integer ``n``, differentiable in ``x`` (``torch.ldexp`` has no gradient), in two exact
-    half-steps so that the factor itself never overflows where the product does not."""
-    half = torch.div(n, 2, rounding_mode="floor")
-    one = torch.ones_like(x)
-    return x * torch.ldexp(one, half) * torch.ldexp(one, n - half)

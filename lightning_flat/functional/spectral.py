@@ -81,7 +81,7 @@ def schatten_norm(M: Tensor, p: float) -> Tensor:
 
 
 def _scaled_schatten(s: Tensor, p: float) -> Tensor:
-    """:math:`(\sum_k s_k^p)^{1/p}` as :math:`s_1 (\sum_k (s_k/s_1)^p)^{1/p}`, so that it is finite whenever the
+    r""":math:`(\sum_k s_k^p)^{1/p}` as :math:`s_1 (\sum_k (s_k/s_1)^p)^{1/p}`, so that it is finite whenever the
     result is representable (``s^p`` itself may overflow or underflow)."""
     top = s[..., :1]
     safe = torch.where(top > 0, top, torch.ones_like(top))

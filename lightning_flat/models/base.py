@@ -12,16 +12,17 @@ from torch import Tensor
 
 from lightning_flat import functional as F
 from lightning_flat.engine.compat import FastSetattr, cache_signature
+from lightning_flat.engine.interfaces import MeasurementProblem
 from lightning_flat.engine.loop import TrainingEngine
 from lightning_flat.engine.optim import ReplicaSGD
-from lightning_flat.engine.replicas import LOG_REPLICAS, active_mean, freeze_nonfinite, replica_metrics, replica_seeds
+from lightning_flat.engine.replicas import Replicas, Replicated
 from lightning_flat.functional.gradients import chain_prefixes, chain_vjp
 from lightning_flat.measurements import Measurements, unpack_batch
 
 __all__ = ["LinearNetBase", "unpack_batch"]
 
 
-class LinearNetBase(FastSetattr, L.LightningModule):
+class LinearNetBase(Replicated, FastSetattr, L.LightningModule):
     r"""Base of the lightning_flat models: a network whose end-to-end map is a matrix ``E`` read by measurements.
 
     Subclasses implement ``weights()`` (the trained factors) and, for another parameterization than the chain
@@ -39,55 +40,53 @@ class LinearNetBase(FastSetattr, L.LightningModule):
       itself logs at), finite values only: ``train/loss`` (the batch loss actually optimised), and when the datamodule has them
       ``train/full_loss`` (full data, no noise), ``test/error`` (``datamodule.test_error(E)``) and
       ``test/relative_error`` (``test_error`` over ``datamodule.test_error_scale()``); with replicas the mean over the active replicas under these keys plus ``key/r{k}`` for
-      the first ``log_replicas`` replicas, and ``replicas/active``;
+      the first ``replicas.log_limit`` replicas, and ``replicas/active``;
     - ``configure_optimizers``: :class:`~lightning_flat.engine.ReplicaSGD` (``lr``, ``momentum``, ``weight_decay``,
       per-replica values, frozen replicas), or L-BFGS. Ridge is weight decay: ``weight_decay=lam`` is the update
       ``W <- W - lr (grad + lam W)``, i.e. the objective :math:`L + \frac\lambda2\sum_j\|W_j\|_F^2`.
 
-    **Replicas.** With ``replicas = R > 1`` every factor has a leading dimension ``R`` and ``end_to_end()`` is
-    ``(R, d_out, d_in)``. Replica ``r`` has its own seed ``replica_seeds[r]`` (``seed + r`` unless a list is
-    given): its initial draw, its minibatch indices (with a lightning_flat datamodule) and its label noise (with
+    **Replicas.** ``replicas`` (a :class:`~lightning_flat.engine.Replicas`) holds the ``R`` runs of the module.
+    With ``R > 1`` every factor has a leading dimension ``R`` and ``end_to_end()`` is ``(R, d_out, d_in)``. Run
+    ``r`` has its own seed ``replicas.seeds[r]`` (``seed + r`` unless a list is given): its initial draw, its
+    minibatch indices (with a lightning_flat datamodule) and its label noise (with
     :class:`~lightning_flat.callbacks.LabelNoise`) are those of a single run with that seed. A replica whose loss
-    turns non-finite is frozen (``replica_active[r] = False``), reported in ``diverged`` and by a warning, and
-    never touches the others; :class:`~lightning_flat.callbacks.FiniteLossGuard` stops the run only when all
-    replicas have diverged (by default).
+    turns non-finite is frozen (``replicas.active[r] = False``), reported in ``diverged`` and by a warning, and never
+    touches the others; :class:`~lightning_flat.callbacks.FiniteLossGuard` stops the run only when all replicas have
+    diverged (by default). A single run is ``R = 1`` with the same argument forms (lists of one value are accepted).
     """
 
-    #: Replicas logged one by one as ``key/r{k}`` (all of them are in the callbacks' ``replica_history``).
-    log_replicas = LOG_REPLICAS
-
-    replicas: int = 1
-    replica_seeds: list[int]
-    replica_active: Tensor | None  # a bool buffer (R,) with replicas, else None
+    replicas: Replicas
     lr: float | list[float]
     momentum: float
     weight_decay: float | list[float]
+    #: ``"sgd"`` (the engine's :class:`~lightning_flat.engine.ReplicaSGD`) or ``"lbfgs"``.
+    optimizer: str = "sgd"
+    #: :math:`\lambda` of the flatness regularizer :math:`\lambda\operatorname{tr}\nabla^2L` (0: none).
+    trace_penalty: float = 0.0
     #: Most SGD steps one ``training_step`` call runs (fused chunks); 1 runs one step per call.
     chunk_size: int = 100
     #: ``"analytic"`` (default) or ``"autograd"`` (the reference; also used for what the analytic path lacks).
     gradients: str = "analytic"
+    #: L-BFGS iterations per step (``optimizer="lbfgs"``).
+    lbfgs_iterations: int = 20
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "training_step" in cls.__dict__:  # Lightning inspects its signature at every call
             cache_signature(cls.__dict__["training_step"])
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: int = 1, seed: int | Sequence[int] = 0) -> None:
         super().__init__()
-        self.engine = TrainingEngine(self)
-        self.diverged: dict[int, tuple[int, float]] = {}
+        self.replicas = Replicas(replicas, seed)
+        self.engine = TrainingEngine(self, base=LinearNetBase)
         self._full_data: tuple[Measurements, Tensor] | None = None
         self._test_error = None
         self._test_scale = 0.0
 
-    def _init_replicas(self, replicas: int, seed: int | Sequence[int]) -> None:
-        """Set ``replicas``, ``replica_seeds`` and the ``replica_active`` buffer (call in __init__)."""
-        self.replicas = replicas
-        self.replica_seeds = replica_seeds(seed, replicas)
-        if replicas > 1:
-            self.register_buffer("replica_active", torch.ones(replicas, dtype=torch.bool))
-        else:
-            self.replica_active = None
+    @property
+    def diverged(self) -> dict[int, tuple[int, float]]:
+        """The frozen replicas: ``{replica: (step, loss)}`` (``replicas.diverged``)."""
+        return self.replicas.diverged
 
     # ------------------------------------------------------------------------------------------ model interface
     def weights(self) -> list[Tensor]:  # pragma: no cover - abstract
@@ -115,7 +114,7 @@ class LinearNetBase(FastSetattr, L.LightningModule):
         return chain_vjp(weights, cache, G)
 
     def forward(self, measurements: Measurements) -> Tensor:
-        """Predictions :math:`\langle A_i, E\rangle` for the given measurements."""
+        r"""Predictions :math:`\langle A_i, E\rangle` for the given measurements."""
         return measurements(self.end_to_end())
 
     def replica_losses_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
@@ -137,11 +136,6 @@ class LinearNetBase(FastSetattr, L.LightningModule):
         r""":math:`\frac1B\sum_{i\in B}(\langle A_i, E\rangle - y_i)^2`, summed over replicas."""
         return self.loss_from_weights(self.weights(), batch)
 
-    def active_mean(self, values: Tensor) -> Tensor:
-        """Mean of per-replica ``values (R, ...)`` over the active replicas (NaN if none is active; the value itself
-        without replicas)."""
-        return active_mean(values, self.replica_active)
-
     def hessian_trace(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
         """Exact Hessian trace of the full measurement loss in the trained factors, per replica (the closed form of
         :func:`lightning_flat.functional.hessian_trace`; models with another structure override this)."""
@@ -152,17 +146,27 @@ class LinearNetBase(FastSetattr, L.LightningModule):
         :meth:`hessian_trace`): the closed form's layer terms."""
         return F.hessian_trace(self.weights(), measurements, targets, per_layer=True)
 
+    def uses_analytic_gradients(self) -> bool:
+        """Whether the engine's analytic oracle computes this model's gradients: ``gradients="analytic"``, no trace
+        penalty, and a subclass that changes ``end_to_end_from`` also gives its vector-Jacobian product."""
+        if self.gradients != "analytic" or self.trace_penalty:
+            return False
+        owners = set()
+        for name in ("end_to_end_from", "end_to_end_and_cache", "end_to_end_vjp"):
+            owners.add(next(k for k in type(self).__mro__ if name in k.__dict__))
+        return len(owners) == 1
+
     def penalty(self, weights: list[Tensor]) -> Tensor | None:
         """Terms added to the training loss besides the data fit: ``trace_penalty * hessian_trace`` (the flatness
         regularizer, differentiable) and, with L-BFGS, the ridge ``weight_decay / 2 * sum_j ||W_j||^2``."""
         out = None
-        lam = getattr(self, "trace_penalty", 0.0)
+        lam = self.trace_penalty
         if lam:
             if self._full_data is None:
                 raise RuntimeError("trace_penalty needs the training measurements: fit with a lightning_flat datamodule")
             meas, targets = self._full_data
             out = lam * self.hessian_trace_from(weights, meas, targets)
-        if getattr(self, "optimizer", "sgd") == "lbfgs" and self.weight_decay:
+        if self.optimizer == "lbfgs" and self.weight_decay:
             ridge = 0.5 * self.weight_decay * sum(W.square().sum((-2, -1)) for W in weights)
             out = ridge if out is None else out + ridge
         return out
@@ -174,7 +178,7 @@ class LinearNetBase(FastSetattr, L.LightningModule):
     # ---------------------------------------------------------------------------- the engine's declared interface
     def engine_drives_step_hooks(self) -> bool:
         """True when the engine runs the per-step callbacks' :class:`~lightning_flat.engine.StepHook` phases."""
-        return self.engine.mode != "lightning"
+        return self.engine.drives_step_hooks()
 
     def steps_in_call(self, step: int) -> int:
         """SGD steps of the ``training_step`` call starting at global step ``step`` (read by the sampler)."""
@@ -189,7 +193,9 @@ class LinearNetBase(FastSetattr, L.LightningModule):
                 if value.dtype != self.dtype:
                     self.to(value.dtype)
                 break
-        self.diverged = {int(k): tuple(v) for k, v in checkpoint.get("lightning_flat_diverged", {}).items()}
+        self.replicas.diverged.clear()
+        self.replicas.diverged.update({int(k): tuple(v)
+                                       for k, v in checkpoint.get("lightning_flat_diverged", {}).items()})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.diverged:
@@ -203,25 +209,24 @@ class LinearNetBase(FastSetattr, L.LightningModule):
                                  f"{type(self).__name__} has non-finite initial entries (the largest finite "
                                  f"{W.dtype} is {torch.finfo(W.dtype).max:.3g})")
 
-    def check_fit_start(self, datamodule: Any) -> None:
+    def check_fit_start(self, datamodule: MeasurementProblem | None) -> None:
         """Refuse, before the first step, what would fail or silently mislead mid-run: an end-to-end matrix whose
         shape is not the datamodule's measurement shape, and weights or an end-to-end matrix that are not finite in
         the training dtype (an ``init_scale`` that overflows it; frozen replicas of a resumed run are exempt)."""
         with torch.no_grad():
             weights = self.weights()
             E = self.end_to_end_from(weights)
-        shape = getattr(getattr(datamodule, "measurements", None), "shape", None)
+        shape = datamodule.measurements_as(self.dtype, self.device)[0].shape if datamodule is not None else None
         if shape is not None and tuple(E.shape[-2:]) != tuple(shape):
             raise ValueError(f"{type(self).__name__} maps to {E.shape[-2]}x{E.shape[-1]} matrices (d_out x d_in) "
                              f"but {type(datamodule).__name__}'s measurements act on {shape[0]}x{shape[1]} ones: make "
                              f"the model's first and last dims match the datamodule's d_in and d_out")
-        active = self.replica_active
+        reps = self.replicas
         for name, value in [(f"factor {j + 1}", w) for j, w in enumerate(weights)] + [("end-to-end matrix", E)]:
-            finite = torch.isfinite(value)
-            finite = finite.flatten(1).all(1) if self.replicas > 1 else finite.all()
-            bad = ~finite & active if active is not None else ~finite
+            finite = torch.isfinite(value).reshape(reps.count, -1).all(1)
+            bad = ~finite & reps.active.to(finite.device)
             if bool(bad.any()):
-                where = f" (replica {int(bad.nonzero()[0, 0])})" if self.replicas > 1 else ""
+                where = f" (replica {int(bad.nonzero()[0, 0])})" if reps.dims else ""
                 scale = self.hparams.get("init_scale", self.hparams.get("scale"))
                 raise ValueError(f"{type(self).__name__}'s {name}{where} is not finite in {value.dtype} before "
                                  f"training: the initialisation (init_scale={scale!r}) overflows {value.dtype}; use a "
@@ -231,13 +236,13 @@ class LinearNetBase(FastSetattr, L.LightningModule):
         self._full_data = None
         self._test_error = None
         dm = self.trainer.datamodule
+        dm = dm if isinstance(dm, MeasurementProblem) else None
         self.check_fit_start(dm)
-        if dm is not None and hasattr(dm, "measurements_as"):
+        if dm is not None:
             self._full_data = dm.measurements_as(self.dtype, self.device)
-        if dm is not None and callable(getattr(dm, "test_error", None)) and getattr(dm, "ground_truth", None) is not None:
-            self._test_error = dm.test_error
-            scale = getattr(dm, "test_error_scale", None)
-            self._test_scale = float(scale()) if callable(scale) else float(dm.ground_truth.square().sum())
+            if dm.has_ground_truth():
+                self._test_error = dm.test_error
+                self._test_scale = float(dm.test_error_scale())
         self.engine.configure(self.trainer)
 
     def on_train_start(self) -> None:
@@ -250,12 +255,8 @@ class LinearNetBase(FastSetattr, L.LightningModule):
         if self.engine.mode != "lightning":
             return self.engine.training_step(batch)
         losses = self.training_losses_from_weights(self.weights(), batch)
-        if self.replica_active is not None:
-            freeze_nonfinite(losses.detach(), self.replica_active, self.diverged, self.global_step,
-                             self.replica_seeds)
-            loss = torch.where(self.replica_active, losses, torch.zeros_like(losses)).sum()
-        else:
-            loss = losses.sum()
+        self.replicas.freeze_nonfinite(losses.detach(), self.global_step)
+        loss = self.replicas.masked_sum(losses)
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
             self.log_training_step(losses.detach(), self.global_step)
@@ -277,23 +278,21 @@ class LinearNetBase(FastSetattr, L.LightningModule):
         logger at that step, finite values only, and with ``self.log(..., logger=False)`` to the progress bar and
         ``trainer.callback_metrics`` (so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them)."""
         step = self.global_step if step is None else step
-        active = self.replica_active
-        metrics = replica_metrics("train/loss", losses, active, self.log_replicas)
+        reps = self.replicas
+        metrics = reps.metrics("train/loss", losses)
         E = None
         if self._full_data is not None:
             E = self.end_to_end()
             meas, targets = self._full_data
-            metrics.update(replica_metrics("train/full_loss", F.measurement_loss(E, meas, targets), active,
-                                           self.log_replicas))
+            metrics.update(reps.metrics("train/full_loss", F.measurement_loss(E, meas, targets)))
         if self._test_error is not None:
             E = self.end_to_end() if E is None else E
             err = self._test_error(E)
-            metrics.update(replica_metrics("test/error", err, active, self.log_replicas))
+            metrics.update(reps.metrics("test/error", err))
             if self._test_scale > 0:
-                metrics.update(replica_metrics("test/relative_error", err / self._test_scale, active,
-                                               self.log_replicas))
-        if active is not None:
-            metrics["replicas/active"] = active.sum().to(losses.dtype)
+                metrics.update(reps.metrics("test/relative_error", err / self._test_scale))
+        if reps.dims:
+            metrics["replicas/active"] = reps.active.sum().to(losses.dtype)
         # non-finite values (a diverged run) are left out by replica_metrics: no NaN point is drawn, and the loggers
         # are written directly so that Lightning cannot repeat a previous step's value in their place
         if self.trainer.is_global_zero:
@@ -306,16 +305,12 @@ class LinearNetBase(FastSetattr, L.LightningModule):
             self.log_dict(metrics, on_step=True, on_epoch=False, logger=False)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if getattr(self, "optimizer", "sgd") == "lbfgs":
-            return torch.optim.LBFGS(self.parameters(), lr=self.lr, max_iter=getattr(self, "lbfgs_iterations", 20),
+        if self.optimizer == "lbfgs":
+            return torch.optim.LBFGS(self.parameters(), lr=self.lr, max_iter=self.lbfgs_iterations,
                                      history_size=100, tolerance_grad=1e-15, tolerance_change=1e-18,
                                      line_search_fn="strong_wolfe")
-
-        def per_replica(v):
-            return torch.tensor(v, dtype=torch.float64) if isinstance(v, (list, tuple)) else v
-
-        return ReplicaSGD(self.parameters(), lr=per_replica(self.lr), momentum=self.momentum,
-                          weight_decay=per_replica(self.weight_decay), active=self.replica_active)
+        return ReplicaSGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                          replicas=self.replicas)
 
 
 cache_signature(LinearNetBase.training_step)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_flat._checks import check_choice, check_per_replica, check_positive_int, check_real
+from lightning_flat._checks import check_choice, check_positive_int, check_real
 from lightning_flat.models.base import LinearNetBase
 
 __all__ = ["DeepLinearNet", "INITS"]
@@ -105,41 +105,30 @@ class DeepLinearNet(LinearNetBase):
         chunk_size: int = 100,
         gradients: str = "analytic",
     ) -> None:
-        super().__init__()
+        super().__init__(replicas, seed)
         if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
             raise TypeError(f"dims must be a list of positive ints [d_in, ..., d_out], got {dims!r}")
         if len(dims) < 2:
             raise ValueError(f"dims must list at least [d_in, d_out], got {list(dims)}")
         dims = [check_positive_int(f"dims[{i}]", d) for i, d in enumerate(dims)]
         check_choice("init", init, INITS)
-        replicas = check_positive_int("replicas", replicas)
-        init_scale = check_per_replica("init_scale", init_scale, replicas, allow_none=True)
-        self.lr = check_per_replica("lr", lr, replicas)
-        self.weight_decay = check_per_replica("weight_decay", weight_decay, replicas)
+        reps = self.replicas
+        init_scale = reps.hyperparameter("init_scale", init_scale, allow_none=True)
+        self.lr = reps.hyperparameter("lr", lr)
+        self.weight_decay = reps.hyperparameter("weight_decay", weight_decay)
         self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.optimizer = check_choice("optimizer", optimizer, ("sgd", "lbfgs"))
         self.trace_penalty = check_real("trace_penalty", trace_penalty, low=0.0)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.gradients = check_choice("gradients", gradients, ("analytic", "autograd"))
-        if self.optimizer == "lbfgs" and (replicas > 1 or momentum):
-            raise ValueError("optimizer='lbfgs' takes no replicas and no momentum")
-        if replicas == 1 and isinstance(seed, (list, tuple)):
-            raise ValueError(f"seed must be an int without replicas, got {seed!r}")
-        if replicas == 1 and any(isinstance(v, list) for v in (init_scale, self.lr, self.weight_decay)):
-            raise ValueError("init_scale, lr and weight_decay take lists only with replicas > 1")
+        if self.optimizer == "lbfgs" and (reps.count > 1 or momentum):
+            raise ValueError(f"optimizer='lbfgs' takes no replicas and no momentum, got replicas={reps.count}, "
+                             f"momentum={momentum}")
         self.save_hyperparameters()
         self.dims = dims
         self.depth = len(dims) - 1
-        self._init_replicas(replicas, seed)
         dtype = torch.get_default_dtype()
-        draws = []
-        for r, s in enumerate(self.replica_seeds):
-            scale = init_scale[r] if isinstance(init_scale, list) else init_scale
-            draws.append(_init_weights(dims, init, scale, torch.Generator().manual_seed(s)))
-        if replicas == 1:
-            factors = draws[0]
-        else:
-            factors = [torch.stack([d[j] for d in draws]) for j in range(self.depth)]
+        factors = reps.initial(lambda r, g: _init_weights(dims, init, reps.pick(init_scale, r), g))
         self.layers = nn.ParameterList([nn.Parameter(W.to(dtype)) for W in factors])
         self._check_init_finite("init_scale", init_scale)
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_flat._checks import check_choice, check_nonnegative_int, check_per_replica, check_positive_int, check_real
+from lightning_flat._checks import check_choice, check_nonnegative_int, check_positive_int, check_real
 from lightning_flat.functional.flat import quadratic_hessian_trace
 from lightning_flat.functional.gradients import symmetric_vjp
 from lightning_flat.measurements import Measurements
@@ -39,28 +39,22 @@ class QuadraticNet(LinearNetBase):
     def __init__(self, d: int, k1: int, k2: int = 0, init_scale: float | None = None, lr: float = 0.01,
                  weight_decay: float = 0.0, momentum: float = 0.0, replicas: int = 1, seed: int | list[int] = 0,
                  trace_penalty: float = 0.0, chunk_size: int = 100, gradients: str = "analytic") -> None:
-        super().__init__()
+        super().__init__(replicas, seed)
         d = check_positive_int("d", d)
         k1 = check_positive_int("k1", k1)
         k2 = check_nonnegative_int("k2", k2)
-        replicas = check_positive_int("replicas", replicas)
         scale = 1.0 / math.sqrt(d) if init_scale is None else check_real("init_scale", init_scale, low=0.0)
-        self.lr = check_per_replica("lr", lr, replicas)
-        self.weight_decay = check_per_replica("weight_decay", weight_decay, replicas)
+        self.lr = self.replicas.hyperparameter("lr", lr)
+        self.weight_decay = self.replicas.hyperparameter("weight_decay", weight_decay)
         self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.trace_penalty = check_real("trace_penalty", trace_penalty, low=0.0)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.gradients = check_choice("gradients", gradients, ("analytic", "autograd"))
-        self.optimizer = "sgd"
         self.save_hyperparameters()
         self.d, self.k1, self.k2 = d, k1, k2
-        self._init_replicas(replicas, seed)
-        draws = []
-        for s in self.replica_seeds:
-            g = torch.Generator().manual_seed(s)
-            draws.append([torch.randn(d, k, generator=g, dtype=torch.float64) * scale for k in (k1, k2)])
+        factors = self.replicas.initial(
+            lambda r, g: [torch.randn(d, k, generator=g, dtype=torch.float64) * scale for k in (k1, k2)])
         dtype = torch.get_default_dtype()
-        factors = draws[0] if replicas == 1 else [torch.stack([x[j] for x in draws]) for j in range(2)]
         self.factors = nn.ParameterList([nn.Parameter(U.to(dtype)) for U in factors])
         self._check_init_finite("init_scale", init_scale)
 
@@ -81,7 +75,10 @@ class QuadraticNet(LinearNetBase):
     def hessian_trace(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
         return self.hessian_trace_from(self.weights(), measurements, targets)
 
-    hessian_trace_terms = None  # no per-factor closed form: per-layer traces come from the dense Hessian
+    def hessian_trace_terms(self, measurements: Measurements, targets: Tensor | None = None) -> None:
+        """No per-factor closed form (the residual term couples the factors): ``None``, so per-layer traces come
+        from the dense Hessian's diagonal."""
+        return None
 
     def hessian_trace_from(self, weights: list[Tensor], measurements: Measurements, targets: Tensor | None) -> Tensor:
         if targets is None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_flat import functional as F
-from lightning_flat._checks import check_choice, check_per_replica, check_positive_int, check_real
+from lightning_flat._checks import check_choice, check_positive_int, check_real
 from lightning_flat.functional.gradients import chain_prefixes, chain_vjp
 from lightning_flat.measurements import Measurements
 from lightning_flat.models.base import LinearNetBase
@@ -50,20 +50,16 @@ class ResidualLinearNet(LinearNetBase):
                  lr: float | list[float] = 0.01, weight_decay: float | list[float] = 0.0, momentum: float = 0.0,
                  replicas: int = 1, seed: int | list[int] = 0, chunk_size: int = 100,
                  gradients: str = "analytic") -> None:
-        super().__init__()
+        super().__init__(replicas, seed)
         d = check_positive_int("d", d)
         depth = check_positive_int("depth", depth)
-        replicas = check_positive_int("replicas", replicas)
-        scale = check_per_replica("scale", scale, replicas)
-        self.lr = check_per_replica("lr", lr, replicas)
-        self.weight_decay = check_per_replica("weight_decay", weight_decay, replicas)
+        reps = self.replicas
+        scale = reps.hyperparameter("scale", scale)
+        self.lr = reps.hyperparameter("lr", lr)
+        self.weight_decay = reps.hyperparameter("weight_decay", weight_decay)
         self.momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.gradients = check_choice("gradients", gradients, ("analytic", "autograd"))
-        self.optimizer = "sgd"
-        if replicas == 1 and (isinstance(seed, (list, tuple)) or
-                              any(isinstance(v, list) for v in (scale, self.lr, self.weight_decay))):
-            raise ValueError("seed, scale, lr and weight_decay take lists only with replicas > 1")
         if w is not None:
             w = torch.as_tensor(w, dtype=torch.float64)
             if w.shape != (d,) or not bool(torch.isfinite(w).all()) or float(w.norm()) == 0.0:
@@ -71,21 +67,16 @@ class ResidualLinearNet(LinearNetBase):
             w = w / w.norm()
         self.save_hyperparameters(ignore=["w"])
         self.d, self.depth = d, depth
-        self._init_replicas(replicas, seed)
         dtype = torch.get_default_dtype()
-        draws, outs = [], []
-        for r, s in enumerate(self.replica_seeds):
-            g = torch.Generator().manual_seed(s)
+
+        def draw(r: int, g: torch.Generator) -> list[Tensor]:
             v = torch.randn(d, generator=g, dtype=torch.float64)  # drawn first, so w=None or not, N_k are the same
-            outs.append(v / v.norm() if w is None else w)
-            std = (scale[r] if isinstance(scale, list) else scale) / math.sqrt(depth * d)
-            draws.append([torch.eye(d, dtype=torch.float64) + std * torch.randn(d, d, generator=g, dtype=torch.float64)
-                          for _ in range(depth)])
-        if replicas == 1:
-            factors, w_buf = draws[0], outs[0]
-        else:
-            factors = [torch.stack([x[j] for x in draws]) for j in range(depth)]
-            w_buf = torch.stack(outs)
+            std = reps.pick(scale, r) / math.sqrt(depth * d)
+            return [v / v.norm() if w is None else w] + [
+                torch.eye(d, dtype=torch.float64) + std * torch.randn(d, d, generator=g, dtype=torch.float64)
+                for _ in range(depth)]
+
+        w_buf, *factors = reps.initial(draw)
         self.layers = nn.ParameterList([nn.Parameter(W.to(dtype)) for W in factors])
         self._check_init_finite("scale", scale)
         self.register_buffer("w", w_buf.to(dtype))

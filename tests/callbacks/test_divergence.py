@@ -38,7 +38,7 @@ def test_a_diverging_run_ends_cleanly(name, guard, replicas, capfd):
     assert all(math.isfinite(v) for key in mem.history for _, v in mem.history[key]), name
     assert "MKL" not in capfd.readouterr().out  # no LAPACK error spam from measuring a diverged state
     if replicas > 1:
-        assert net.replica_active.tolist() == [True, False, True] and tr.global_step == 60
+        assert net.replicas.active.tolist() == [True, False, True] and tr.global_step == 60
         assert all(torch.isfinite(w[[0, 2]]).all() for w in net.weights())
         frozen_at = net.diverged[1][0]
         assert all(s <= frozen_at for k, v in mem.history.items() if k.endswith("/r1") for s, _ in v)  # none after

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from conftest import rel
 from generic_modules import TanhMLP, dense_hessian
 from helpers import KillAt, Killed, trainer
-from lightning_flat.callbacks import HessianTrace, Sharpness
+from lightning_flat.callbacks import CurvatureOptions, HessianTrace, Sharpness
 
 
 def fit(model, steps, callbacks=(), **kw):
@@ -25,7 +25,7 @@ def first_batch(m):
 def test_trace_and_sharpness_against_dense_hessian():
     m = TanhMLP()
     size = sum(p.numel() for p in m.parameters())
-    default, full, sharp = HessianTrace(10), HessianTrace(10, num_matvecs=3 * size + 3, seed=5), Sharpness(10)
+    default, full, sharp = HessianTrace(10), HessianTrace(10, num_matvecs=3 * size + 3, options=CurvatureOptions(seed=5)), Sharpness(10)
     tr, mem = fit(m, 20, [default, full, sharp])
     H = dense_hessian(m, *first_batch(m))
     exact = torch.trace(H)
@@ -71,7 +71,8 @@ def test_seeded_run_is_bitwise_the_same_with_and_without_callbacks(dropout, eval
     plain = TanhMLP(dropout=dropout)
     fit(plain, 12)
     measured = TanhMLP(dropout=dropout)
-    fit(measured, 12, [HessianTrace(2, eval_mode=eval_mode), Sharpness(3, eval_mode=eval_mode)])
+    fit(measured, 12, [HessianTrace(2, options=CurvatureOptions(eval_mode=eval_mode)),
+                           Sharpness(3, options=CurvatureOptions(eval_mode=eval_mode))])
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), measured.parameters()))
 
 
@@ -99,5 +100,6 @@ def test_resume_continues_states_and_curves(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     for old, new in zip(ref_cbs, new_cbs):
         assert old.history == new.history
-    assert torch.equal(ref_cbs[1]._v[0], new_cbs[1]._v[0])
-    assert all(torch.equal(a, b) for a, b in zip(ref_cbs[0]._batch, new_cbs[0]._batch))
+    assert torch.equal(ref_cbs[1].state_dict()["v"][0], new_cbs[1].state_dict()["v"][0])
+    assert all(torch.equal(a, b) for a, b in zip(ref_cbs[0].state_dict()["source"]["batch"],
+                                                    new_cbs[0].state_dict()["source"]["batch"]))

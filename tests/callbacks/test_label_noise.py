@@ -49,21 +49,25 @@ def test_noise_is_fresh_per_step_and_sample():
     assert abs(float(x0.std()) - 1) < 0.1 and len(set(x0.tolist())) == 1000
 
 
+def lightning_step(batch, step=3):
+    """The context in which the step phases see a batch on Lightning's path (targets replaced in place)."""
+    from lightning_flat.engine import Replicas, StepContext
+
+    return StepContext(step=step, trainer=None, module=None, batch=batch, replicas=Replicas(1, seed=None),
+                       in_place=True)
+
+
 def test_dict_and_list_batches():
     ln = LabelNoise(2.0)
-
-    class T:
-        global_step, global_rank = 3, 0
-
     y = torch.zeros(4, dtype=torch.float64)
     d = {"x": None, "y": y}
-    LabelNoise(2.0, target_key="y").on_train_batch_start(T, None, d, 0)
+    LabelNoise(2.0, target_key="y").step_targets(lightning_step(d))
     assert d["y"] is not y and d["y"].abs().sum() > 0 and y.abs().sum() == 0
     lst = [None, y]
-    ln.on_train_batch_start(T, None, lst, 0)
+    ln.step_targets(lightning_step(lst))
     assert lst[1] is not y and torch.equal(lst[1], d["y"])
-    with pytest.raises(TypeError, match="cannot change the targets of a tuple"):
-        ln.on_train_batch_start(T, None, (None, y), 0)
+    with pytest.raises(TypeError, match="LabelNoise cannot change the targets of a tuple"):
+        ln.step_targets(lightning_step((None, y)))
 
 
 def test_state_dict_round_trip_and_bad_std():

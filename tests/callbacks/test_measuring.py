@@ -5,6 +5,7 @@ from conftest import rel
 from helpers import trainer
 from lightning_flat import functional as F
 from lightning_flat.callbacks import (
+    CurvatureOptions,
     Balancedness,
     EffectiveRank,
     FiniteLossGuard,
@@ -120,7 +121,7 @@ def test_other_bad_arguments():
     with pytest.raises(ValueError, match="method must be one of"):
         Sharpness(method="power")
     with pytest.raises(ValueError, match="measurements and targets must be given together"):
-        HessianTrace(measurements=MatrixSensingDataModule(n=3, d_out=2, d_in=2, rank=1).measurements)
+        CurvatureOptions(measurements=MatrixSensingDataModule(n=3, d_out=2, d_in=2, rank=1).measurements)
     with pytest.raises(ValueError, match="num_matvecs must be a positive int"):
         HessianTrace(num_matvecs=0)
 

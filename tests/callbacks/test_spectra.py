@@ -9,7 +9,8 @@ import torch
 from conftest import rel
 from helpers import flat_function, trainer
 from lightning_flat import functional as F
-from lightning_flat.callbacks import HessianTrace, Sharpness, SpectralDensity
+from lightning_flat.callbacks import (CurvatureOptions, EigenvaluesAbove, HessianTrace, PreconditionedSharpness, Sharpness,
+                                      SpectralDensity)
 from lightning_flat.datamodules import MatrixSensingDataModule
 from lightning_flat.models import DeepLinearNet, QuadraticNet
 
@@ -122,7 +123,7 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("threshold", [3.0, "0.05*2/lr"])
 def test_tracked_eigenvalues_are_every_eigenvalue_above_the_threshold(threshold):
-    sh = Sharpness(every_n_steps=10, track_above=threshold, tol=1e-10)
+    sh = EigenvaluesAbove(threshold, every_n_steps=10, tol=1e-10)
     dm, net, _ = setup([sh])
     H, _ = dense(net, dm)
     lam = torch.linalg.eigvalsh(H).flip(0)
@@ -136,15 +137,15 @@ def test_tracked_eigenvalues_are_every_eigenvalue_above_the_threshold(threshold)
 
 
 def test_tracking_is_cheaper_warm():
-    sh = Sharpness(every_n_steps=1, track_above=3.0, tol=1e-8)
+    sh = EigenvaluesAbove(3.0, every_n_steps=1, tol=1e-8)
     setup([sh], steps=6)
     hvps = [v for _, v in sh.history["hessian/above/hvps"]]
     assert hvps[-1] < hvps[0]  # warm-started from the previous read's vectors
 
 
 def test_bad_threshold():
-    with pytest.raises(ValueError, match="track_above must be a number, '2/lr' or 'c\\*2/lr'"):
-        Sharpness(track_above="twice the lr")
+    with pytest.raises(ValueError, match="threshold must be a number, '2/lr' or 'c\\*2/lr'"):
+        EigenvaluesAbove("twice the lr")
 
 
 class AdamRegression(__import__("lightning").LightningModule):
@@ -180,7 +181,7 @@ def test_gauss_newton_sharpness_against_dense_jacobians():
     model = AdamRegression(adam=False)
     fwd = lambda m, b: m(b[0])  # noqa: E731  (through the module's forward, where the operator swaps parameters)
     loss_of_output = lambda out, b: torch.nn.functional.mse_loss(out, b[1])  # noqa: E731
-    sh = Sharpness(every_n_steps=1, gauss_newton=(fwd, loss_of_output), tol=1e-12)
+    sh = Sharpness(every_n_steps=1, options=CurvatureOptions(gauss_newton=(fwd, loss_of_output)), tol=1e-12)
     tr, _ = trainer(1, [sh])
     W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     tr.fit(model)
@@ -197,7 +198,7 @@ def test_gauss_newton_sharpness_against_dense_jacobians():
 
 def test_preconditioned_sharpness_against_the_dense_hessian():
     model = AdamRegression()
-    sh = Sharpness(every_n_steps=2, preconditioned=True, tol=1e-12)
+    sh = PreconditionedSharpness(every_n_steps=2, tol=1e-12)
     tr, _ = trainer(2, [sh])
     tr.fit(model)
     opt = tr.optimizers[0]

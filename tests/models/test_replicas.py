@@ -10,8 +10,8 @@ from lightning_flat.callbacks import (SAM, FiniteLossGuard, HessianTrace, Hyperp
                                       MatrixNorms, Sharpness)
 from lightning_flat.datamodules import MatrixSensingDataModule, MeasurementDataModule
 from lightning_flat.measurements import Entries
-from lightning_flat.models import DeepLinearNet
-from lightning_flat.replicas import ReplicaGrid
+from lightning_flat.models import DeepLinearNet, ResidualLinearNet
+from lightning_flat.engine import ReplicaGrid
 
 DIMS = [4, 5, 3]
 
@@ -34,7 +34,7 @@ def test_eight_replicas_equal_eight_single_runs():
     lrs = [0.01 * (r + 1) for r in range(8)]
     wds = [0.0, 0.1, 0.0, 0.2, 0.0, 0.05, 0.0, 0.3]
     rep, _ = fit(DeepLinearNet(DIMS, lr=lrs, weight_decay=wds, momentum=0.5, replicas=8, seed=10), 200)
-    assert rep.replica_seeds == list(range(10, 18))
+    assert rep.replicas.seeds == list(range(10, 18))
     for r in range(8):
         single, _ = fit(DeepLinearNet(DIMS, lr=lrs[r], weight_decay=wds[r], momentum=0.5, seed=10 + r), 200)
         assert close(rep, r, single), r
@@ -65,7 +65,7 @@ def test_a_diverging_replica_is_frozen_and_the_others_are_untouched():
     with pytest.warns(UserWarning, match=r"replica 2 \(seed 2\) diverged at step \d+"):
         rep, mem = fit(DeepLinearNet([4, 5, 5, 3], lr=lrs, replicas=4, seed=0), 40, [guard, HessianTrace(10)])
     ref, _ = fit(DeepLinearNet([4, 5, 5, 3], lr=[0.02] * 4, replicas=4, seed=0), 40)
-    assert rep.replica_active.tolist() == [True, True, False, True] and 2 in rep.diverged
+    assert rep.replicas.active.tolist() == [True, True, False, True] and 2 in rep.diverged
     assert guard.stopped_step is None  # the run went on
     for r in (0, 1, 3):
         assert all(torch.equal(W[r], V[r]) for W, V in zip(rep.weights(), ref.weights()))
@@ -110,13 +110,23 @@ def test_grid_round_trip_and_custom_problem():
     assert close(model, 3, single)
 
 
+def test_a_single_run_takes_the_replica_argument_forms():
+    """R = 1 with lists of one value is the single run with those values: no caller branches on the count."""
+    a = DeepLinearNet(DIMS, lr=[0.05], weight_decay=[0.01], init_scale=[0.3], seed=[4])
+    b = DeepLinearNet(DIMS, lr=0.05, weight_decay=0.01, init_scale=0.3, seed=4)
+    assert a.replicas.seeds == b.replicas.seeds == [4] and a.lr == b.lr == 0.05 and a.weight_decay == 0.01
+    assert all(torch.equal(x, y) for x, y in zip(a.weights(), b.weights()))
+    ra, rb = ResidualLinearNet(3, 2, scale=[0.5], seed=[2]), ResidualLinearNet(3, 2, scale=0.5, seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(ra.weights(), rb.weights())) and torch.equal(ra.w, rb.w)
+
+
 def test_bad_replica_arguments():
     with pytest.raises(ValueError, match=r"lr must be a number or a list of 3 numbers"):
         DeepLinearNet(DIMS, replicas=3, lr=[0.1, 0.2])
     with pytest.raises(ValueError, match="seed must be an int or a list of 3 ints"):
         DeepLinearNet(DIMS, replicas=3, seed=[1, 2])
-    with pytest.raises(ValueError, match="take lists only with replicas > 1"):
-        DeepLinearNet(DIMS, lr=[0.1])
+    with pytest.raises(ValueError, match=r"lr must be a number or a list of 1 numbers"):
+        DeepLinearNet(DIMS, lr=[0.1, 0.2])
     with pytest.raises(ValueError, match="2 per-replica schedules but the model has 3"):
         fit(DeepLinearNet(DIMS, replicas=3), 1, [HyperparameterSchedule(lr=[0.1, 0.2])])
     with pytest.raises(ValueError, match="sam_rho cannot be set per replica"):
