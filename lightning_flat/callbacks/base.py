@@ -46,7 +46,10 @@ class MeasuringCallback(BoundaryHook, Callback):
     ``self.history[key] = [(step, value), ...]``, and the last ones in ``self.last``. The values measured during
     training also reach ``trainer.callback_metrics`` (through ``pl_module.log(..., logger=False)``), so
     ``EarlyStopping(monitor="hessian/sharpness")`` and ``ModelCheckpoint(monitor=...)`` can watch them, also with
-    ``logger=False``.
+    ``logger=False``. A monitored key changes only when a read happens; when such a monitor watches one of this
+    callback's keys, the callback also reads at the last batch of every epoch, so each of the monitor's epoch-end
+    checks sees a value read since its previous check (``EarlyStopping``'s patience counts its checks, each on a fresh
+    read, never a stale repeat; with epochs shorter than ``every_n_steps`` that is one read per epoch).
 
     Replicas: ``measure`` may return per-replica values of shape ``(R,)``. They are logged as their mean over the
     active (not diverged) replicas under the key and one by one as ``key/r{k}`` for the first ``log_replicas``
@@ -156,8 +159,16 @@ class MeasuringCallback(BoundaryHook, Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        if trainer.global_step % self.every_n_steps == 0 or (trainer.is_last_batch and self.monitored(trainer)):
             self._run(trainer, pl_module, monitor=True)
+
+    def monitored(self, trainer: L.Trainer) -> bool:
+        """Whether an ``EarlyStopping`` or ``ModelCheckpoint`` of the Trainer monitors one of this callback's keys
+        (then it also reads at the last batch of every epoch, so their epoch-end checks see a fresh value)."""
+        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+        keys = set(self.last)
+        return any(isinstance(cb, (EarlyStopping, ModelCheckpoint)) and cb.monitor in keys for cb in trainer.callbacks)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -39,24 +38,6 @@ def _has_running_statistics(module: nn.Module) -> bool:
     """Whether a forward in training mode updates buffers in place (BatchNorm*, InstanceNorm with running stats)."""
     return any(getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None
                for m in module.modules())
-
-
-@contextmanager
-def _frozen_norm_statistics(module: nn.Module, active: bool = True):
-    """Restore every batch-norm running statistic after SAM's extra forwards: the step's own forward already
-    updated them once (``active=False``: the module has none, nothing to do)."""
-    if not active:
-        yield
-        return
-    norms = [m for m in module.modules() if getattr(m, "track_running_stats", False)]  # BatchNorm*, InstanceNorm*
-    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                for k, v in buffers.items():
-                    getattr(m, k).copy_(v)
 
 
 class SAM(StepHook):
@@ -155,16 +136,23 @@ class SAM(StepHook):
         if rho == 0.0:
             return
         oracle = ctx.oracle(self.loss_fn)
-        with torch.enable_grad(), _frozen_norm_statistics(ctx.module, self._norms):
+        with torch.enable_grad(), oracle.preserving():  # the extra forwards leave no trace (running statistics, ...)
             if self.m is None:
                 eps = sam_perturbation(ctx.grads, rho, params=ctx.weights, adaptive=self.adaptive,
                                        normalize=self.normalize, eta=self.eta, replica_dims=ctx.replicas.dims)
                 _, ctx.grads = oracle.loss_and_grads([w.detach() + e for w, e in zip(ctx.weights, eps)], ctx.batches)
-            else:
-                # Lightning's accumulated gradient is the mean over the micro-batches: the SAM gradient is the mean of
-                # the micro-batches' m-SAM gradients
+                return
+            # Lightning's accumulated gradient is the mean over the micro-batches: the SAM gradient is the mean of the
+            # micro-batches' m-SAM gradients
+            try:
                 per = [self._msam(ctx, oracle, b, rho) for b in ctx.batches]
-                ctx.grads = per[0] if len(per) == 1 else [sum(gs) / len(per) for gs in zip(*per)]
+            except (RuntimeError, ValueError, IndexError) as err:
+                raise ValueError(
+                    f"SAM(m={self.m}) could not evaluate {type(ctx.module).__name__}'s loss on chunks of {self.m} "
+                    f"example(s) ({type(err).__name__}: {str(err).splitlines()[0]}); a training_step that carries a "
+                    "state across batches (e.g. an RNN's hidden state) has no loss for part of a batch: use n-SAM "
+                    "(m=None) or pass loss_fn=lambda module, batch: <the loss of the batch alone>") from err
+            ctx.grads = per[0] if len(per) == 1 else [sum(gs) / len(per) for gs in zip(*per)]
 
     def _msam_loop(self, ctx: StepContext, oracle: StepOracle, batch: Any, rho: float) -> list[Tensor]:
         """m-SAM chunk by chunk with plain autograd: for modules whose forward mutates state (batch norm's running

@@ -53,7 +53,8 @@ class CurvatureOptions:
             quadrature): fresh probes at every read, keyed by the step, the same on every rank and after a resume.
 
     Raises:
-        ValueError: ``batches`` not a positive int; ``measurements`` without ``targets`` or the reverse.
+        ValueError: ``batches`` not a positive int; ``measurements`` without ``targets`` or the reverse, or
+            ``targets`` whose length is not the number of measurements.
         TypeError: ``eval_mode`` not a bool, ``gauss_newton`` not a pair of callables, ``measurements`` not a
             :class:`~lightning_flat.measurements.Measurements`.
     """
@@ -81,6 +82,10 @@ class CurvatureOptions:
                             f"{type(self.measurements).__name__}")
         if (self.measurements is None) != (self.targets is None):
             raise ValueError("measurements and targets must be given together")
+        if self.targets is not None and (not isinstance(self.targets, Tensor) or
+                                         tuple(self.targets.shape) != (len(self.measurements),)):
+            raise ValueError(f"targets must have one value per measurement: {len(self.measurements)} measurements, "
+                             f"got targets of shape {tuple(getattr(self.targets, 'shape', ()))}")
 
     def key(self) -> dict[str, Any]:
         """The options as plain values, for a callback's state key."""

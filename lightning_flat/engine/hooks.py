@@ -67,6 +67,10 @@ class StepOracle(Protocol):
 
     def loss_at(self, weights: Sequence[Tensor], batch: Any) -> Tensor: ...
 
+    def preserving(self) -> Any:
+        """A context that puts back whatever the evaluations inside it change in the module (nothing to do for a
+        pure loss)."""
+
 
 def batch_targets(batch: Any, key: str | int | None = None) -> Tensor:
     """The targets of a batch: a :class:`MeasurementBatch`'s, a dict's ``key`` (default ``"targets"``), a list's

@@ -29,6 +29,7 @@ model: it is given the class whose hooks hand training to it (``base``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -100,6 +101,9 @@ class _EngineOracle:
 
     def loss_at(self, weights: list[Tensor], batch: Any) -> Tensor:
         return self.engine.module.loss_from_weights(list(weights), batch)
+
+    def preserving(self) -> Any:
+        return contextlib.nullcontext()  # the models' loss is a pure function of their factors
 
 
 class TrainingEngine:

@@ -14,11 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
 from lightning_flat.engine.compat import silenced_logging
 from lightning_flat.engine.interfaces import WeightLoss
+from lightning_flat.engine.snapshot import ModuleSnapshot
 
 __all__ = ["training_step_loss", "ModuleOracle", "LossFn"]
 
@@ -82,6 +85,20 @@ class ModuleOracle:
                 ws[i] = w
             return self.module.loss_from_weights(ws, batch)
         return torch.func.functional_call(self._wrapper, dict(zip(self._keys, weights)), (batch,))
+
+    @contextlib.contextmanager
+    def preserving(self) -> Any:
+        """Put back whatever the evaluations inside change in the module (a carried state, batch-norm running
+        statistics, a metric's update, a list's items; :class:`~lightning_flat.engine.snapshot.ModuleSnapshot});
+        nothing to do for a pure loss."""
+        if self.pure:
+            yield
+            return
+        snapshot = ModuleSnapshot(self.module)
+        try:
+            yield
+        finally:
+            snapshot.restore(self.module)
 
     def loss_and_grads(self, weights: Sequence[Tensor], batches: Sequence[Any]) -> tuple[Tensor, list[Tensor]]:
         """The mean loss over ``batches`` at ``weights`` and its gradients (zero for a parameter the loss does not

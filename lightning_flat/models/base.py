@@ -227,6 +227,11 @@ class LinearNetBase(Replicated, FastSetattr, L.LightningModule):
             bad = ~finite & reps.active.to(finite.device)
             if bool(bad.any()):
                 where = f" (replica {int(bad.nonzero()[0, 0])})" if reps.dims else ""
+                resumed = self.trainer.ckpt_path
+                if resumed:
+                    raise ValueError(f"{type(self).__name__}'s {name}{where} is not finite in the checkpoint being "
+                                     f"resumed ({resumed}): it holds a diverged run's weights; resume from an earlier "
+                                     f"checkpoint, or start afresh")
                 scale = self.hparams.get("init_scale", self.hparams.get("scale"))
                 raise ValueError(f"{type(self).__name__}'s {name}{where} is not finite in {value.dtype} before "
                                  f"training: the initialisation (init_scale={scale!r}) overflows {value.dtype}; use a "
