@@ -1,5 +1,5 @@
-"""pyproject.toml's dependencies (runtime, [dev] and [docs]) pinned at their lower bounds, as a constraints file on stdout
-(``name>=X`` becomes ``name==X``), or with ``--installed`` the versions installed in this interpreter's environment.
+"""pyproject.toml's dependencies (runtime, [dev] and [docs]) pinned at their lower bounds, as a constraints file on
+stdout (``name>=X`` becomes ``name==X``), or with ``--installed`` the versions installed in this interpreter's environment.
 Used by scripts/test_versions.sh."""
 
 from __future__ import annotations
