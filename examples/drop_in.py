@@ -13,10 +13,8 @@ import os
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
-
-from lightning_flat.callbacks import SAM, FiniteLossGuard, HessianTrace, LabelNoise, Sharpness
-from lightning_flat.loggers import MemoryLogger
+from lightning_flat.callbacks import SAM, FiniteLossGuard, HessianTrace, LabelNoise, Sharpness, StepProgressBar
+from lightning_flat.loggers import MemoryLogger, WandbLogger
 
 
 class MLPRegression(L.LightningModule):
@@ -68,6 +66,7 @@ def main(argv=None) -> dict:
             HessianTrace(every_n_steps=50),
             Sharpness(every_n_steps=50, top_k=3),
             FiniteLossGuard(),
+            StepProgressBar(every_n_steps=100),  # a bar in a terminal, a line every 100 steps in a log
         ],
         log_every_n_steps=8, enable_checkpointing=False, accelerator="cpu", devices=1,  # 8 batches an epoch
     )

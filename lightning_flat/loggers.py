@@ -1,15 +1,42 @@
-"""An in-memory Lightning logger, so scripts and tests can read back every logged value."""
+"""Loggers: an in-memory one, so scripts and tests can read back every logged value; Lightning's WandbLogger without
+wandb's deprecation warning; one wandb run that reports an experiment."""
 
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["MemoryLogger", "wandb_report"]
+from lightning_flat._environment import use_leaf_spec_function
+
+__all__ = ["MemoryLogger", "WandbLogger", "wandb_report"]
+
+use_leaf_spec_function()  # no LeafSpec deprecation warning at every fit (see lightning_flat._environment)
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's ``WandbLogger`` (same arguments) without the two warnings wandb prints at every run started
+    through it: Lightning passes ``anonymous=None`` to ``wandb.init`` unless told otherwise, and wandb (0.2x, 0.3x)
+    answers "The anonymous setting has no effect and will be removed" (this logger passes ``anonymous`` only when it
+    is given); a ``save_dir`` that does not exist yet gets "git root ... does not exist" (this logger creates it when
+    the run starts)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous", "given") is None:
+            del self._wandb_init["anonymous"]
+
+    @property
+    def experiment(self) -> Any:
+        folder = self._wandb_init.get("dir")
+        if self._experiment is None and folder:
+            os.makedirs(folder, exist_ok=True)
+        return super().experiment
 
 
 class MemoryLogger(Logger):
@@ -59,8 +86,6 @@ def wandb_report(save_dir: str, name: str, config: dict[str, Any] | None = None,
     ``checks`` (dicts with ``name``, ``value``, ``passed``) as a table, and ``summary`` (final values) in the run's
     summary. Offline unless ``WANDB_MODE`` says otherwise (``wandb sync <dir>`` uploads it later); written under
     ``save_dir/wandb``. Returns the run's folder."""
-    import os
-
     import wandb
 
     run = wandb.init(project=project, name=name, dir=save_dir, group=group, config=dict(config or {}),

@@ -100,14 +100,13 @@ def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):
 
     use_threads(threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
     import logging
 
     import lightning as L
-    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from lightning_flat import functional as F
-    from lightning_flat.callbacks import FiniteLossGuard, HessianTrace, HyperparameterSchedule, LabelNoise, MatrixNorms
+    from lightning_flat.callbacks import (FiniteLossGuard, HessianTrace, HyperparameterSchedule, LabelNoise,
+                                          MatrixNorms, StepProgressBar)
     from lightning_flat.loggers import MemoryLogger
     from lightning_flat.models import DeepLinearNet
 
@@ -124,12 +123,13 @@ def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):
     trace, norms, guard = HessianTrace(every), MatrixNorms(every), FiniteLossGuard()
     callbacks = [LabelNoise([cfg["std"], 0.0], seed=cfg["seed"]), schedule, trace, norms, guard]
     if progress:
-        callbacks.append(TQDMProgressBar(process_position=position))  # redrawn once per chunk of steps
+        # a bar in a terminal (redrawn once per chunk of steps), else a line every 1000 steps
+        callbacks.append(StepProgressBar(every_n_steps=1000, process_position=position, name=f"L={depth}"))
     memory = MemoryLogger()
     loggers = [memory]
     if use_wandb:
         import wandb
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning_flat.loggers import WandbLogger
 
         if wandb.run is not None:  # a run left open by the caller would swallow this one
             wandb.finish()
@@ -147,9 +147,13 @@ def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):
     t0 = time.perf_counter()
     trainer.fit(model, dm)
     seconds = time.perf_counter() - t0
+    wandb_dir = None
     if use_wandb:
-        loggers[-1].experiment.finish()
-    result = dict(depth=depth, steps=steps, seconds=seconds, stopped=guard.message, diverged=model.diverged)
+        run = loggers[-1].experiment
+        wandb_dir = run.dir.rsplit("/files", 1)[0]
+        run.finish()
+    result = dict(depth=depth, steps=steps, seconds=seconds, stopped=guard.message, diverged=model.diverged,
+                  wandb_dir=wandb_dir)
     for r, mode in enumerate(MODES):
         with torch.no_grad():
             W = [w.detach().double()[r] for w in model.weights()]
@@ -330,7 +334,6 @@ def main(argv=None) -> dict:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
     from lightning_flat import functional as F
     from lightning_flat.baselines import min_nuclear_norm
@@ -406,23 +409,38 @@ def main(argv=None) -> dict:
     for name, value, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {value:.4g}")
     total = time.perf_counter() - t_start
-    print(f"\nwrote {', '.join(paths)}; nuclear-norm solve {solve_seconds:.1f} s, training {train_seconds:.0f} s "
-          f"({workers} worker(s)), total {total:.0f} s")
+    print(f"\nnuclear-norm solve {solve_seconds:.1f} s, training {train_seconds:.0f} s ({workers} worker(s)), "
+          f"total {total:.0f} s")
     summary = dict(config=cfg, X_nuclear=Xnuc, X_rel_err=X_err, min_frobenius_rel_err=frob_err, F_hat=Fhat,
                    solve_seconds=solve_seconds, train_seconds=train_seconds, seconds=total, workers=workers,
                    figures=paths, checks=[dict(name=n, value=v, passed=bool(ok)) for n, v, ok in checks],
                    runs={str(L): {k: v for k, v in runs[L].items()} for L in cfg["depths"]})
     from lightning_flat.io import write_json
 
-    write_json(os.path.join(out, "results.json"), summary)
+    results_path = os.path.join(out, "results.json")
+    write_json(results_path, summary)
+    written = [(p, f"Fig. {i}") for i, p in enumerate(paths, 1)] + [(results_path, "config, checks, curves, finals")]
     if use_wandb:  # one more offline run with the figures, the checks table and the final values
         from lightning_flat.loggers import wandb_report
 
         finals = {f"L{L}/{kind}/{k}": v for L in cfg["depths"] for kind in ("label_noise", "plain")
                   for k, v in runs[L][kind]["final"].items() if isinstance(v, (int, float))}
-        wandb_report(out, f"gatmiry2023{'-quick' if args.quick else ''}-report", cfg, paths, summary["checks"],
-                     {**finals, "X_nuclear": Xnuc, "seconds": total}, group=os.path.basename(out.rstrip("/")))
+        report = wandb_report(out, f"gatmiry2023{'-quick' if args.quick else ''}-report", cfg, paths,
+                              summary["checks"], {**finals, "X_nuclear": Xnuc, "seconds": total},
+                              group=os.path.basename(out.rstrip("/")))
+        written += [(runs[L]["wandb_dir"], f"wandb run, L={L} (offline)") for L in cfg["depths"]
+                    if runs[L].get("wandb_dir")]
+        written.append((report, "wandb run: figures, checks table, final values (offline)"))
+    written += [(os.path.join(out, "sweep") + os.sep, "finished trials (--resume skips them)"),
+                (os.path.join(out, "cache") + os.sep, "the nuclear-norm solution (the next run loads it)")]
+    print(f"\nwritten under {out}{os.sep}:")
+    width = max(len(p) for p, _ in written)
+    for p, what in written:
+        print(f"  {p:<{width}}  {what}")
+    if use_wandb:
+        print(f"  (upload a wandb run with: wandb sync {os.path.join(out, 'wandb', 'offline-run-*')})")
     summary["F_hat"] = Fhat
+    summary["written"] = [p for p, _ in written]
     return summary
 
 

@@ -98,7 +98,7 @@ def fit(model, dm, steps, name, ctx, callbacks=()):
     memory = MemoryLogger()
     loggers = [memory]
     if ctx["wandb"]:
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning_flat.loggers import WandbLogger
 
         loggers.append(WandbLogger(project="lightning-flat", name=f"marion_chizat2024-{name}", save_dir=ctx["out"],
                                    offline=True, group=os.path.basename(ctx["out"].rstrip("/"))))
@@ -180,7 +180,6 @@ def _quiet():
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*diverged at step.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*FiniteLossGuard.*")  # a sweep whose every run diverged stops: recorded
     import logging
 

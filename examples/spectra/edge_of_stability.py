@@ -30,7 +30,6 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=0.1, help="gradient descent's learning rate (default 0.1)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
     import logging
 
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):

@@ -175,7 +175,7 @@ def train(model, dm, steps, name, ctx, lr=None, weight_decay=None, extra=(), ran
         callbacks += [rank, norms]
     loggers = [MemoryLogger()]
     if ctx["wandb"]:
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning_flat.loggers import WandbLogger
 
         loggers.append(WandbLogger(project="lightning-flat", name=f"wang_jacot2023-{name}", save_dir=ctx["out"],
                                    offline=True, group=os.path.basename(ctx["out"].rstrip("/"))))
@@ -860,7 +860,7 @@ def fig_e5(res, out, P):
 def _setup_worker(threads):
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*diverged at step.*"):
+    for pattern in (".*does not have many workers.*", ".*diverged at step.*"):
         warnings.filterwarnings("ignore", pattern)
     import logging
 

@@ -1,11 +1,13 @@
-"""Lightning callbacks: measure curvature and structure, or change training (label noise, schedules, guard)."""
+"""Lightning callbacks: measure curvature and structure, change training (label noise, schedules, guard), progress."""
 
+from lightning_flat._environment import use_leaf_spec_function
 from lightning_flat.callbacks.base import MeasuringCallback
 from lightning_flat.callbacks.curvature import CurvatureCallback, HessianTrace, Sharpness
 from lightning_flat.callbacks.spectra import EigenvaluesAbove, PreconditionedSharpness, SpectralDensity
 from lightning_flat.curvature import CurvatureOptions
 from lightning_flat.callbacks.guard import FiniteLossGuard
 from lightning_flat.callbacks.label_noise import LabelNoise
+from lightning_flat.callbacks.progress import StepProgressBar
 from lightning_flat.callbacks.sam import SAM
 from lightning_flat.callbacks.schedule import HyperparameterSchedule
 from lightning_flat.callbacks.structure import (
@@ -15,6 +17,8 @@ from lightning_flat.callbacks.structure import (
     MatrixNorms,
     SingularValues,
 )
+
+use_leaf_spec_function()  # no LeafSpec deprecation warning at every fit (see lightning_flat._environment)
 
 __all__ = [
     "ApproximateRank",
@@ -34,4 +38,5 @@ __all__ = [
     "Sharpness",
     "SingularValues",
     "SpectralDensity",
+    "StepProgressBar",
 ]

@@ -1,5 +1,6 @@
 """LightningDataModules that generate measurement problems."""
 
+from lightning_flat._environment import use_leaf_spec_function
 from lightning_flat.datamodules.base import MeasurementDataModule, MeasurementSampler
 from lightning_flat.datamodules.entries import ObservedEntriesDataModule
 from lightning_flat.datamodules.matrix_sensing import MatrixSensingDataModule
@@ -9,6 +10,8 @@ from lightning_flat.datamodules.recovery import (
     QuadraticSensingDataModule,
 )
 from lightning_flat.datamodules.regression import UnivariateRegressionDataModule
+
+use_leaf_spec_function()  # no LeafSpec deprecation warning at every fit (see lightning_flat._environment)
 
 __all__ = [
     "BilinearSensingDataModule",

@@ -219,6 +219,7 @@ def test_density_reaches_wandb_as_a_histogram(tmp_path, monkeypatch):
     import glob
 
     import lightning as L
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -228,6 +229,7 @@ def test_density_reaches_wandb_as_a_histogram(tmp_path, monkeypatch):
                    enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
     tr.fit(DeepLinearNet([3, 5, 4, 4], lr=0.02), dm)
     logger.experiment.finish()
+    wandb.teardown()  # wandb 0.31's finish() returns before the record is on disk; teardown waits for it
     (record,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     data = open(record, "rb").read()
     assert b"spectrum/density" in data and b"histogram" in data and b"spectrum/mean" in data

@@ -28,6 +28,16 @@ def test_acceptance_checks(quick, prefix):
     assert not failed, failed
 
 
+def test_every_artifact_is_listed_with_its_path(quick):
+    summary, out = quick
+    written = summary["written"]
+    assert all(os.path.exists(p) for p in written), written
+    names = {os.path.relpath(p.rstrip(os.sep), out).split(os.sep)[0] for p in written}
+    assert names == set(os.listdir(out))  # nothing in the output folder goes unlisted
+    wandb_runs = [p for p in written if "offline-run-" in p]
+    assert len(wandb_runs) == 3 and len(set(wandb_runs)) == 3  # one per depth and the report
+
+
 def test_values_against_calibration(quick):
     summary, _ = quick
     assert summary["X_rel_err"] < 1e-6 and 1.0 < summary["X_nuclear"] < 3.0  # ||M*||_* ~ 1.8 for r=2, d=20
