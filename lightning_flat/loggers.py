@@ -12,11 +12,9 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_flat._environment import use_leaf_spec_function
 
 __all__ = ["MemoryLogger", "WandbLogger", "wandb_report"]
 
-use_leaf_spec_function()  # no LeafSpec deprecation warning at every fit (see lightning_flat._environment)
 
 
 class WandbLogger(_LightningWandbLogger):

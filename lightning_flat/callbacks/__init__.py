@@ -1,6 +1,5 @@
 """Lightning callbacks: measure curvature and structure, change training (label noise, schedules, guard), progress."""
 
-from lightning_flat._environment import use_leaf_spec_function
 from lightning_flat.callbacks.base import MeasuringCallback
 from lightning_flat.callbacks.curvature import CurvatureCallback, HessianTrace, Sharpness
 from lightning_flat.callbacks.spectra import EigenvaluesAbove, PreconditionedSharpness, SpectralDensity
@@ -18,7 +17,6 @@ from lightning_flat.callbacks.structure import (
     SingularValues,
 )
 
-use_leaf_spec_function()  # no LeafSpec deprecation warning at every fit (see lightning_flat._environment)
 
 __all__ = [
     "ApproximateRank",

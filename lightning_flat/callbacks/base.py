@@ -159,7 +159,8 @@ class MeasuringCallback(BoundaryHook, Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0 or (trainer.is_last_batch and self.monitored(trainer)):
+        last = trainer.is_last_batch or batch_idx + 1 == trainer.num_training_batches  # (a fused chunk's too)
+        if trainer.global_step % self.every_n_steps == 0 or (last and self.monitored(trainer)):
             self._run(trainer, pl_module, monitor=True)
 
     def monitored(self, trainer: L.Trainer) -> bool:

@@ -24,11 +24,12 @@ class SpectralDensity(CurvatureCallback):
     r"""The eigenvalue density of the Hessian of the training loss every ``every_n_steps`` (of the first active
     replica on a model with replicas).
 
-    Exact where the parameter count allows (``method="auto"`` with at most ``exact_max_params`` parameters, or
-    ``"exact"``): the eigenvalues of the dense Hessian, each with weight ``1/p``. Otherwise stochastic Lanczos
-    quadrature (``"slq"``, hessian-eigenthings' ``spectral_density``): ``num_probes`` Rademacher probes,
-    ``lanczos_steps`` Lanczos steps each; the nodes are the Ritz values of every probe and the weights the squared
-    first components of their eigenvectors divided by ``num_probes``, so that
+    Exact where the read can afford it (:meth:`exact`; ``method="exact"`` always): the eigenvalues of the dense
+    Hessian, each with weight ``1/p``. Otherwise stochastic Lanczos quadrature (``"slq"``,
+    :func:`lightning_flat.functional.slq`, the probes of hessian-eigenthings' ``spectral_density``, all advancing
+    together in block products): ``num_probes`` Rademacher probes, ``lanczos_steps`` Lanczos steps each; the nodes
+    are the Ritz values of every probe and the weights the squared first components of their eigenvectors divided by
+    ``num_probes``, so that
     :math:`\sum_k w_k\theta_k^j \approx \operatorname{tr}(H^j)/p` (exactly in expectation for ``j`` below
     ``2 * lanczos_steps``).
 
@@ -64,20 +65,27 @@ class SpectralDensity(CurvatureCallback):
         return {**super().config(), "method": self.method, "num_probes": self.num_probes,
                 "lanczos_steps": self.lanczos_steps, "exact_max_params": self.exact_max_params}
 
+    def exact(self, source: CurvatureSource, size: int) -> bool:
+        """Whether a read takes the exact density: ``method="exact"``, or ``"auto"`` with at most
+        ``exact_max_params`` parameters and, where the dense Hessian costs one product per parameter (modules other
+        than the lightning_flat models), no more products than stochastic Lanczos quadrature
+        (``num_probes * lanczos_steps``)."""
+        if self.method != "auto":
+            return self.method == "exact"
+        budget = self.exact_max_params if size <= source.exact_max_params else \
+            min(self.exact_max_params, self.num_probes * self.lanczos_steps)
+        return size <= budget
+
     def read(self, trainer: L.Trainer, source: CurvatureSource) -> dict[str, Any]:
         first = source.replicas.first_active()
         if first is None:
             return {}
         op = source.operators()[first]
-        if self.method == "exact" or (self.method == "auto" and op.size <= self.exact_max_params):
+        if self.exact(source, op.size):
             nodes, weights = F.exact_density(op.dense())
         else:
-            from hessian_eigenthings import spectral_density
-
-            res = spectral_density(op, num_runs=self.num_probes, lanczos_steps=min(self.lanczos_steps, op.size),
-                                   num_grid_points=2, seed=self.probe_seed(trainer))
-            keep = torch.isfinite(res.raw_eigenvalues)
-            nodes, weights = res.raw_eigenvalues[keep], res.raw_weights[keep] / self.num_probes
+            nodes, weights = F.slq(op.matmat, op.size, self.num_probes, self.lanczos_steps, dtype=op.dtype,
+                                   device=op.device, seed=self.probe_seed(trainer))
         nodes, weights = nodes.detach().to("cpu", torch.float64), weights.detach().to("cpu", torch.float64)
         if nodes.numel() == 0 or not bool(torch.isfinite(nodes).all()):
             return {}

@@ -1,6 +1,5 @@
 """LightningDataModules that generate measurement problems."""
 
-from lightning_flat._environment import use_leaf_spec_function
 from lightning_flat.datamodules.base import MeasurementDataModule, MeasurementSampler
 from lightning_flat.datamodules.entries import ObservedEntriesDataModule
 from lightning_flat.datamodules.matrix_sensing import MatrixSensingDataModule
@@ -11,7 +10,6 @@ from lightning_flat.datamodules.recovery import (
 )
 from lightning_flat.datamodules.regression import UnivariateRegressionDataModule
 
-use_leaf_spec_function()  # no LeafSpec deprecation warning at every fit (see lightning_flat._environment)
 
 __all__ = [
     "BilinearSensingDataModule",

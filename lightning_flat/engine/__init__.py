@@ -2,6 +2,7 @@
 that per-step callbacks use (run by the engine inside fused chunks, and by one driver from Lightning's hooks
 elsewhere), analytic steps and fused chunks, and :class:`ReplicaSGD`."""
 
+from lightning_flat.engine import compat
 from lightning_flat.engine.grid import ReplicaGrid
 from lightning_flat.engine.hooks import PHASES, BoundaryHook, StepContext, StepHook, StepOracle, scheduled_hparams
 from lightning_flat.engine.interfaces import EngineDriven, MeasurementProblem, StepChunk, StepPlan, WeightLoss
@@ -18,6 +19,8 @@ from lightning_flat.engine.replicas import (
     replicas_of,
     step_seed,
 )
+
+compat.use_leaf_spec_function()  # no LeafSpec deprecation warning at every fit (see compat)
 
 __all__ = [
     "BoundaryHook",

@@ -21,6 +21,11 @@ changes (a new Lightning release), instead of training going silently wrong.
   step); :data:`KNOWN_CALLBACK_HOOKS` is what it defined when this was written, so the tripwire test fails when a
   Lightning release adds a hook, for someone to look at where it runs.
 - :func:`compiled_submodules`: ``torch.compile``'s wrapper keeps the original module as ``_orig_mod``.
+- :func:`use_leaf_spec_function`: Lightning's ``CombinedLoader`` builds ``torch.utils._pytree.LeafSpec()`` at every
+  fit, whose construction torch (2.13) deprecates in favour of ``treespec_leaf()`` (the same leaf spec), so every
+  fit prints a deprecation warning. Where torch has ``treespec_leaf`` and Lightning still uses the deprecated class,
+  the one name in Lightning's ``lightning.pytorch.utilities._pytree`` is pointed at it (called once, when
+  ``lightning_flat.engine`` is imported).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from contextlib import contextmanager
 from typing import Any
 
 __all__ = ["advance_global_step", "checkpoint_step_period", "silenced_logging", "FastSetattr", "cache_signature",
-           "per_step_hooks", "callback_hooks", "KNOWN_CALLBACK_HOOKS", "compiled_submodules"]
+           "per_step_hooks", "callback_hooks", "KNOWN_CALLBACK_HOOKS", "compiled_submodules", "use_leaf_spec_function"]
 
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
@@ -136,3 +141,19 @@ def compiled_submodules(module: Any) -> list[str]:
     """The names of ``module``'s submodules that are ``torch.compile`` wrappers (``OptimizedModule``, which keeps
     the compiled module as ``_orig_mod``)."""
     return [name or type(module).__name__ for name, m in module.named_modules() if hasattr(m, "_orig_mod")]
+
+
+def use_leaf_spec_function() -> bool:
+    """Let Lightning build leaf specs with torch's ``treespec_leaf`` instead of the deprecated ``LeafSpec()``;
+    returns whether it changed anything (False with a torch or Lightning that does not need it)."""
+    from torch.utils import _pytree as torch_pytree
+
+    try:
+        from lightning.pytorch.utilities import _pytree as lightning_pytree
+    except ImportError:  # a Lightning without this module does not build LeafSpec
+        return False
+    leaf = getattr(torch_pytree, "treespec_leaf", None)
+    if leaf is None or getattr(lightning_pytree, "LeafSpec", None) is not getattr(torch_pytree, "LeafSpec", None):
+        return False
+    lightning_pytree.LeafSpec = leaf
+    return True

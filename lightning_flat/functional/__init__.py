@@ -59,6 +59,7 @@ from lightning_flat.functional.spectral import (
     singular_values,
     soft_rank,
 )
+from lightning_flat.functional.stochastic import hutchpp, slq
 from lightning_flat.functional.theory import (
     depth2_flattest_factorization,
     depth2_min_trace,
@@ -96,6 +97,7 @@ __all__ = [
     "flatten_weights",
     "flattest_factorization",
     "hessian_trace",
+    "hutchpp",
     "jump_time",
     "ideal_minimizer",
     "ideal_minimizer_sharpness",
@@ -127,6 +129,7 @@ __all__ = [
     "sharpness_lower_bound",
     "sharpness_upper_bound",
     "singular_values",
+    "slq",
     "soft_rank",
     "top_eigenpairs",
     "top_hessian_eigenpair",

@@ -77,6 +77,33 @@ def test_trace_with_an_overflowing_intermediate():
     assert rel(per.sum(), want) < TOL32
 
 
+@pytest.mark.parametrize("kind", ["dense", "entries"])
+def test_depth_one_trace_does_not_depend_on_huge_weights(kind):
+    """A depth-1 trace is (2/n) sum_i ||A_i||_F^2 whatever W is: finite for entries near 1e155, whose squares
+    (1e310) overflow float64."""
+    from lightning_flat.measurements import Entries
+
+    g = torch.Generator().manual_seed(2)
+    meas = Dense(torch.randn(5, 3, 3, generator=g, dtype=F64)) if kind == "dense" else \
+        Entries(torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1]), (3, 3), dtype=F64)
+    W = torch.randn(3, 3, generator=g, dtype=F64) * 1e155
+    want = (2.0 / len(meas)) * meas.dense().square().sum()  # independent: the closed form's own definition
+    assert rel(F.hessian_trace([W], meas), want) < 1e-14 and rel(F.hessian_trace([W / 1e155], meas), want) < 1e-14
+
+
+def test_balancedness_of_balanced_float64_factors_near_1e155():
+    """W^T W ~ 1e310 overflows float64; the distance of balanced factors is their rounding's, finite and tiny
+    relative to |W|^2."""
+    g = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=F64)).Q
+    D = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=F64))
+    W1, W2 = Q @ D * 1e155, D @ Q.T * 1e155
+    got = F.balancedness([W1, W2])
+    # float64 rounding of the scaled products: ~1e-15 relative to |W|^2 = 9 x 1e310 (itself not representable, hence
+    # the division), and finite
+    assert math.isfinite(float(got)) and float(got) / 1e155 / 1e155 <= 1e-14 * 9
+
+
 def test_scaling_is_exact_in_float64():
     """Power-of-two scaling changes no bit: the trace of moderate weights equals the unscaled formula exactly."""
     g = torch.Generator().manual_seed(2)
