@@ -133,13 +133,13 @@ def test_per_step_hooks_are_the_ones_lightning_calls_per_batch():
             self.w = torch.nn.Parameter(torch.zeros(1))
 
         def training_step(self, batch, batch_idx):
-            return (self.w - batch).square().sum()
+            return (self.w - batch[0]).square().sum()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
         def train_dataloader(self):
-            return [torch.ones(1)] * 4
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=1)
 
     tr = L.Trainer(max_epochs=1, logger=False, callbacks=[Count()], enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False)
