@@ -26,11 +26,14 @@ _LATEX = [(r"\\cdots", "..."), (r"\\top", "T"), (r"\\langle", "<"), (r"\\rangle"
 
 
 def _summary(obj: object) -> str:
-    """The first sentence of ``obj``'s docstring as plain text (no reST roles, backquotes or LaTeX commands)."""
+    """The first sentence of ``obj``'s docstring as plain text (no roles or cross-references, backquotes, math
+    delimiters or LaTeX commands)."""
     doc = (getattr(obj, "__doc__", None) or "").strip()
     text = doc.split("\n\n")[0].replace("\n", " ").split(". ")[0].rstrip(".")
     text = re.sub(r":math:`([^`]*)`", r"\1", text)
+    text = re.sub(r"\$([^$]*)\$", r"\1", text)  # Markdown math
     text = re.sub(r":[a-z]+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", text)
+    text = re.sub(r"\[`?([^`\]]+)`?\]\[[^\]]*\]", r"\1", text)  # Markdown cross-references
     text = text.replace("``", "")
     for pattern, repl in _LATEX:
         text = re.sub(pattern, repl, text)
@@ -86,12 +89,22 @@ def run(args: list[str] | None = None):
     use_threads()
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     import lightning_flat.callbacks  # noqa: F401  (short names resolvable in YAML)
     import lightning_flat.datamodules  # noqa: F401
     import lightning_flat.models  # noqa: F401
     from lightning_flat.callbacks import StepProgressBar
+
+    class _SaveConfig(SaveConfigCallback):
+        """Saves the resolved config beside the logger's files; a run without a logger has no folder of its own
+        (its log_dir is the working directory), so nothing is written there: a config.yaml of the user's own
+        in that folder is never overwritten."""
+
+        def setup(self, trainer, pl_module, stage):
+            if trainer.logger is None:
+                return
+            super().setup(trainer, pl_module, stage)
 
     class _CLI(LightningCLI):
         def instantiate_trainer(self, **kwargs):
@@ -112,6 +125,7 @@ def run(args: list[str] | None = None):
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,  # None: LightningCLI reads the command line itself
+        save_config_callback=_SaveConfig,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -34,7 +34,7 @@ def test_full_size_configs_parse():
     for path in paths:
         cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                            run=False, args=["--config", path, "--trainer.logger=false"])
-        assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas == 2 and cli.model.replicas.seeds == [0, 0]
+        assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas.count == 2 and cli.model.replicas.seeds == [0, 0]
         (sched,) = [c for c in cli.trainer.callbacks if isinstance(c, HyperparameterSchedule)]
         assert sched.values(299999) == {"label_noise": [1.0, 0.0], "lr": [0.01, 0.0]}
         assert sched.values(300000) == {"label_noise": [0.0, 0.0], "lr": [0.01, 0.0]}
