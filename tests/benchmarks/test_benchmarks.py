@@ -23,7 +23,9 @@ def test_trace_quick():
     # they agree to ~1e3 * eps = 2e-13; 1e-10 leaves room for the Hessian's own accumulation
     assert row["dense_rel_diff"] < 1e-10
     assert row["exact_direct_rel_diff"] < 1e-12  # two exact contractions of the same sums
-    assert row["hutchpp_rel_err"] < 0.2  # a seeded Hutch++ estimate with 99 HVPs
+    # a seeded Hutch++ estimate with 99 HVPs: its error is that of the mean of 33 residual Hutchinson probes, within 5
+    # of their standard errors (a Student t tail of 2e-5 at 32 degrees of freedom)
+    assert row["hutchpp_rel_err"] <= 5 * row["hutchpp_stderr_rel"]
 
 
 @pytest.mark.slow
