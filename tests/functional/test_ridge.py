@@ -132,9 +132,10 @@ def test_factored_check_tells_minima_from_other_points():
     # factored gradient is <= max(100 gtol, 1e-8) max(1, s_1) (gtol = 1e-12)
     assert grad <= 1e-8 * max(1.0, float(torch.linalg.svdvals(E)[0]))
     # the Hessian is PSD up to that gradient: the rotations (e^(tA) W_j, W_(j+1) e^(-tA)) of the L - 1 = 3 hidden
-    # layers leave J unchanged, so along them x^T H x = -<grad J, A^2 theta> / |A theta|^2, of size at most
-    # |grad J|_2 / (2c)^(1/2) (2 x 2 layers: A^2 = -I) with |grad J|_2 <= sqrt(16) grad (16 parameters); the other
-    # directions are curved (>= 0.02). lowest is relative to the largest eigenvalue (about 3 here, > 1)
+    # layers leave J unchanged, so along each x^T H x = -<grad J, A^2 theta> / |A theta|^2, of size at most
+    # |grad J|_2 / (2c)^(1/2) (2 x 2 layers: A^2 = -I), with |grad J|_2 <= sqrt(16) grad (16 parameters), and at
+    # most 3 times that over the 3 of them together; the other directions are curved (>= 0.02). lowest is relative
+    # to the largest eigenvalue (about 3 here, > 1)
     assert lowest >= -3 * math.sqrt(16) * grad / math.sqrt(2 * c)
     # where two singular values meet (E = I/2) the check is still defined, and says: not critical
     grad, lowest = F.factored_second_order_check(0.5 * torch.eye(2, dtype=F64), meas, b, 0.1, 4, 2)
