@@ -30,13 +30,22 @@ def test_completion_mask_and_unobserved_error():
 def test_quadratic_population_error_is_exact():
     dm = QuadraticSensingDataModule(n=10, d=4, rank_pos=2, rank_neg=1, seed=0)
     M = dm.ground_truth
-    assert rel(M, M.T) == 0 and rel(torch.linalg.matrix_norm(M), 1.0) < 1e-14
+    # M = U diag(1, 1, -1) U^T / |.|_F with U (4 x 3) N(0, 1), the datamodule's first draw: gemm need not sum
+    # entries (i, j) and (j, i) in one order, each a 3-term dot product, so they differ by at most
+    # 2 (3 + 1) eps |U_i||U_j| / |U diag U^T|_F (the dot products and the division)
+    U = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    eps = torch.finfo(F64).eps
+    norm = torch.linalg.matrix_norm(U * torch.tensor([1.0, 1.0, -1.0], dtype=F64) @ U.T)
+    bound = 2 * 4 * eps * float(U.square().sum(1).max()) / float(norm)
+    assert float((M - M.T).abs().max()) <= bound and rel(torch.linalg.matrix_norm(M), 1.0) < 1e-14
     evals = torch.linalg.eigvalsh(M)
     assert int((evals > 1e-10).sum()) == 2 and int((evals < -1e-10).sum()) == 1
     g = torch.Generator().manual_seed(1)
     x = torch.randn(400000, 4, generator=g, dtype=F64)
     D = torch.randn(4, 4, generator=g, dtype=F64)
     mc = ((x @ D * x).sum(-1) ** 2).mean()
+    # a Monte Carlo mean of 400000 draws: its relative standard error is std / (mean sqrt(400000)) ~ 0.005, so 0.02
+    # is 4 standard errors
     assert rel(dm.test_error(M + D), mc) < 0.02
 
 
