@@ -205,7 +205,7 @@ def trial_runtime_env(trial_fn: Callable[[dict], dict], extra: dict | None = Non
                and getattr(mod, getattr(trial_fn, "__qualname__", ""), None) is trial_fn)
     if by_name:
         top = sys.modules.get(mod.__name__.split(".")[0])
-        path = (list(top.__path__)[0] if hasattr(top, "__path__") else top.__file__) if top is not None else None
+        path = (list(top.__path__)[0] if hasattr(top, "__path__") else getattr(top, "__file__", None)) if top else None
         if path and top.__name__ != "lightning_flat" and not _installed(path):
             modules.append(os.path.abspath(path))
     else:
@@ -222,9 +222,13 @@ def trial_runtime_env(trial_fn: Callable[[dict], dict], extra: dict | None = Non
 
 
 def _ray_cause(err: BaseException) -> str:
-    """A Ray error in one line, without colour codes or Ray's own traceback."""
-    text = " ".join(_ANSI.sub("", str(err)).split())
-    return text[:500] + (" ..." if len(text) > 500 else "")
+    """A Ray error in one line without colour codes: its own lines (ids, pid, exit code...) without the traceback
+    frames it may carry, and that traceback's exception line (e.g. the import error of an actor that could not
+    start)."""
+    raw = [line for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
+    lines = [" ".join(line.split()) for line in raw if not line[0].isspace() and not line.startswith("Traceback")]
+    text = "; ".join(lines)
+    return text if len(text) <= 500 else text[:500] + " ..."
 
 
 class RayWorkers(_Pool):
@@ -302,6 +306,8 @@ class RayWorkers(_Pool):
             done, _ = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
         events = []
         for ref in done:
+            if ref not in self.refs:  # a ref of an actor killed above (its other ref failed first)
+                continue
             slot, kind = self.refs.pop(ref)
             try:
                 value = self.ray.get(ref)

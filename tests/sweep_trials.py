@@ -81,3 +81,19 @@ def gated(config):
     while config["i"] >= 2 and os.path.exists(config["gate"]):
         time.sleep(0.05)
     return {"i": config["i"]}
+
+
+def unloadable():
+    """A trial function whose module exists in this process only: a worker process cannot load it."""
+    import sys
+    import types
+
+    module = types.ModuleType("sweep_trials_nowhere")
+
+    def trial(config):
+        return {}
+
+    trial.__module__, trial.__qualname__ = module.__name__, "trial"
+    module.trial = trial
+    sys.modules[module.__name__] = module
+    return trial

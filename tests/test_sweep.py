@@ -9,7 +9,7 @@ import re
 import pytest
 
 from lightning_flat.sweep import SweepError, load_results, run_sweep, trial_key
-from sweep_trials import misbehave, train_block
+from sweep_trials import misbehave, train_block, unloadable
 
 GRID = [{"lr": lr, "block": b} for lr in (0.02, 0.05) for b in range(2)]
 
@@ -132,3 +132,11 @@ def test_ray_chunk_is_deprecated_and_ignored(tmp_path):
     with pytest.warns(DeprecationWarning, match="ray_chunk"):
         rows = run_sweep(misbehave, configs, str(tmp_path), workers=1, ray_chunk=2)
     assert [r["result"] for r in rows] == [{"i": i, "square": i * i} for i in range(3)]
+
+
+@pytest.mark.timeout(120)
+def test_workers_that_cannot_start_fail_at_start(tmp_path):
+    with pytest.raises(RuntimeError, match="the sweep's workers could not start, 2 trials left unrun: the trial "
+                                           "function does not load in a worker process: ModuleNotFoundError"):
+        run_sweep(unloadable(), [{"i": 0}, {"i": 1}], str(tmp_path), workers=2)
+    assert not os.path.exists(tmp_path / "trial.jsonl")

@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 ray = pytest.importorskip("ray")
 
 from lightning_flat.sweep import SweepError, load_results, run_sweep, trial_key  # noqa: E402
-from sweep_trials import gated, misbehave, probe, train_block  # noqa: E402
+from sweep_trials import gated, misbehave, probe, train_block, unloadable  # noqa: E402
 from test_sweep import GRID, Stop, check_failures, misbehaving_grid  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a guard against hangs, not a speed check
@@ -63,37 +63,58 @@ def _session_pids(sid):
     return pids
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A real Ray cluster on this machine: ``ray start --head --block`` on free ports, with its own temp folder, in a
-    session of its own; stopped by its PIDs (SIGTERM to ``ray start``, which stops the rest; SIGKILL to any process
-    of its session still there)."""
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+def _stop(proc):
+    """Stop a ``ray start --block`` by PID: SIGTERM (it stops the processes it started), then SIGKILL to any process
+    of its session still there."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in _session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+    proc.wait(10)
+
+
+def _start_head(tmp, attempt):
+    """``ray start --head --block`` on free ports in a session of its own; returns ``(process, address)`` once it
+    runs, or ``(None, its log)`` if it exited first (e.g. a port taken meanwhile by another process)."""
     port = _free_port()
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log_path = os.path.join(tmp, "start.log")
+    log_path = os.path.join(tmp, f"start{attempt}.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [ray_bin, "start", "--head", "--block", f"--port={port}", f"--temp-dir={tmp}", "--num-cpus=2",
-             "--include-dashboard=false", f"--dashboard-port={_free_port()}",
+            [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", f"--port={port}",
+             f"--temp-dir={tmp}", "--num-cpus=2", "--include-dashboard=false", f"--dashboard-port={_free_port()}",
              f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True)
+    deadline = time.monotonic() + 300  # a guard: seconds on an idle machine
+    while "Ray runtime started" not in open(log_path).read():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            return None, open(log_path).read()[-3000:]
+        time.sleep(0.5)
+    return proc, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real Ray cluster on this machine: ``ray start --head`` with its own temp folder, stopped by its PIDs."""
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    proc = None
     try:
-        deadline = time.monotonic() + 150
-        while "Ray runtime started" not in open(log_path).read():
-            assert proc.poll() is None and time.monotonic() < deadline, open(log_path).read()[-3000:]
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
+        for attempt in range(3):
+            proc, address = _start_head(tmp, attempt)
+            if proc is not None:
+                break
+        assert proc is not None, f"ray start failed three times; the last log:\n{address}"
+        yield address
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in _session_pids(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        proc.wait(10)
+        if proc is not None:
+            _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -172,10 +193,15 @@ def test_cluster_sweep(cluster, tmp_path):
     check_probe(rows, out, workers=1, cpus=2, shipped=True)
 
 
-def test_cluster_resources_checked_at_start(cluster, tmp_path):
+def test_cluster_refusals_at_start(cluster, tmp_path):
+    """Resources no node has, and workers that cannot load the trial function: refused before any trial runs."""
     with pytest.raises(ValueError, match=r"gpus_per_trial=1 \(its nodes: 2 CPU, 0 GPU\)"):
         run_sweep(misbehave, [{"do": "ok", "i": 0}], str(tmp_path), engine="ray", address=cluster, gpus_per_trial=1)
     assert not ray.is_initialized() and not os.path.exists(tmp_path / "misbehave.jsonl")
+    with pytest.raises(RuntimeError, match="the sweep's workers could not start, 2 trials left unrun: .*"
+                                           "ModuleNotFoundError: No module named 'sweep_trials_nowhere'") as info:
+        run_sweep(unloadable(), [{"i": 0}, {"i": 1}], str(tmp_path), engine="ray", address=cluster)
+    assert "\x1b" not in str(info.value) and not os.path.exists(tmp_path / "trial.jsonl")
 
 
 DRIVER = """
