@@ -1,19 +1,26 @@
-"""One grid runner: the trials of a sweep in a local process pool (the default) or on a Ray cluster (``engine="ray"``),
+"""One grid runner: the trials of a sweep in local worker processes (the default) or on Ray (``engine="ray"``),
 resumable.
 
 A sweep is a function ``trial_fn(config) -> dict`` (JSON-able in and out, importable by the workers, e.g. defined at
-a module's top level) and a list of configs. Each trial's result is appended to ``<folder>/<name>.jsonl`` the moment
-it ends, keyed by its config, so a sweep killed half-way and started again runs only the trials that have no result
-yet, whichever engine ran the others. A trial is typically a block of replicas of one lightning_flat model (seeds or
-hyperparameters trained at the cost of one run), so a grid is "configs x replicas".
+a module's top level) and a list of configs. Each trial's result is appended to ``<folder>/<name>.jsonl`` (and
+fsync'd) the moment it ends, keyed by its config, so a sweep killed half-way and started again runs only the trials
+that have no result yet, whichever engine ran the others. A trial is typically a block of replicas of one
+lightning_flat model (seeds or hyperparameters trained at the cost of one run), so a grid is "configs x replicas".
 
-- ``engine="local"``: a ``spawn`` process pool of ``workers`` processes, one trial per task (the processes are
-  reused: a trial must not depend on what an earlier trial left in its process, as on a cluster).
-- ``engine="ray"``: Ray Tune runs every missing trial as a trial of a grid search with ``cpus_per_trial`` CPUs, on
-  the cluster at ``address`` (``"auto"`` inside a cluster job) or on a local Ray instance with ``workers`` CPUs.
-  Install it with ``pip install "lightning-flat[ray]"``.
+- ``engine="local"``: ``workers`` ``spawn`` processes (``cpus_per_trial`` BLAS threads each) that run one trial
+  after another; ``workers=1`` without ``trial_timeout`` runs the trials in this process.
+- ``engine="ray"``: ``workers`` Ray actors with ``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs each, on the
+  cluster at ``address`` (``"auto"`` inside a cluster job, or ``"host:port"`` of a ``ray start --head``) or, with
+  ``address=None``, on a Ray instance of its own started for the sweep. Each actor imports torch once and runs trial
+  after trial; the driver takes the results as they come (``ray.wait``). The trial code travels with a
+  ``runtime_env``, the files a trial writes come back to the driver (:func:`trial_folder`): nodes need no copy of
+  the project. Install it with ``pip install "lightning-flat[ray]"``.
 
-The same config gives the same result with either engine (the trial function seeds everything from its config).
+Worker processes are reused, so a trial must not depend on what an earlier trial left in its process (as on a
+cluster). The same config gives the same result with either engine (the trial function seeds everything from its
+config). A trial that raises, whose worker dies, or that runs past ``trial_timeout`` is tried again up to
+``retries`` times; the trials that still fail are named, with their causes, in one :class:`SweepError` raised once
+every other trial has run and been kept.
 
 Example:
     >>> import tempfile
@@ -29,15 +36,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import tempfile
 import time
+import traceback
+import warnings
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lightning_flat._checks import check_bool, check_choice, check_positive_int
-
-__all__ = ["run_sweep", "trial_key", "load_results", "add_sweep_arguments", "ENGINES"]
+__all__ = ["run_sweep", "trial_key", "load_results", "trial_folder", "SweepError", "add_sweep_arguments", "ENGINES"]
 
 ENGINES = ("local", "ray")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def _demo_trial(config: dict) -> dict:
@@ -65,6 +77,101 @@ def load_results(path: str) -> dict[str, dict]:
     return out
 
 
+class SweepError(RuntimeError):
+    """Trials that failed after their retries, raised once every other trial of the sweep has run and been kept.
+
+    ``failures``: one dict per failed trial, ``{"key", "config", "error", "traceback", "attempts"}`` (``error`` is
+    the cause in one line, e.g. ``ValueError: ... (at trials.py:12 in train)``); ``rows``: the finished trials' rows,
+    in the order of the configs given. Started again (``resume=True``), the sweep runs only the failed trials."""
+
+    def __init__(self, failures: list[dict], rows: list[dict], path: str) -> None:
+        self.failures, self.rows, self.path = failures, rows, path
+        lines = [f"{len(failures)} of {len(failures) + len(rows)} trials failed (the other {len(rows)} are kept in "
+                 f"{path}; run the sweep again to retry only these):"]
+        for f in failures:
+            again = f" [{f['attempts']} attempts]" if f["attempts"] > 1 else ""
+            lines.append(f"  {json.dumps(f['config'], sort_keys=True)}: {f['error']}{again}")
+        super().__init__("\n".join(lines))
+
+
+def _describe(err: BaseException) -> str:
+    """An exception in one line without colour codes: ``Type: message (at file.py:12 in function)``."""
+    text = _ANSI.sub("", "".join(traceback.format_exception_only(type(err), err)).strip())
+    text = " ".join(text.split())
+    frames = traceback.extract_tb(err.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" (at {os.path.basename(last.filename)}:{last.lineno} in {last.name})"
+    return text
+
+
+# -------------------------------------------------------------------------------------------------- worker side
+_SCRATCH: dict[str, Any] | None = None  # under Ray, while a trial runs: {"root": dir, "folders": {path: stand-in}}
+
+
+def trial_folder(path: str) -> str:
+    """The folder a trial writes the files of ``path`` (a folder on the driver's machine, e.g. the output folder
+    given in its config) into; created if missing.
+
+    On the local engine (and outside a sweep) it is ``path`` itself. Under Ray it is a scratch folder on the node
+    that runs the trial, with the same base name (a wandb group named after it keeps its name): when the trial ends,
+    every regular file written there comes back with the trial's result and is written under ``path`` on the
+    driver, before the trial's row is kept, whichever node ran it. Symbolic links are not sent. A trial should
+    return paths relative to ``path``, not the scratch folder's."""
+    if _SCRATCH is None:
+        os.makedirs(path, exist_ok=True)
+        return path
+    folders = _SCRATCH["folders"]
+    if path not in folders:
+        base = os.path.basename(os.path.normpath(path)) or "out"
+        folders[path] = os.path.join(_SCRATCH["root"], str(len(folders)), base)
+        os.makedirs(folders[path], exist_ok=True)
+    return folders[path]
+
+
+def _run_trial(trial_fn: Callable[[dict], dict], config: dict, collect: bool = False) -> dict:
+    """Run one trial where it was sent; never raises. Returns ``{"ok", "result", "seconds"}`` or ``{"ok": False,
+    "error", "traceback", "seconds"}``, with ``files`` (``[path, relative name, bytes]``) where ``collect``."""
+    global _SCRATCH
+    _SCRATCH = {"root": tempfile.mkdtemp(prefix="lightning-flat-trial-"), "folders": {}} if collect else None
+    t0 = time.perf_counter()
+    try:
+        result = trial_fn(config)
+        try:
+            json.dumps(result, allow_nan=True)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"trial_fn must return a JSON-able dict, got {type(result).__name__} ({err})") from None
+        out = {"ok": True, "result": result}
+    except (Exception, SystemExit) as err:
+        out = {"ok": False, "error": _describe(err), "traceback": _ANSI.sub("", traceback.format_exc())}
+    out["seconds"] = time.perf_counter() - t0
+    if collect:
+        scratch, _SCRATCH = _SCRATCH, None
+        try:
+            out["files"] = [[path, os.path.relpath(os.path.join(d, f), local), _read(os.path.join(d, f))]
+                            for path, local in scratch["folders"].items() for d, _, files in os.walk(local)
+                            for f in sorted(files) if not os.path.islink(os.path.join(d, f))]
+        finally:
+            shutil.rmtree(scratch["root"], ignore_errors=True)
+    return out
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_files(files: list) -> None:
+    """Write a trial's returned files under their folders on this machine (each whole or not at all)."""
+    from lightning_flat.io import atomic_path
+
+    for folder, name, data in files:
+        with atomic_path(os.path.join(folder, name)) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+
+# -------------------------------------------------------------------------------------------------- driver side
 def _append(path: str, row: dict) -> None:
     # one write of one line per finished trial: a kill leaves at most a truncated last line, which load_results skips
     with open(path, "a") as f:
@@ -73,35 +180,52 @@ def _append(path: str, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _keyed(args: tuple[str, dict, Callable]) -> tuple[str, dict, tuple[dict, float]]:
-    key, config, trial_fn = args
-    return key, config, _timed((trial_fn, config))
-
-
-def _timed(args: tuple[Callable, dict]) -> tuple[dict, float]:
-    trial_fn, config = args
-    t0 = time.perf_counter()
-    result = trial_fn(config)
-    return result, time.perf_counter() - t0
-
-
 def run_sweep(trial_fn: Callable[[dict], dict], configs: Iterable[dict[str, Any]], folder: str, *,
               name: str | None = None, engine: str = "local", workers: int = 2, address: str | None = None,
-              cpus_per_trial: int = 1, ray_chunk: int = 1, resume: bool = True,
-              progress: Callable[[dict], None] | None = None) -> list[dict]:
+              cpus_per_trial: int = 1, gpus_per_trial: float = 0, retries: int = 0,
+              trial_timeout: float | None = None, runtime_env: dict | None = None, resume: bool = True,
+              progress: Callable[[dict], None] | None = None, ray_chunk: int | None = None) -> list[dict]:
     """Run ``trial_fn(config)`` for every config that has no result in ``<folder>/<name>.jsonl`` yet (``name``
     defaults to the function's name), with ``engine``; returns one row per config, in the order given:
-    ``{"key", "config", "result", "seconds", "engine"}``. ``progress(row)`` is called as each trial ends (in this
-    process). ``resume=False`` starts the results file afresh (a new sweep); by default the trials it holds are
-    kept and only the others run. ``ray_chunk`` trials run one after the other in each Ray Tune trial: a Ray trial starts a fresh
-    worker process (seconds of imports), so short trials are better grouped."""
+    ``{"key", "config", "result", "seconds", "engine"}``.
+
+    Each finished trial is appended to the file the moment its result reaches this process, then ``progress(row)``
+    is called (here). ``resume=False`` starts the results file afresh (a new sweep); by default the trials it holds
+    are kept and only the others run. ``workers`` trials run at once at most, on either engine (with ``address``
+    too: the concurrency cap on a cluster). A failed trial (it raised, its worker died, or it ran longer than
+    ``trial_timeout`` seconds, counted from its start on a ready worker) is run again up to ``retries`` times; the
+    ones that still fail raise one :class:`SweepError` at the end, naming each config and its cause.
+
+    Ray only: ``address`` (``None``: a Ray instance of its own with ``workers * cpus_per_trial`` CPUs, shut down at
+    the end), ``gpus_per_trial`` (fractions allowed) and ``runtime_env``, merged into the one the sweep builds (it
+    ships ``lightning_flat`` and the trial function's module or script folder as ``py_modules`` / ``working_dir``;
+    add e.g. ``{"pip": [...]}`` or ``{"env_vars": {...}}``). ``ray_chunk`` is deprecated and ignored: Ray workers
+    are reused, so one trial per task costs no start-up."""
+    # the checks import torch: here, not at the module's top, so that a worker process imports it only if its
+    # trials do
+    from lightning_flat._checks import check_bool, check_choice, check_nonnegative_int, check_positive_int, check_real
+
     if not callable(trial_fn):
         raise TypeError(f"trial_fn must be a function config -> dict, got {trial_fn!r}")
     name = name or getattr(trial_fn, "__name__", "sweep")
     check_choice("engine", engine, ENGINES)
     workers = check_positive_int("workers", workers)
     cpus_per_trial = check_positive_int("cpus_per_trial", cpus_per_trial)
-    ray_chunk = check_positive_int("ray_chunk", ray_chunk)
+    gpus_per_trial = check_real("gpus_per_trial", gpus_per_trial, low=0.0)
+    retries = check_nonnegative_int("retries", retries)
+    if trial_timeout is not None:
+        trial_timeout = check_real("trial_timeout", trial_timeout, low=0.0, low_open=True)
+    if engine == "local":
+        for arg, value, unset in (("address", address, None), ("gpus_per_trial", gpus_per_trial, 0.0),
+                                  ("runtime_env", runtime_env, None)):
+            if value != unset:
+                raise ValueError(f"{arg} is for engine='ray', got {arg}={value!r} with engine='local'")
+    if runtime_env is not None and not isinstance(runtime_env, dict):
+        raise TypeError(f"runtime_env must be a dict (Ray's runtime_env), got {type(runtime_env).__name__}")
+    if ray_chunk is not None:
+        check_positive_int("ray_chunk", ray_chunk)
+        warnings.warn("run_sweep(ray_chunk=...) is deprecated and ignored: Ray workers now run trial after trial",
+                      DeprecationWarning, stacklevel=2)
     configs = [dict(c) for c in configs]
     keys = [trial_key(c) for c in configs]
     if len(set(keys)) != len(keys):
@@ -115,89 +239,114 @@ def run_sweep(trial_fn: Callable[[dict], dict], configs: Iterable[dict[str, Any]
     done = load_results(path)
     todo = [(k, c) for k, c in zip(keys, configs) if k not in done]
 
-    def finish(key: str, config: dict, result: dict, seconds: float) -> None:
-        row = {"key": key, "config": config, "result": result, "seconds": seconds, "engine": engine}
+    def finish(key: str, config: dict, outcome: dict) -> None:
+        _write_files(outcome.get("files", ()))  # a trial's files first: a kept row always has its files
+        row = {"key": key, "config": config, "result": outcome["result"], "seconds": outcome["seconds"],
+               "engine": engine}
         _append(path, row)
         done[key] = row
         if progress is not None:
             progress(row)
 
-    if todo and engine == "local":
-        if workers == 1 or len(todo) == 1:
-            for key, config in todo:
-                finish(key, config, *_timed((trial_fn, config)))
+    failures: list[dict] = []
+    if todo:
+        if engine == "ray":
+            from lightning_flat._sweep_workers import RayWorkers
+
+            pool = RayWorkers(trial_fn, min(workers, len(todo)), address, cpus_per_trial, gpus_per_trial,
+                              runtime_env)
+        elif (workers == 1 or len(todo) == 1) and trial_timeout is None:
+            from lightning_flat._sweep_workers import InlineWorker
+
+            pool = InlineWorker(trial_fn)
         else:
-            import multiprocessing as mp
+            from lightning_flat._sweep_workers import ProcessWorkers
 
-            # each worker gets cpus_per_trial threads, as Ray gives its trials (the children read it at import)
-            saved = os.environ.get("OMP_NUM_THREADS")
-            os.environ.setdefault("OMP_NUM_THREADS", str(cpus_per_trial))
-            try:
-                pool = mp.get_context("spawn").Pool(min(workers, len(todo)))
-            finally:
-                if saved is None:
-                    os.environ.pop("OMP_NUM_THREADS", None)
-            with pool:
-                for key, config, (result, seconds) in pool.imap_unordered(_keyed, [(k, c, trial_fn) for k, c in todo]):
-                    finish(key, config, result, seconds)
-    elif todo:
-        _run_ray(todo, trial_fn, folder, name, workers, address, cpus_per_trial, ray_chunk, finish)
-    return [done[k] for k in keys]
+            pool = ProcessWorkers(trial_fn, min(workers, len(todo)), cpus_per_trial)
+        with pool:
+            failures = _schedule(pool, todo, retries, trial_timeout, finish)
+    rows = [done[k] for k in keys if k in done]
+    if failures:
+        raise SweepError(failures, rows, path)
+    return rows
 
 
-def _run_ray(todo, trial_fn, folder, name, workers, address, cpus_per_trial, chunk, finish) -> None:
-    try:
-        import ray
-        from ray import tune
-    except ImportError as err:  # pragma: no cover - the extra is installed in CI
-        raise ImportError('engine="ray" needs Ray Tune: pip install "lightning-flat[ray]"') from err
-    started = not ray.is_initialized()
-    if started:
-        # the trial function's module must import on the workers: put its folder (and this process's path) on
-        # their PYTHONPATH (a function of a script's __main__ travels by value)
-        import inspect
-        import sys
+def _schedule(pool: Any, todo: list[tuple[str, dict]], retries: int, trial_timeout: float | None,
+              finish: Callable[[str, dict, dict], None]) -> list[dict]:
+    """Send the trials to the pool's workers as they become free, keep each result as it comes, retry or record the
+    failures; returns the failures. ``pool``: ``size``, ``start(slot)``, ``submit(slot, config)``, ``kill(slot)``
+    and ``wait(timeout) -> [(slot, event, payload)]`` with the events ``ready``, ``done`` (the trial's outcome),
+    ``lost`` (the worker died; its cause) and ``broken`` (the worker could not start; its cause)."""
+    queue = deque((key, config, 1) for key, config in todo)
+    running: dict[int, tuple[str, dict, int, float]] = {}
+    idle: list[int] = []
+    starting = set(range(pool.size))
+    broken: list[str] = []
+    failures: list[dict] = []
+    for slot in sorted(starting):
+        pool.start(slot)
 
-        paths = [p for p in sys.path if p and os.path.isdir(p)]
-        source = inspect.getsourcefile(trial_fn) if getattr(trial_fn, "__module__", "") != "__main__" else None
-        if source:
-            paths.insert(0, os.path.dirname(os.path.abspath(source)))
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}}
-        if address:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    def failed(key: str, config: dict, attempt: int, error: str, tb: str = "") -> None:
+        if attempt <= retries:
+            queue.append((key, config, attempt + 1))
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    try:
-        def trainable(params: dict) -> None:
-            done = [_timed((trial_fn, config)) for config in params["configs"]]
-            tune.report({"results_json": json.dumps([r for r, _ in done], allow_nan=True),
-                         "seconds_json": json.dumps([t for _, t in done])})
+            failures.append({"key": key, "config": config, "error": error, "traceback": tb, "attempts": attempt})
 
-        configs = [c for _, c in todo]
-        blocks = [configs[i:i + chunk] for i in range(0, len(configs), chunk)]
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": cpus_per_trial}),
-            param_space={"configs": tune.grid_search(blocks)},
-            run_config=tune.RunConfig(name=name, storage_path=os.path.abspath(os.path.join(folder, "ray")),
-                                      verbose=0),
-        )
-        grid = tuner.fit()
-        for res in grid:
-            if res.error is not None:
-                raise RuntimeError(f"a Ray trial failed: {res.error}")
-            for config, result, seconds in zip(res.config["configs"], json.loads(res.metrics["results_json"]),
-                                               json.loads(res.metrics["seconds_json"])):
-                finish(trial_key(config), config, result, seconds)
-    finally:
-        if started:
-            ray.shutdown()
+    def restart(slot: int) -> None:
+        if queue:
+            pool.start(slot)
+            starting.add(slot)
+
+    while queue or running:
+        while idle and queue:
+            slot = idle.pop()
+            key, config, attempt = queue.popleft()
+            pool.submit(slot, config)
+            running[slot] = (key, config, attempt, time.monotonic())
+        if not running and not starting:
+            raise RuntimeError(f"the sweep's workers could not start, {len(queue)} trials left unrun: "
+                               + "; ".join(dict.fromkeys(broken)))
+        timeout = None
+        if trial_timeout is not None and running:
+            timeout = max(0.0, min(t for *_, t in running.values()) + trial_timeout - time.monotonic())
+        for slot, event, payload in pool.wait(timeout):
+            if event == "ready":
+                starting.discard(slot)
+                idle.append(slot)
+            elif event == "broken":
+                starting.discard(slot)
+                broken.append(payload)
+            elif event == "done" and slot in running:
+                key, config, attempt, _ = running.pop(slot)
+                idle.append(slot)
+                if payload["ok"]:
+                    finish(key, config, payload)
+                else:
+                    failed(key, config, attempt, payload["error"], payload["traceback"])
+            elif event == "lost":
+                if slot in idle:
+                    idle.remove(slot)
+                if slot in running:
+                    key, config, attempt, _ = running.pop(slot)
+                    failed(key, config, attempt, f"its worker died: {payload}")
+                restart(slot)
+        if trial_timeout is not None:
+            now = time.monotonic()
+            for slot, (key, config, attempt, t0) in list(running.items()):
+                if now - t0 >= trial_timeout:
+                    pool.kill(slot)
+                    del running[slot]
+                    failed(key, config, attempt, f"timed out after {trial_timeout:g} s (its worker was stopped)")
+                    restart(slot)
+    return failures
 
 
 def add_sweep_arguments(parser, what: str = "trials") -> None:
     """The command-line options of an example that runs a sweep: ``--engine``, ``--address`` and ``--resume``."""
     parser.add_argument("--engine", choices=ENGINES, default="local",
-                        help=f"run the {what} in a local process pool (default) or with Ray Tune")
+                        help=f"run the {what} in local worker processes (default) or on Ray")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster address (with --engine ray; default: a local Ray)")
+                        help="Ray cluster address, e.g. auto or HOST:6379 (with --engine ray; default: a Ray "
+                             "instance of its own on this machine); --workers caps the trials run at once")
     parser.add_argument("--resume", action="store_true",
                         help=f"keep the {what} a stopped run finished (in OUT/sweep) and run only the others")

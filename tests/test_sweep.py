@@ -1,13 +1,15 @@
-"""The sweep runner: local pool and Ray give the same per-trial results; a sweep stopped half-way finishes only the
-missing trials when started again."""
+"""The sweep runner on the local engine: worker processes and the driver's own process give the same per-trial
+results; a sweep stopped half-way finishes only the missing trials when started again; failed trials are named at the
+end with every other trial kept. The Ray engine: test_sweep_ray.py."""
 
 import json
 import os
+import re
 
 import pytest
 
-from lightning_flat.sweep import load_results, run_sweep, trial_key
-from sweep_trials import train_block
+from lightning_flat.sweep import SweepError, load_results, run_sweep, trial_key
+from sweep_trials import misbehave, train_block, unloadable
 
 GRID = [{"lr": lr, "block": b} for lr in (0.02, 0.05) for b in range(2)]
 
@@ -59,14 +61,82 @@ def test_bad_arguments(tmp_path):
         run_sweep(train_block, GRID, str(tmp_path), engine="slurm")
     with pytest.raises(ValueError, match="configs must be distinct"):
         run_sweep(train_block, [GRID[0], dict(GRID[0])], str(tmp_path))
+    for kw, message in [(dict(retries=-1), "retries must be a non-negative int, got -1"),
+                        (dict(trial_timeout=0), "trial_timeout must be > 0.0, got 0.0"),
+                        (dict(cpus_per_trial=0), "cpus_per_trial must be a positive int, got 0"),
+                        (dict(gpus_per_trial=-1), "gpus_per_trial must be >= 0.0, got -1.0"),
+                        (dict(gpus_per_trial=1), "gpus_per_trial is for engine='ray', got gpus_per_trial=1.0"),
+                        (dict(address="auto"), "address is for engine='ray', got address='auto'"),
+                        (dict(runtime_env={"pip": []}), "runtime_env is for engine='ray'")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run_sweep(train_block, GRID, str(tmp_path), **kw)
+    assert not os.path.exists(tmp_path / "train_block.jsonl")  # refused before anything ran
 
 
-def test_ray_gives_the_local_results(tmp_path):
-    pytest.importorskip("ray.tune")
-    local = run_sweep(train_block, GRID, str(tmp_path / "local"), workers=2)
-    ray_rows = run_sweep(train_block, GRID, str(tmp_path / "ray"), engine="ray", workers=2)
-    assert [r["engine"] for r in ray_rows] == ["ray"] * 4
-    assert [r["result"] for r in ray_rows] == [r["result"] for r in local]
-    # and a Ray sweep resumes from the same file: nothing left to run
-    again = run_sweep(train_block, GRID, str(tmp_path / "ray"), engine="ray", workers=2)
-    assert json.dumps([r["result"] for r in again]) == json.dumps([r["result"] for r in ray_rows])
+
+def misbehaving_grid(tmp_path):
+    """Four trials that succeed, one that raises, one whose process dies, one that hangs, one that fails its first
+    attempt only."""
+    dos = ["ok", "raise", "ok", "die", "ok", "hang", "ok", "flaky"]
+    return [{"do": do, "i": i, "counter": str(tmp_path / f"attempts{i}")} for i, do in enumerate(dos)]
+
+
+def check_failures(err, grid, path, retries):
+    """The error names each failed config (its JSON) and its cause, without colour codes; every other trial is kept
+    in the results file."""
+    message = str(err)
+    assert "\x1b" not in message
+    failed = {f["config"]["do"]: f for f in err.failures}
+    assert sorted(failed) == ["die", "hang", "raise"]
+    for f in err.failures:
+        assert json.dumps(f["config"], sort_keys=True) in message and f["error"] in message
+        assert f["attempts"] == retries + 1
+    assert failed["raise"]["error"].startswith("ValueError: bad value 1 (at sweep_trials.py:")
+    assert "its worker died" in failed["die"]["error"]
+    assert failed["hang"]["error"] == "timed out after 2 s (its worker was stopped)"
+    kept = load_results(path)
+    ok = [c for c in grid if c["do"] in ("ok", "flaky")]
+    assert sorted(kept) == sorted(trial_key(c) for c in ok) == sorted(r["key"] for r in err.rows)
+    for c in ok:  # exact values: the trial computes i * i, or counts its attempts
+        expected = {"i": c["i"], "attempt": 2} if c["do"] == "flaky" else {"i": c["i"], "square": c["i"] ** 2}
+        assert kept[trial_key(c)]["result"] == expected
+
+
+@pytest.mark.timeout(120)
+def test_failed_trials_named_at_the_end_others_kept_local(tmp_path):
+    grid = misbehaving_grid(tmp_path)
+    with pytest.raises(SweepError) as info:
+        run_sweep(misbehave, grid, str(tmp_path / "sweep"), workers=2, retries=1, trial_timeout=2)
+    check_failures(info.value, grid, str(tmp_path / "sweep" / "misbehave.jsonl"), retries=1)
+
+
+def test_failed_trials_inline(tmp_path):
+    grid = [c for c in misbehaving_grid(tmp_path) if c["do"] in ("ok", "raise", "flaky")]
+    grid.append({"do": "bad_result", "i": 9})
+    with pytest.raises(SweepError) as info:
+        run_sweep(misbehave, grid, str(tmp_path), workers=1)
+    causes = {f["config"]["do"]: f["error"] for f in info.value.failures}
+    assert causes["raise"].startswith("ValueError: bad value 1")
+    assert causes["flaky"].startswith("RuntimeError: the first attempt fails")  # no retries
+    assert causes["bad_result"].startswith("TypeError: trial_fn must return a JSON-able dict")
+    assert len(load_results(str(tmp_path / "misbehave.jsonl"))) == 4  # the four "ok"
+    # started again, only the failed trials run (and the flaky one now passes)
+    ran = []
+    with pytest.raises(SweepError):
+        run_sweep(misbehave, grid, str(tmp_path), workers=1, progress=lambda r: ran.append(r["config"]["do"]))
+    assert ran == ["flaky"]
+
+
+def test_ray_chunk_is_deprecated_and_ignored(tmp_path):
+    configs = [{"do": "ok", "i": i} for i in range(3)]
+    with pytest.warns(DeprecationWarning, match="ray_chunk"):
+        rows = run_sweep(misbehave, configs, str(tmp_path), workers=1, ray_chunk=2)
+    assert [r["result"] for r in rows] == [{"i": i, "square": i * i} for i in range(3)]
+
+
+@pytest.mark.timeout(120)
+def test_workers_that_cannot_start_fail_at_start(tmp_path):
+    with pytest.raises(RuntimeError, match="the sweep's workers could not start, 2 trials left unrun: the trial "
+                                           "function does not load in a worker process: ModuleNotFoundError"):
+        run_sweep(unloadable(), [{"i": 0}, {"i": 1}], str(tmp_path), workers=2)
+    assert not os.path.exists(tmp_path / "trial.jsonl")

@@ -429,7 +429,6 @@ def main(argv=None) -> dict:
     bar = _progress(None, len(jobs), not args.no_progress)
     rows = run_sweep(recovery_trial, [dict(setting=s, d=d, x=x, trial=k) for s, d, x, k in jobs], sweep_dir,
                      engine=args.engine, workers=args.workers, address=args.address, resume=args.resume,
-                     ray_chunk=max(1, len(jobs) // (4 * args.workers)),  # short trials: several per Ray task
                      progress=(lambda row: bar.update(1)) if bar is not None else None)
     if bar is not None:
         bar.close()

@@ -90,8 +90,10 @@ def make_data(cfg):
 
 def depth_trial(config):
     """One depth as a sweep trial (``lightning_flat.sweep``): JSON in, JSON out."""
-    return train_depth(config["depth"], config["cfg"], config["out"], config["wandb"], config["progress"],
-                       config["threads"], config["position"])
+    from lightning_flat.sweep import trial_folder  # its wandb run comes back to OUT from any Ray node
+
+    return train_depth(config["depth"], config["cfg"], trial_folder(config["out"]), config["wandb"],
+                       config["progress"], config["threads"], config["position"])
 
 
 def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):

@@ -197,7 +197,9 @@ def sweep_trial(config):
     dm = UnivariateRegressionDataModule(n=N, d=D, seed=config["data_seed"])
     w = None if config["w"] is None else torch.tensor(config["w"], dtype=torch.float64)
     kind, grid, eta, steps, reps = config["kind"], config["grid"], config["eta"], config["steps"], config["reps"]
-    ctx = dict(out=config["out"], wandb=config["wandb"])
+    from lightning_flat.sweep import trial_folder  # its wandb runs come back to OUT from any Ray node
+
+    ctx = dict(out=trial_folder(config["out"]), wandb=config["wandb"])
     values = [v for v in grid for _ in range(reps)]
     seeds = [1000 * i + j for i in range(len(grid)) for j in range(reps)]
     model = mlp(values, seeds, eta) if kind == "mlp" else residual(values, seeds, eta, w)

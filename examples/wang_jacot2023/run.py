@@ -873,7 +873,9 @@ def _setup_worker(threads):
 
 def trial(config):
     """One experiment as a sweep trial (``lightning_flat.sweep``): JSON in, JSON out."""
-    return run_job(tuple(config["job"]), config["ctx"])
+    from lightning_flat.sweep import trial_folder  # its wandb runs come back to OUT from any Ray node
+
+    return run_job(tuple(config["job"]), {**config["ctx"], "out": trial_folder(config["ctx"]["out"])})
 
 
 def run_job(job, ctx):

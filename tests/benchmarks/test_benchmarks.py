@@ -99,3 +99,5 @@ def test_speed_ratios():
     assert all(row["speedup"] > 2.0 for row in sam["per_example"])
     for row in load("step_overhead").main(["--quick"]):
         assert row["default_ratio"] < 0.9 and row["stepwise_ratio"] < 2.0  # measured 0.81x and 1.61x at depth 5
+    sweep = load("sweep").main(["--quick"])["short"]  # (its results are checked by tests/test_sweep_ray.py)
+    assert sweep["same_results"] and sweep["ray_over_local"] <= 1.5
