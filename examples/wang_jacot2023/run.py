@@ -577,23 +577,29 @@ def fig_e1(r, out):
     return save(fig, os.path.join(out, "fig1_annealing.png"))
 
 
+def five_seeds(axes, run, mark):
+    """relerr (top) and s2/s1 (bottom) of the first five seeds of ``run``, with ``mark(ax)`` drawing the schedule."""
+    from lightning_flat.plotting import series
+
+    for ax, (what, logy, label) in zip(axes, (("relerr", False, "relerr"), ("ratio", True, S2S1))):
+        for k in range(5):
+            series(ax, run["steps"], [x[k] for x in run[what]], logy=logy, label=f"seed {k}")
+        mark(ax)
+        ax.set_ylabel(label)
+        if what == "ratio":
+            threshold(ax, ls="--", lw=0.8), ax.set_ylim(1e-8, 2)
+
+
 def fig_e2(r, out):
-    from lightning_flat.plotting import figure, legend_outside, save, series
+    from lightning_flat.plotting import figure, legend_outside, save
 
     fig, axes = figure(2, 2, size=(4.8, 3.2), title=r"E2, depth: $\epsilon$ = 0.1, width 100 (5 of 16 seeds; schedule "
                                                     "switches dotted)")
     for col, key in enumerate(("L3", "L4")):
-        for row, (what, logy, label) in enumerate((("relerr", False, "relerr"), ("ratio", True, S2S1))):
-            ax = axes[row][col]
-            for k in range(5):
-                series(ax, r[key]["steps"], [x[k] for x in r[key][what]], logy=logy, label=f"seed {k}")
-            for t in (500, 5000):
-                ax.axvline(t, color="k", ls=":", lw=0.8)
-            ax.set_ylabel(label), ax.set_title(f"depth {key[1]}")
-            if what == "ratio":
-                threshold(ax, ls="--", lw=0.8), ax.set_ylim(1e-8, 2)
-            else:
-                ax.set_ylim(-0.05, 1.3)
+        five_seeds(axes[:, col], r[key], lambda ax: [ax.axvline(t, color="k", ls=":", lw=0.8) for t in (500, 5000)])
+        axes[0, col].set_ylim(-0.05, 1.3)
+        for ax in axes[:, col]:
+            ax.set_title(f"depth {key[1]}")
     legend_outside(axes[0][1])
     return save(fig, os.path.join(out, "fig2_depth.png"))
 
@@ -621,19 +627,12 @@ def fig_e3(cells, out):
 
 
 def fig_e4(run, out):
-    from lightning_flat.plotting import figure, legend_outside, save, series
+    from lightning_flat.plotting import figure, legend_outside, save
 
     fig, axes = figure(2, 1, size=(9.0, 2.8), title=r"E4, periodic schedule: $\epsilon$ = 0.2, depth 3 (5 of 16 seeds;"
                                                     " shaded: high phases, lr 0.4, ridge 0.1)")
-    for row, (what, logy, label) in enumerate((("relerr", False, "relerr"), ("ratio", True, S2S1))):
-        ax = axes[row][0]
-        for k in range(5):
-            series(ax, run["steps"], [x[k] for x in run[what]], logy=logy, label=f"seed {k}")
-        for c in range(4):
-            ax.axvspan(WARMUP + 2000 * c, WARMUP + 2000 * c + 1000, color="tab:red", alpha=0.08, lw=0)
-        ax.set_ylabel(label)
-        if what == "ratio":
-            threshold(ax, ls="--", lw=0.8), ax.set_ylim(1e-8, 2)
+    five_seeds(axes[:, 0], run, lambda ax: [ax.axvspan(WARMUP + 2000 * c, WARMUP + 2000 * c + 1000, color="tab:red",
+                                                       alpha=0.08, lw=0) for c in range(4)])
     legend_outside(axes[0][0])
     return save(fig, os.path.join(out, "fig4_periodic.png"))
 
