@@ -294,7 +294,7 @@ def setting_checks(setting, dims, xs):
         Check(f"4 {setting}: max |P_flat - P_nuc| <= 0.5", "in every cell", lambda r: max(diffs(r)), "<=", 0.5),
         Check(f"4 {setting}: 50% transitions of flat within 2 steps of nuc (max gap)", "with the same transition",
               lambda r: max(gaps(r)), "<=", 2),
-        Check(f"4 {setting}: within 1 step for >= 75% of d", "",
+        Check(f"4 {setting}: within 1 step for >= 75% of d", "mostly within one column",
               lambda r: sum(g <= 1 for g in gaps(r)) / len(gaps(r)), ">=", 0.75)]
     if setting != "completion":
         rows.append(Check(f"4 {setting}: flat transition nondecreasing in d", "larger matrices need more",

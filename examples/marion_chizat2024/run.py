@@ -256,30 +256,6 @@ def violations(s):  # check 3: converged runs outside [S_min^a, 2/eta]
     return read
 
 
-def near_at_02(s):  # check 4: runs at eta = 0.2 that end near w*, of those not diverged
-    def read(r):
-        rec = r[s]["0.2"]
-        alive = [d for d, div in zip(rec["distance"], rec["diverged"]) if not div]
-        return Reading(float(sum(d < 0.1 for d in alive)), alive=len(alive))
-    return read
-
-
-def swings_at_02(s):  # check 4, diagnostic: each live run's largest distance over its last 50 steps
-    return lambda r: min((w for w, d in zip(r[s]["0.2"]["swing"], r[s]["0.2"]["diverged"]) if not d), default=math.inf)
-
-
-def converged_fraction(s, eta, limit):  # check 4: the fraction at distance < 1e-6 among scales <= limit
-    def read(r):
-        sel = [d for v, d in zip(r[s][eta]["value"], r[s][eta]["distance"]) if v <= limit + 1e-9]
-        return sum(d < 1e-6 for d in sel) / max(len(sel), 1)
-    return read
-
-
-def live_distances(s, eta, limit):  # check 4: the end distances of the runs that did not diverge (scale <= limit)
-    return lambda r: [d for v, d, div in zip(r[s][eta]["value"], r[s][eta]["distance"], r[s][eta]["diverged"])
-                      if v <= limit + 1e-9 and not div]
-
-
 def plateau(r):  # check 6: S(0.07) / (2/0.07) where the smallest rate ends sharper than 2/0.07
     hits = [median_final(r, 0.07, s) / (2 / 0.07) for s in SIGMAS if median_final(r, 0.005, s) > 2 / 0.07]
     return Reading([x for x in hits if math.isfinite(x)], n=sum(map(math.isfinite, hits)),
@@ -299,22 +275,37 @@ def theta_max(r):  # check 10: the largest |theta_k|_F of the converged residual
                + [0.0])
 
 
+def convergence_checks(k, limit):
+    """Check 4 for one sweep: eta = 0.2 never converges, the small rates do (scales <= limit), eta = 0.1 stays near."""
+    def runs(r, eta, small=True):  # (distance, diverged, swing) of the runs at eta (of the scales <= limit)
+        rec = r[k.lower()][eta]
+        return [(d, div, w) for v, d, div, w in zip(rec["value"], rec["distance"], rec["diverged"], rec["swing"])
+                if not small or v <= limit + 1e-9]
+
+    def near(r):  # runs at eta = 0.2 that end at distance < 0.1, of those not diverged
+        alive = [d for d, div, _ in runs(r, "0.2", False) if not div]
+        return Reading(float(sum(d < 0.1 for d in alive)), alive=len(alive))
+
+    rows = [Check(f"4 {k} eta=0.2: runs ending at distance < 0.1 (of {{alive}} not diverged)",
+                  "eta = 0.2 (above 2/S_min^a) never converges", near, "==", 0),
+            Check(f"4 {k} eta=0.2 (diagnostic): every non-diverged run reaches distance >= 0.25 within its last 50 "
+                  "steps (min over runs of the max)", "they swing far from w*",
+                  lambda r: min((w for _, div, w in runs(r, "0.2", False) if not div), default=math.inf), ">=", 0.25)]
+    rows += [Check(f"4 {k} eta={eta}: fraction at distance < 1e-6 (scale <= {limit}) >= 0.9",
+                   "the small rates converge", lambda r, eta=eta: sum(d < 1e-6 for d, _, _ in runs(r, eta))
+                   / max(len(runs(r, eta)), 1), ">=", 0.9) for eta in ("0.005", "0.02", "0.07")]
+    return rows + [Check(f"4 {k} eta=0.1: non-diverged runs (scale <= {limit}) end at distance < 0.1",
+                         "eta = 0.1 stays near w* without converging",
+                         lambda r: [d for d, div, _ in runs(r, "0.1") if not div], "<", 0.1)]
+
+
 def sweep_checks():
     """Checks 3-7 and 10 of the full run (E1 and E3)."""
     rows = [Check(f"3 {k}: converged runs with S_min^a <= S <= 2/eta (violations of {{n}})",
                   "no run converges sharper than 2/eta or flatter than S_min^a", violations(k.lower()), "==", 0)
             for k in ("E1", "E3")]
     for k, limit in (("E1", 0.4), ("E3", 0.94)):
-        s = k.lower()
-        rows += [Check(f"4 {k} eta=0.2: runs ending at distance < 0.1 (of {{alive}} not diverged)",
-                       "eta = 0.2 (above 2/S_min^a) never converges", near_at_02(s), "==", 0),
-                 Check(f"4 {k} eta=0.2 (diagnostic): every non-diverged run reaches distance >= 0.25 within its last "
-                       "50 steps (min over runs of the max)", "they swing far from w*", swings_at_02(s), ">=", 0.25)]
-        rows += [Check(f"4 {k} eta={eta}: fraction at distance < 1e-6 (scale <= {limit}) >= 0.9",
-                       "the small rates converge", converged_fraction(s, eta, limit), ">=", 0.9)
-                 for eta in ("0.005", "0.02", "0.07")]
-        rows.append(Check(f"4 {k} eta=0.1: non-diverged runs (scale <= {limit}) end at distance < 0.1",
-                          "eta = 0.1 stays near w* without converging", live_distances(s, "0.1", limit), "<", 0.1))
+        rows += convergence_checks(k, limit)
     return rows + [
         Check("5 sigma=0.25: median final S of the small etas agree within 5%", "the end does not depend on eta",
               lambda r: max(small_eta_medians(r)) / min(small_eta_medians(r)) - 1, "<=", 0.05),
@@ -327,8 +318,10 @@ def sweep_checks():
               show=min),
         Check("6 median final S at eta=0.005 rises with sigma (Spearman rho >= 0.8)", "larger inits end sharper",
               lambda r: spearman(SIGMAS, [median_final(r, 0.005, s) for s in SIGMAS]), ">=", 0.8),
-        Check("7 MLP median init S spans >= 1e3 over sigma", "", init_span("e1", SIGMAS), ">=", 1e3),
-        Check("7 residual median init S max/min over s <= 20", "", init_span("e3", SCALES), "<=", 20),
+        Check("7 MLP median init S spans >= 1e3 over sigma", "an MLP can start far sharper than 2/eta",
+              init_span("e1", SIGMAS), ">=", 1e3),
+        Check("7 residual median init S max/min over s <= 20", "a residual init hardly depends on s",
+              init_span("e3", SCALES), "<=", 20),
         Check("7 MLP P(div) = 0 at sigma=0.25 for every eta (max)", "small MLP inits never diverge",
               lambda r: max(p_div(rec, SIGMAS[0]) for rec in r["e1"].values()), "==", 0),
         Check("7 MLP P(div) >= 0.5 at sigma=0.6 (min over etas)", "large ones mostly do",
