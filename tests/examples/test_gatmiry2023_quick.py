@@ -21,7 +21,7 @@ def check(summary, prefix):
     return rows
 
 
-@pytest.mark.parametrize("prefix", ["Q1", "Q2", "Q3", "Q4", "Q5"])
+@pytest.mark.parametrize("prefix", ["Q1", "Q2", "Q3", "Q4"])
 def test_acceptance_checks(quick, prefix):
     summary, _ = quick
     failed = [f"{c['name']}: {c['value']:.4g}" for c in check(summary, prefix) if not c["passed"]]
@@ -52,7 +52,8 @@ def test_outputs(quick):
     summary, out = quick
     for name in ("fig1_losses.png", "fig2_trace_nuclear.png", "results.json"):
         assert os.path.getsize(out / name) > 1000
-    assert len(glob.glob(str(out / "wandb" / "offline-run-*"))) == 3  # one per depth (r0 label noise, r1 plain) + report
+    # one per depth (r0 label noise, r1 plain) and the report
+    assert len(glob.glob(str(out / "wandb" / "offline-run-*"))) == 3
 
 
 def test_replot_redraws_from_results_json(quick, tmp_path):

@@ -1,4 +1,4 @@
-"""The Wang & Jacot --quick reproduction: Q1-Q5 (rank jumps of SGD with weight decay, on the library's engine with
+"""The Wang & Jacot --quick reproduction: Q2-Q5 (rank jumps of SGD with weight decay, on the library's engine with
 16 seeds as replicas), and its outputs."""
 
 import math
@@ -15,7 +15,7 @@ def quick(tmp_path_factory):
     return run_example("wang_jacot2023/run.py", ["--quick", "--out", str(out)]), out
 
 
-@pytest.mark.parametrize("prefix", ["Q1", "Q2", "Q3", "Q4", "Q5"])
+@pytest.mark.parametrize("prefix", ["Q2", "Q3", "Q4", "Q5"])
 def test_acceptance_checks(quick, prefix):
     failed = failed_checks(quick[0], prefix)
     assert not failed, failed

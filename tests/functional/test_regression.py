@@ -133,3 +133,41 @@ def test_replica_sharpness_equals_one_dense_hessian_per_replica(dm, gen):
     for r in (0, 1, 3):
         ref = torch.linalg.eigvalsh(F.loss_hessian([w[r] for w in W], dm.measurements, dm.targets))[-1]
         assert rel(S[r], ref) < TOL
+
+
+@pytest.mark.parametrize("depth, w_norm", [(2, 1.0), (3, 2.0), (10, 2.0)])  # |w*| = 1 at depth 10: the test above
+def test_every_minimizer_is_sharper_than_both_forms_of_the_bound(dm, depth, w_norm, gen):
+    """Random minimizers, one moved by an invertible A between W_1 and W_2, and the ideal one, for |w*| = 1 and 2:
+    S >= S_min^a = 2 L a |w*|^(2-2/L), S >= 2 lambda |w*|^(2-1/L) sum_k 1/|W_k|_F (the bound through the layers'
+    norms), the closed form equals the dense Hessian's top eigenvalue, and W_1 -> C W_1, W_2 -> W_2 / C makes the
+    ideal minimizer strictly sharper (at least 5x at C = 10)."""
+    y = w_norm * dm.y  # the least-squares solution scales with y: |w*| = w_norm
+    ls = F.least_squares(dm.X, y)
+    w_star, lam = ls["w_star"], float(ls["lambda_min"])
+    assert abs(float(w_star.norm()) - w_norm) < 1e-12
+
+    def dense(W):
+        return float(torch.linalg.eigvalsh(F.loss_hessian(W, dm.measurements, y))[-1])
+
+    s_a = float(F.sharpness_lower_bound(dm.X, y, depth, kind="a"))
+    ideal = F.ideal_minimizer(w_star, depth)
+    minimizers = [ideal]
+    for _ in range(3):
+        upper = [randn(5, 5, g=gen) for _ in range(depth - 2)] + [randn(1, 5, g=gen)]
+        b = F.end_to_end(upper).reshape(-1)
+        P = torch.eye(5, dtype=F64) - torch.outer(b, b) / b.square().sum()
+        minimizers.append([torch.outer(b, w_star) / b.square().sum() + P @ randn(5, 5, g=gen)] + upper)
+    if depth >= 3:
+        A = torch.eye(5, dtype=F64) + 0.3 * randn(5, 5, g=gen)
+        moved = list(minimizers[1])
+        moved[0], moved[1] = A @ moved[0], moved[1] @ torch.linalg.inv(A)
+        minimizers.append(moved)
+    for W in minimizers:
+        assert rel(F.end_to_end(W).reshape(-1), w_star) < 1e-10  # a global minimizer
+        s = dense(W)
+        assert abs(float(F.minimizer_sharpness(W, dm.X)) / s - 1) < TOL
+        frobenius = 2 * lam * w_norm ** (2 - 1 / depth) * sum(1 / float(w.norm()) for w in W)
+        assert s >= s_a * (1 - 1e-8) and s >= frobenius * (1 - 1e-8)  # 1e-8: the dense eigvalsh's rounding
+    scaled = [dense([C * ideal[0], ideal[1] / C] + ideal[2:]) for C in (1, 3, 10, 30)]
+    assert all(a < b for a, b in zip(scaled, scaled[1:])) and scaled[2] >= 5 * scaled[0]
+    assert abs(float(F.ideal_minimizer_sharpness(dm.X, y, depth)) / scaled[0] - 1) < TOL
