@@ -38,7 +38,7 @@ def test_one_step_obeys_the_balancedness_recursion(depth, batch):
     model, lr, ridge = net(depth, 7), 0.2, 0.1
     fit(model, dm, 5, lr, ridge)  # a few steps first: the state is not the init
     W0 = [w.detach().clone() for w in model.weights()]
-    batch_ = MeasurementSampler(meas, b, batch, dm.seed, 100_000, streams=model.replica_seeds).batch(0)
+    batch_ = MeasurementSampler(meas, b, batch, dm.seed, 100_000, streams=model.replicas.streams).batch(0)
     Ws = [w.clone().requires_grad_(True) for w in W0]  # the batch of the next Trainer's first step, by autograd
     T = torch.autograd.grad(F.measurement_loss(F.end_to_end(Ws), batch_.measurements, batch_.targets), Ws)
     fit(model, dm, 1, lr, ridge)
