@@ -365,8 +365,9 @@ def main(argv=None) -> dict:
     from lightning_flat.sweep import run_sweep
 
     bar = _progress(None, len(jobs), not args.no_progress)
-    rows = run_sweep(recovery_trial, [dict(setting=s, d=d, x=x, trial=k) for s, d, x, k in jobs], os.path.join(out, "sweep"),
-                     engine=args.engine, workers=args.workers, address=args.address, resume=args.resume,
+    rows = run_sweep(recovery_trial, [dict(setting=s, d=d, x=x, trial=k) for s, d, x, k in jobs],
+                     os.path.join(out, "sweep"), engine=args.engine, workers=args.workers, address=args.address,
+                     resume=args.resume,
                      progress=(lambda row: bar.update(1)) if bar is not None else None)
     if bar is not None:
         bar.close()

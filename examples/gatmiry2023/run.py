@@ -2,16 +2,15 @@
 
 Deep matrix factorization E = W_L ... W_1 on Gaussian matrix sensing, trained by label-noise SGD (then a noiseless
 polish) and by plain SGD, with the library's Trainer, datamodule and callbacks. Per depth, the label-noise run and
-the plain run are the two replicas of one DeepLinearNet (same seed: same init and same minibatches, so the plain
-run is "the same loop with no noise"); the plain replica is frozen (lr 0) after ``plain_steps``. Depths run in
-parallel worker processes (``--workers``). Writes
+the plain run start from the same seed (the same init and the same minibatches, so the plain run is "the same loop
+with no noise"); the plain run stops after ``plain_steps``, once converged. The full run's noise phase grows with
+depth (9e4 steps per layer). The runs go through a sweep of worker processes (``--workers``). Writes
 
 - ``fig1_losses.png``: train loss (full data, no noise) and test loss ||E - M*||_F^2 / ||M*||_F^2, log-y, one panel
   per depth, label noise vs plain;
 - ``fig2_trace_nuclear.png``: Hessian trace with the predicted minimum F_L = 2L (d_0 d_L)^{1/L} ||X||_*^{2-2/L}, and
   ||E||_* with the minimum nuclear norm ||X||_*;
-- ``results.json`` and one wandb run per depth (offline unless WANDB_MODE says otherwise; label noise is replica
-  r0, plain r1),
+- ``results.json`` and one wandb run per depth and mode (offline unless WANDB_MODE says otherwise),
 
 and prints a results table next to reference values from an independent re-implementation, and the reproduction's
 acceptance checks (Q1-Q4 for ``--quick``, checks 1-5 for the full run). Exit status 1 when a check fails.
@@ -29,12 +28,17 @@ import time
 
 import torch
 
-from lightning_flat.experiments.checks import Check, evaluate
+from lightning_flat.experiments.checks import Check, evaluate, nan_median
 
 QUICK = dict(d=20, n=200, r=2, depths=[2, 3], c=0.9, lr=0.05, batch_size=50, std=1.0, noise_steps=6000,
-             polish_steps=1000, plain_steps=3000, every=100, seed=0)
-FULL = dict(d=60, n=600, r=3, depths=[2, 3, 5, 10], c=0.9, lr=0.01, batch_size=50, std=1.0, noise_steps=300_000,
-            polish_steps=20_000, plain_steps=100_000, every=1000, seed=0)
+             polish_steps=1000, plain_steps=3000, every=100, flat_window=1000, seed=0)
+#: The full run's label-noise phase grows with depth: 9e4 steps per layer. The trace curves of earlier runs
+#: flatten onto their final level after about 5e4 (L = 2), 1e5 (L = 3), 3e5 (L = 5) and 6e5-9e5 (L = 10) noisy
+#: steps; 9e4 L is at least that at every depth (1.8e5, 2.7e5, 4.5e5, 9e5). ``flattening`` reports, per depth, how
+#: much the trace still moved over the last ``flat_window`` noisy steps.
+FULL = dict(d=60, n=600, r=3, depths=[2, 3, 5, 10], c=0.9, lr=0.01, batch_size=50, std=1.0, noise_steps=None,
+            noise_steps_per_layer=90_000, polish_steps=20_000, plain_steps=100_000, every=1000, flat_window=50_000,
+            seed=0)
 
 #: Reference values from an independent NumPy re-implementation (seed 0 of numpy's default_rng; our torch draw
 #: differs): per depth, initial trace, label-noise final trace / F_L, label-noise |E|_*/|X|_*, label-noise rel. test,
@@ -65,7 +69,7 @@ def replot(summary, out) -> list[str]:
     cfg = summary["config"]
     runs = {int(L): run for L, run in summary["runs"].items()}
     Fhat = {int(L): v for L, v in summary["F_hat"].items()}
-    return figures(runs, Fhat, summary["X_nuclear"], out, _title(cfg), cfg["noise_steps"])
+    return figures(runs, Fhat, summary["X_nuclear"], out, _title(cfg))
 
 
 def _title(cfg) -> str:
@@ -79,16 +83,26 @@ def make_data(cfg):
                                    batch_size=cfg["batch_size"], seed=cfg["seed"])
 
 
-def depth_trial(config):
-    """One depth as a sweep trial (``lightning_flat.sweep``): JSON in, JSON out."""
+def run_trial(config):
+    """One run (a depth and a mode) as a sweep trial (``lightning_flat.sweep``): JSON in, JSON out."""
     from lightning_flat.sweep import trial_folder  # its wandb run comes back to OUT from any Ray node
 
-    return train_depth(config["depth"], config["cfg"], trial_folder(config["out"]), config["wandb"],
-                       config["progress"], config["threads"], config["position"])
+    return train_run(config["depth"], config["mode"], config["cfg"], trial_folder(config["out"]), config["wandb"],
+                     config["progress"], config["threads"], config["position"])
 
 
-def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):
-    """Label-noise and plain SGD at one depth as two replicas of one model; returns curves and final values."""
+def noise_steps(cfg, depth):
+    """The label-noise phase at ``depth``: ``cfg["noise_steps"]`` when given as a number, else
+    ``cfg["noise_steps_per_layer"] * depth`` (the trace flattens later at larger depths)."""
+    if cfg.get("noise_steps") is not None:
+        return int(cfg["noise_steps"])
+    return int(cfg["noise_steps_per_layer"] * depth)
+
+
+def train_run(depth, mode, cfg, out, use_wandb, progress, threads=None, position=0):
+    """One run at one depth: label-noise SGD (``mode="label_noise"``: noise_steps(cfg, depth) noisy steps, then a
+    noiseless polish) or plain SGD (``"plain"``: ``plain_steps`` steps). Both start from the same seed: the same
+    initialization and the same minibatches. Returns its curves and final values."""
     from lightning_flat import functional as F
     from lightning_flat.callbacks import FiniteLossGuard, HessianTrace, HyperparameterSchedule, LabelNoise, MatrixNorms
     from lightning_flat.experiments.training import fit, quiet
@@ -97,52 +111,64 @@ def train_depth(depth, cfg, out, use_wandb, progress, threads=None, position=0):
     quiet(threads)
     dm = make_data(cfg)
     d, every, lr = cfg["d"], cfg["every"], cfg["lr"]
-    steps = cfg["noise_steps"] + cfg["polish_steps"]
     model = DeepLinearNet([d] * (depth + 1), init="gaussian", init_scale=cfg["c"] / math.sqrt(d), lr=lr,
-                          replicas=2, seed=[cfg["seed"], cfg["seed"]])
-    schedule = HyperparameterSchedule(
-        label_noise={"replicas": [[(0, cfg["std"]), (cfg["noise_steps"], 0.0)], 0.0]},
-        lr={"replicas": [lr, [(0, lr), (cfg["plain_steps"], 0.0)]]},  # the plain replica stops at plain_steps
-        every_n_steps=every)
+                          seed=cfg["seed"])
     trace, norms, guard = HessianTrace(every), MatrixNorms(every), FiniteLossGuard()
-    callbacks = [LabelNoise([cfg["std"], 0.0], seed=cfg["seed"]), schedule, trace, norms, guard]
+    callbacks = [trace, norms, guard]
+    if mode == "label_noise":
+        noisy = noise_steps(cfg, depth)
+        steps = noisy + cfg["polish_steps"]
+        callbacks = [LabelNoise(cfg["std"], seed=cfg["seed"]),
+                     HyperparameterSchedule(label_noise=[(0, cfg["std"]), (noisy, 0.0)], every_n_steps=every),
+                     *callbacks]
+    else:
+        steps = cfg["plain_steps"]
     if progress:
         # a bar in a terminal (redrawn once per chunk of steps), else a line every 1000 steps
-        progress = dict(every_n_steps=1000, process_position=position, name=f"L={depth}")
+        progress = dict(every_n_steps=1000, process_position=position, name=f"L={depth} {mode.replace('_', ' ')}")
     meas, targets = dm.measurements, dm.targets
     scale = float(dm.ground_truth.square().sum())
     with torch.no_grad():
-        E0 = model.end_to_end().double()[0]
+        E0 = model.end_to_end().double()
         init = (float(F.measurement_loss(E0, meas, targets)), float(dm.test_error(E0)) / scale)
     done = fit(model, dm, steps, callbacks=callbacks, log_every_n_steps=every, progress=progress,
-               wandb=f"{NAME}-L{depth}" if use_wandb else None, out=out,
-               config={**cfg, "depth": depth, "replicas": "r0 label noise, r1 plain"})
-    memory, seconds = done.memory, done.seconds
-    result = dict(depth=depth, steps=steps, seconds=seconds, stopped=guard.message, diverged=model.diverged,
-                  wandb_dir=done.wandb_dir)
-    for r, mode in enumerate(MODES):
-        with torch.no_grad():
-            W = [w.detach().double()[r] for w in model.weights()]
-            E = F.end_to_end(W)
-            P, S = F.partial_products(W)
-            final = dict(train_loss=float(F.measurement_loss(E, meas, targets)),
-                         test_error=float(dm.test_error(E)), rel_test=float(dm.test_error(E)) / scale,
-                         trace=float(F.hessian_trace(W, meas)), nuclear=float(F.nuclear_norm(E)),
-                         balancedness=float(F.balancedness(W)),
-                         r_terms=[float(P[j].square().sum() * S[j].square().sum()) for j in range(depth)],
-                         top_sv_first=[float(x) for x in torch.linalg.svdvals(W[0])[:cfg["r"]]],
-                         top_sv_last=[float(x) for x in torch.linalg.svdvals(W[-1])[:cfg["r"]]],
-                         sv_E=[float(x) for x in torch.linalg.svdvals(E)[:cfg["r"]]])
-        end = steps if mode == "label_noise" else cfg["plain_steps"]
-        cut = lambda pairs: [(s, v) for s, v in pairs if s <= end]  # noqa: E731
-        train = cut([(0, init[0])] + memory.history.get(f"train/full_loss/r{r}", []))
-        test = cut([(0, init[1])] + memory.history.get(f"test/relative_error/r{r}", []))
-        tr_h = cut([(s, v[r]) for s, v in trace.replica_history["hessian/trace"]])
-        nuc_h = cut([(s, v[r]) for s, v in norms.replica_history["norm/nuclear"]])
-        result[mode] = dict(final=final, init_trace=tr_h[0][1], curves=dict(
-            train=[list(x) for x in zip(*train)], test=[list(x) for x in zip(*test)],
-            trace=[list(x) for x in zip(*tr_h)], nuclear=[list(x) for x in zip(*nuc_h)]))
-    return result
+               wandb=f"{NAME}-L{depth}-{mode.replace('_', '-')}" if use_wandb else None, out=out,
+               config={**cfg, "depth": depth, "mode": mode, "steps": steps})
+    memory = done.memory
+    with torch.no_grad():
+        W = [w.detach().double() for w in model.weights()]
+        E = F.end_to_end(W)
+        P, S = F.partial_products(W)
+        final = dict(train_loss=float(F.measurement_loss(E, meas, targets)),
+                     test_error=float(dm.test_error(E)), rel_test=float(dm.test_error(E)) / scale,
+                     trace=float(F.hessian_trace(W, meas)), nuclear=float(F.nuclear_norm(E)),
+                     balancedness=float(F.balancedness(W)),
+                     r_terms=[float(P[j].square().sum() * S[j].square().sum()) for j in range(depth)],
+                     top_sv_first=[float(x) for x in torch.linalg.svdvals(W[0])[:cfg["r"]]],
+                     top_sv_last=[float(x) for x in torch.linalg.svdvals(W[-1])[:cfg["r"]]],
+                     sv_E=[float(x) for x in torch.linalg.svdvals(E)[:cfg["r"]]])
+    train = [(0, init[0])] + memory.history.get("train/full_loss", [])
+    test = [(0, init[1])] + memory.history.get("test/relative_error", [])
+    tr_h = trace.history["hessian/trace"]
+    nuc_h = norms.history["norm/nuclear"]
+    return dict(depth=depth, mode=mode, steps=steps, noise_steps=noisy if mode == "label_noise" else 0,
+                seconds=done.seconds, stopped=guard.message, diverged=model.diverged, wandb_dir=done.wandb_dir,
+                final=final, init_trace=tr_h[0][1], curves=dict(
+                    train=[list(x) for x in zip(*train)], test=[list(x) for x in zip(*test)],
+                    trace=[list(x) for x in zip(*tr_h)], nuclear=[list(x) for x in zip(*nuc_h)]))
+
+
+def flattening(run, window):
+    """The label-noise run's trace over its last two ``window``-step stretches of noise: the median of each and the
+    relative change between them (how flat the trace is when the noise stops)."""
+    steps, values = run["curves"]["trace"]
+    end = run["noise_steps"]
+    last = [v for s, v in zip(steps, values) if end - window < s <= end]
+    before = [v for s, v in zip(steps, values) if end - 2 * window < s <= end - window]
+    if not last or not before:
+        return dict(window=window, median_last=math.nan, median_before=math.nan, change=math.nan)
+    a, b = nan_median(before), nan_median(last)
+    return dict(window=window, median_before=a, median_last=b, change=(b - a) / a)
 
 
 def label_noise(r, L):
@@ -235,7 +261,7 @@ def depth_checks(L, quick):
     return rows
 
 
-def figures(runs, Fhat, Xnuc, out, title, noise_steps):
+def figures(runs, Fhat, Xnuc, out, title):
     """Fig. 1 (losses) and Fig. 2 (trace with F_L, nuclear norm with |X|_*): one column per depth, one legend below
     the panels."""
     from lightning_flat.plotting import COLORS, figure, figure_legend, save, series
@@ -259,11 +285,12 @@ def figures(runs, Fhat, Xnuc, out, title, noise_steps):
                     steps_, values = runs[L][mode]["curves"][key]
                     label = mode.replace("_", " ")
                     if mode == "plain" and steps_:  # say why the curve stops
-                        label += f" (converged, frozen at step {steps_[-1]:.0e})"
+                        label += f" (converged, ends at step {steps_[-1]:.0e})"
                     series(ax, steps_, values, label=label, logy=True, color=COLORS[mode])
                     if mode == "plain" and steps_:
                         ax.plot([steps_[-1]], [values[-1]], marker="|", ms=10, color=COLORS[mode])
-                ax.axvline(noise_steps, color="gray", ls=":", lw=1.0, label="noise off (polish)")
+                ax.axvline(runs[L]["label_noise"]["noise_steps"], color="gray", ls=":", lw=1.0,
+                           label="noise off (polish)")
                 if ref is not None:  # the value in the title, the line in the figure's legend
                     y, short, label = ref(L)
                     ax.axhline(y, color=COLORS["theory"], ls="--", lw=1.0, label=f"{label} (dashed)")
@@ -309,16 +336,22 @@ def main(argv=None) -> dict:
 
     use_wandb = not args.no_wandb
     t_train = time.perf_counter()
-    order = sorted(cfg["depths"], reverse=True)  # deepest (slowest) first
-    configs = [dict(depth=L, cfg=cfg, out=out, wandb=use_wandb, progress=not args.no_progress, threads=args.threads,
-                    position=i % workers) for i, L in enumerate(order)]
-    rows = run_sweep(depth_trial, configs, os.path.join(out, "sweep"), engine=args.engine, workers=workers,
-                     address=args.address, resume=args.resume)
-    results = {row["config"]["depth"]: row["result"] for row in rows}
+    # the longest runs first: label noise from the deepest, then the shorter plain runs
+    order = [(L, "label_noise") for L in sorted(cfg["depths"], reverse=True)] + [
+        (L, "plain") for L in sorted(cfg["depths"], reverse=True)]
+    configs = [dict(depth=L, mode=mode, cfg=cfg, out=out, wandb=use_wandb, progress=not args.no_progress,
+                    threads=args.threads, position=i % workers) for i, (L, mode) in enumerate(order)]
+    rows = run_sweep(run_trial, configs, os.path.join(out, "sweep"), engine=args.engine, workers=workers,
+                     address=args.address, resume=args.resume,
+                     progress=lambda row: print(f"  done: L={row['config']['depth']} {row['config']['mode']} in "
+                                                f"{row['seconds']:.0f} s", flush=True))
+    results = {(row["config"]["depth"], row["config"]["mode"]): row["result"] for row in rows}
     train_seconds = time.perf_counter() - t_train
-    runs = {L: {**results[L], "scale": scale} for L in cfg["depths"]}
+    runs = {L: {"depth": L, "scale": scale, **{mode: results[L, mode] for mode in MODES},
+                "seconds": sum(results[L, mode]["seconds"] for mode in MODES),
+                "flattening": flattening(results[L, "label_noise"], cfg["flat_window"])} for L in cfg["depths"]}
 
-    paths = figures(runs, Fhat, Xnuc, out, _title(cfg), cfg["noise_steps"])
+    paths = figures(runs, Fhat, Xnuc, out, _title(cfg))
     print("\n| L | init trace | LN trace / F_L | LN |E|_*/|X|_* | LN rel test | LN train | plain trace | plain |E|_* "
           "| plain rel test | plain train | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -331,6 +364,12 @@ def main(argv=None) -> dict:
             c = CALIB[L]
             print(f"| {L} (reference) | {c[0]:.4g} | {c[1]:.4f} | {c[2]:.4f} | {c[3]:.4f} | | {c[4]:.4g} | "
                   f"{c[5]:.3f} | {c[6]:.3f} | | |")
+    print(f"\nlabel-noise trace / F_L over the last two {cfg['flat_window']:.0e}-step stretches of noise (medians; "
+          "how flat the trace is when the noise stops):")
+    for L in cfg["depths"]:
+        fl, ln = runs[L]["flattening"], runs[L]["label_noise"]
+        print(f"  L={L} ({ln['noise_steps']} noisy steps): {fl['median_before'] / Fhat[L]:.4f} -> "
+              f"{fl['median_last'] / Fhat[L]:.4f} ({100 * fl['change']:+.2f}%)")
     summary = dict(config=cfg, X_nuclear=Xnuc, X_rel_err=X_err, min_frobenius_rel_err=frob_err, F_hat=Fhat,
                    M_rank=int(torch.linalg.matrix_rank(Mstar)), M_fro2=scale, M_nuclear=float(F.nuclear_norm(Mstar)),
                    runs={str(L): {k: v for k, v in runs[L].items()} for L in cfg["depths"]})
@@ -348,8 +387,8 @@ def main(argv=None) -> dict:
                   for k, v in runs[L][kind]["final"].items() if isinstance(v, (int, float))}
         report = scripts.report(out, NAME, args.quick, cfg, paths, checks,
                                 {**finals, "X_nuclear": Xnuc, "seconds": total})
-        written += [(runs[L]["wandb_dir"], f"wandb run, L={L} (offline)") for L in cfg["depths"]
-                    if runs[L].get("wandb_dir")]
+        written += [(runs[L][mode]["wandb_dir"], f"wandb run, L={L}, {mode.replace('_', ' ')} (offline)")
+                    for L in cfg["depths"] for mode in MODES if runs[L][mode].get("wandb_dir")]
         written.append((report, "wandb run: figures, checks table, final values (offline)"))
     written += [(os.path.join(out, "sweep") + os.sep, "finished trials (--resume skips them)"),
                 (os.path.join(out, "cache") + os.sep, "the nuclear-norm solution (the next run loads it)")]
