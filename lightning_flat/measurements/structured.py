@@ -1,4 +1,4 @@
-"""Structured measurements: rank-one :math:`A_i = u_iv_i^\top` and single entries :math:`A_i = e_{r_i}e_{c_i}^\top`."""
+r"""Structured measurements: rank-one $A_i = u_iv_i^\top$ and single entries $A_i = e_{r_i}e_{c_i}^\top$."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ __all__ = ["RankOne", "Entries"]
 
 
 class RankOne(Measurements):
-    r"""Rank-one measurements :math:`A_i = u_i v_i^\top`, ``u (n, d_out)``, ``v (n, d_in)``.
+    r"""Rank-one measurements $A_i = u_i v_i^\top$, ``u (n, d_out)``, ``v (n, d_in)``.
 
-    :math:`f_i(E) = u_i^\top E v_i`, and ``curvature`` is
-    :math:`\sum_i (v_i^\top G v_i)(u_i^\top K u_i)` in :math:`O(n (d_{in}^2 + d_{out}^2))`.
+    $f_i(E) = u_i^\top E v_i$, and ``curvature`` is
+    $\sum_i (v_i^\top G v_i)(u_i^\top K u_i)$ in $O(n (d_{in}^2 + d_{out}^2))$.
     Univariate regression is ``RankOne(torch.ones(n, 1), X)``; quadratic sensing is ``RankOne(x, x)``.
     """
 
@@ -100,9 +100,9 @@ class RankOne(Measurements):
 
 
 class Entries(Measurements):
-    r"""Entry measurements :math:`A_i = e_{r_i} e_{c_i}^\top` (matrix completion): :math:`f_i(E) = E_{r_i c_i}`.
+    r"""Entry measurements $A_i = e_{r_i} e_{c_i}^\top$ (matrix completion): $f_i(E) = E_{r_i c_i}$.
 
-    ``curvature`` is :math:`\sum_i G_{c_i c_i} K_{r_i r_i}` in :math:`O(n)`. ``dtype`` only sets what ``dense()``
+    ``curvature`` is $\sum_i G_{c_i c_i} K_{r_i r_i}$ in $O(n)$. ``dtype`` only sets what ``dense()``
     returns; predictions take the dtype of ``E``.
     """
 
