@@ -22,15 +22,13 @@ Why this form (``benchmarks/nuclear_norm.py``). The test problem is Gaussian sen
 $M^* = M_1 M_2 / d$. Times are end to end on 2 shared CPU cores; the error is relative, in Frobenius norm,
 against Clarabel on this dual at tolerance 1e-12:
 
-====================================  ======================  ======================
-form / solver                         d = 20, n = 200, r = 2  d = 60, n = 600, r = 3
-====================================  ======================  ======================
-dual / SCS (``"auto"``, eps 1e-8)     0.15 s, 3e-10           8-10 s, 3e-8
-dual / Clarabel (tol 1e-12)           1.4 s, 5e-15 from M*    ~430 s (reference)
-dual / Clarabel (tol 1e-8)            0.9 s, 3e-9             ~255 s, 4e-6
-primal ``normNuc`` / SCS (eps 1e-8)   0.19 s, 1e-7            19 s, 6e-7
-primal ``normNuc`` / Clarabel (1e-8)  0.9 s, 6e-8             ~95 s, 1.5e-5
-====================================  ======================  ======================
+| form / solver                        | d = 20, n = 200, r = 2 | d = 60, n = 600, r = 3 |
+| ------------------------------------ | ---------------------- | ---------------------- |
+| dual / SCS (``"auto"``, eps 1e-8)    | 0.15 s, 3e-10          | 8-10 s, 3e-8           |
+| dual / Clarabel (tol 1e-12)          | 1.4 s, 5e-15 from M*   | ~430 s (reference)     |
+| dual / Clarabel (tol 1e-8)           | 0.9 s, 3e-9            | ~255 s, 4e-6           |
+| primal ``normNuc`` / SCS (eps 1e-8)  | 0.19 s, 1e-7           | 19 s, 6e-7             |
+| primal ``normNuc`` / Clarabel (1e-8) | 0.9 s, 6e-8            | ~95 s, 1.5e-5          |
 
 SCS is an ADMM method: each iteration costs one eigendecomposition of order ``d_out + d_in``. Clarabel is an
 interior-point method, and each of its iterations factors a dense KKT block of order

@@ -44,7 +44,7 @@ class ObservedEntriesDataModule(MeasurementDataModule):
     ``None`` (YAML ``null``) at the missing entries; the measurements are [`Entries`][lightning_flat.measurements.Entries]
     over the observed cells (row-major order) and the targets their values.
 
-    Example, two of three entries fixed and one missing (the 2 x 2 problem of rank-jump studies)::
+    Example, two of three entries fixed and one missing (the 2 x 2 problem of rank-jump studies):
 
         ObservedEntriesDataModule(observed=[[1.0, None], [0.25, 1.0]], ground_truth=[[1.0, 4.0], [0.25, 1.0]],
                                   batch_size=1)
@@ -59,12 +59,9 @@ class ObservedEntriesDataModule(MeasurementDataModule):
         ground_truth: the full matrix, or ``None``.
         batch_size: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule] (``batch_size=None`` is
             full-batch gradient descent).
-        seed: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule] (``batch_size=None`` is
-            full-batch gradient descent).
-        steps_per_epoch: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule] (``batch_size=None`` is
-            full-batch gradient descent).
-        sampling: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule] (``batch_size=None`` is
-            full-batch gradient descent).
+        seed: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule].
+        steps_per_epoch: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule].
+        sampling: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule].
     """
 
     def __init__(self, observed: list[list[float | None]], ground_truth: list[list[float]] | None = None,

@@ -22,8 +22,8 @@ class MatrixSensingDataModule(MeasurementDataModule):
 
     Args:
         n: number of measurements.
-        d_out: shape of the matrices.
-        d_in: shape of the matrices.
+        d_out: rows of the matrices.
+        d_in: columns of the matrices.
         rank: rank ``r`` of the ground truth, ``1 <= r <= min(d_out, d_in)``.
         batch_size: SGD minibatch size (i.i.d. with replacement), ``None`` for full batch.
         noise_std: std of the additive label noise stored in the targets (0 for noiseless labels).

@@ -23,8 +23,13 @@ class UnivariateRegressionDataModule(MeasurementDataModule):
     $w^{*\top}$ (``(1, d)``), so ``test_error(E)`` is $\|w_{prod} - w^*\|^2$ (logged as ``test/error``).
 
     Attributes:
-        X: ``(n, d)``; y: ``(n,)``; w_star: ``(d,)``; sigma_hat: $\hat\Sigma = X^\top X/n$ ``(d, d)``;
-        r_min: $R_{min}$; lambda_min, lambda_max: the extreme eigenvalues of $\hat\Sigma$;
+        X: ``(n, d)``.
+        y: ``(n,)``.
+        w_star: ``(d,)``.
+        sigma_hat: $\hat\Sigma = X^\top X/n$, ``(d, d)``.
+        r_min: $R_{min}$.
+        lambda_min: the smallest eigenvalue of $\hat\Sigma$.
+        lambda_max: the largest eigenvalue of $\hat\Sigma$.
         a: $w^{*\top}\hat\Sigma w^*/\|w^*\|^2$.
 
     Examples:

@@ -89,7 +89,7 @@ class ModuleOracle:
     @contextlib.contextmanager
     def preserving(self) -> Any:
         """Put back whatever the evaluations inside change in the module (a carried state, batch-norm running
-        statistics, a metric's update, a list's items; :class:`~lightning_flat.engine.snapshot.ModuleSnapshot});
+        statistics, a metric's update, a list's items; [`ModuleSnapshot`][lightning_flat.curvature.isolation.ModuleSnapshot]);
         nothing to do for a pure loss."""
         if self.pure:
             yield

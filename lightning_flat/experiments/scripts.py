@@ -17,8 +17,7 @@ def example_parser(doc: str, name: str, *, quick_help: str, sweep_noun: str, wor
                    threads: bool = True,
                    wandb: bool = True, workers_default: int | None = None) -> argparse.ArgumentParser:
     """A parser with the options every example has: ``--quick``, ``--out`` (default ``outputs/<name>[_quick]``),
-    ``--workers``, ``--replot`` and the sweep's ``--engine/--address/--resume`` (`lightning_flat.sweep.
-    add_sweep_arguments`, for the ``sweep_noun``), and unless switched off ``--threads`` and ``--no-wandb``. The
+    ``--workers``, ``--replot`` and the sweep's ``--engine/--address/--resume`` ([`add_sweep_arguments`][lightning_flat.sweep.add_sweep_arguments], for the ``sweep_noun``), and unless switched off ``--threads`` and ``--no-wandb``. The
     description is the first paragraph of ``doc``."""
     from lightning_flat.sweep import add_sweep_arguments
 

@@ -161,7 +161,7 @@ def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: floa
     r"""The lowest local minimum of rank exactly ``rank`` of $J(E)$ ([`ridge_objective`][lightning_flat.functional.ridge_objective]) found by
     multi-start BFGS (scipy) in float64, ``(E, J)``, or ``None`` when every start ends at another rank.
 
-    Full rank searches over ``E`` itself; a lower rank ``r`` over $E = AB^	op$ with ``A (d_out, r)``,
+    Full rank searches over ``E`` itself; a lower rank ``r`` over $E = AB^\top$ with ``A (d_out, r)``,
     ``B (d_in, r)``, its penalty computed from the ``r`` singular values that can be nonzero
     (`_core_penalty`). Starts: the given matrices (e.g. guesses near the expected minimum) and ``restarts``
     random ones.
@@ -171,7 +171,7 @@ def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: floa
     not defined where two singular values meet. A start or an end point where the objective or its gradient is not
     finite is skipped (the other starts go on). A result counts as rank ``r`` when its ``r``-th singular value exceeds
     ``1e-6`` times the first and the next one does not, and as a local minimum by the first- and second-order
-    conditions of the factored objective $J(	heta)$ at its balanced factors
+    conditions of the factored objective $J(\theta)$ at its balanced factors
     ([`factored_second_order_check`][lightning_flat.functional.factored_second_order_check]), which is a polynomial, so the verdict does not depend on where BFGS
     happened to stop: the gradient at most ``max(100 gtol, 1e-8) max(1, s_1)`` and the lowest Hessian eigenvalue
     above ``-1e-6`` times the largest (a stall on the way to a lower rank or a saddle is not returned).

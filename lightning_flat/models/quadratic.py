@@ -29,8 +29,8 @@ class QuadraticNet(LinearNetBase):
 
     Args:
         d: dimension.
-        k1: widths of the positive and negative parts.
-        k2: widths of the positive and negative parts.
+        k1: width of the positive part ``U1``.
+        k2: width of the negative part ``U2``.
         init_scale: std of the i.i.d. Gaussian initial entries (default $1/\sqrt d$).
         lr: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
         weight_decay: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
@@ -38,7 +38,7 @@ class QuadraticNet(LinearNetBase):
         replicas: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
         seed: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
         trace_penalty: the flatness regularizer $\lambda\operatorname{tr}\nabla^2L$.
-        chunk_size: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet] (analytic gradients $\pm(G + G^\top)U_k$).
+        chunk_size: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
         gradients: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet] (analytic gradients $\pm(G + G^\top)U_k$).
     """
 
