@@ -1,4 +1,5 @@
-"""The workers of [`lightning_flat.sweep.run_sweep`][lightning_flat.sweep.run_sweep]: this process, local ``spawn`` processes, or Ray actors.
+"""The workers of [`lightning_flat.sweep.run_sweep`][lightning_flat.sweep.run_sweep]: this process, local ``spawn``
+processes, or Ray actors.
 
 Each pool has ``size`` slots and answers ``start(slot)``, ``submit(slot, config)``, ``kill(slot)`` and
 ``wait(timeout)``, which returns the events ``(slot, "ready" | "done" | "lost" | "broken", payload)`` that

@@ -7,8 +7,9 @@ $$
 $$
 
 with the rescaling matrices of `lightning_flat.functional.rescaling_matrices`. The Y-form is a plain nuclear
-norm problem ([`min_nuclear_norm`][lightning_flat.baselines.min_nuclear_norm]); solvers fail on the direct form ``normNuc(D1 @ X @ D2)``. Measurement
-structure is kept: ``RankOne`` and ``Entries`` become ``RankOne`` measurements with rescaled vectors.
+norm problem ([`min_nuclear_norm`][lightning_flat.baselines.min_nuclear_norm]); solvers fail on the direct form
+``normNuc(D1 @ X @ D2)``. Measurement structure is kept: ``RankOne`` and ``Entries`` become ``RankOne`` measurements
+with rescaled vectors.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def flat_relaxation(measurements: Measurements, targets: Tensor, *, return_parts
     r"""Solve the flat relaxation $\min\|D_1XD_2\|_*$ s.t. $\mathcal A(X) = b$ through its Y-form.
 
     Returns ``X`` (``(d_out, d_in)``, dtype and device of ``targets``), or with ``return_parts`` a dict with ``X``,
-    ``Y = D1 X D2``, ``D1``, ``D2``. Raises [`SingularRescalingError`][lightning_flat.baselines.SingularRescalingError] when D1 or D2 is singular.
-    ``solver_kwargs`` go to [`min_nuclear_norm`][lightning_flat.baselines.min_nuclear_norm] (``solver``, ``eps``, ``verbose``).
+    ``Y = D1 X D2``, ``D1``, ``D2``. Raises [`SingularRescalingError`][lightning_flat.baselines.SingularRescalingError]
+    when D1 or D2 is singular. ``solver_kwargs`` go to [`min_nuclear_norm`][lightning_flat.baselines.min_nuclear_norm]
+    (``solver``, ``eps``, ``verbose``).
 
     References:
         Ding, Drusvyatskiy, Fazel (2022), eqs. 4, 5 and 21, Thm 3.2.

@@ -34,8 +34,9 @@ class FiniteLossGuard(StepHook):
     (where the gradients are then dropped, so the optimizer step leaves everything as it was). Under gradient
     accumulation a non-finite micro-batch loss stops the step.
 
-    With a [`SAM`][lightning_flat.callbacks.SAM] callback in the Trainer the gradients are always checked: its ascent point can turn the
-    gradient non-finite while the loss is still finite, and that update is refused like a non-finite loss.
+    With a [`SAM`][lightning_flat.callbacks.SAM] callback in the Trainer the gradients are always checked: its ascent
+    point can turn the gradient non-finite while the loss is still finite, and that update is refused like a non-finite
+    loss.
 
     Args:
         every_n_steps: check period in optimizer steps (1: every step; the check costs one scalar read).

@@ -198,11 +198,11 @@ class HyperparameterSchedule(StepHook):
 
     The values of step ``s`` are in place when step ``s`` runs, whatever the callbacks' order: the learning rate and
     ridge in every param group of every optimizer; the label-noise std and the SAM radius are read by
-    [`LabelNoise`][lightning_flat.callbacks.LabelNoise] and [`SAM`][lightning_flat.callbacks.SAM] from this schedule (their own ``std``/``rho`` are the values without a
-    schedule and are never changed). The values of every SGD step are set through the ``step_hparams`` phase
-    ([`StepHook`][lightning_flat.engine.StepHook]: inside the engine's fused chunks on the lightning_flat models, from
-    Lightning's hooks on any other module, where the param groups also hold the coming step's values between
-    steps). Values depend on the step only, so a resumed run follows the same schedule.
+    [`LabelNoise`][lightning_flat.callbacks.LabelNoise] and [`SAM`][lightning_flat.callbacks.SAM] from this schedule
+    (their own ``std``/``rho`` are the values without a schedule and are never changed). The values of every SGD step
+    are set through the ``step_hparams`` phase ([`StepHook`][lightning_flat.engine.StepHook]: inside the engine's fused
+    chunks on the lightning_flat models, from Lightning's hooks on any other module, where the param groups also hold
+    the coming step's values between steps). Values depend on the step only, so a resumed run follows the same schedule.
 
     Logged keys (at the first step, at every change of value and every ``every_n_steps``): ``hparams/lr``,
     ``hparams/weight_decay``, ``hparams/label_noise``, ``hparams/sam_rho`` for the scheduled ones (per-replica

@@ -127,8 +127,9 @@ class SingularValues(StructureCallback):
 
     Logged keys: ``sv/s{k}`` ($s_k(E)$, descending, ``k = 1..top``) and ``sv/ratio{k}``
     ($s_k/s_1$, ``k = 2..top``; NaN when $E = 0$). ``top`` defaults to all of them. A rank jump shows
-    as ``sv/ratio2`` falling from order one to round-off in a few steps; [`lightning_flat.functional.jump_time`][lightning_flat.functional.jump_time]
-    reads the step from ``replica_history["sv/ratio2"]``.
+    as ``sv/ratio2`` falling from order one to round-off in a few steps;
+    [`lightning_flat.functional.jump_time`][lightning_flat.functional.jump_time] reads the step from
+    ``replica_history["sv/ratio2"]``.
     """
 
     def __init__(self, every_n_steps: int = 10, top: int | None = None) -> None:
@@ -148,10 +149,10 @@ class SingularValues(StructureCallback):
 
 
 class ApproximateRank(StructureCallback):
-    r"""Log the approximate rank of the parameters, [`lightning_flat.functional.approximate_rank`][lightning_flat.functional.approximate_rank], every
-    ``every_n_steps``: $\max_j\sum_i f_\alpha(s_i(W_j)^2)$, each squared singular value of a factor counting 1
-    above ``alpha`` and less below. With weight decay it falls from the hidden width at init to the rank of ``E`` as
-    the unused directions decay.
+    r"""Log the approximate rank of the parameters,
+    [`lightning_flat.functional.approximate_rank`][lightning_flat.functional.approximate_rank], every ``every_n_steps``:
+    $\max_j\sum_i f_\alpha(s_i(W_j)^2)$, each squared singular value of a factor counting 1 above ``alpha`` and less
+    below. With weight decay it falls from the hidden width at init to the rank of ``E`` as the unused directions decay.
 
     Logged keys: ``rank/approx`` and, with ``per_layer=True``, ``rank/approx_layer{j}``. It takes one SVD per factor
     (the hidden ``w x w`` ones dominate): measure it less often than ``E``'s singular values.

@@ -1,19 +1,20 @@
 """The declared interface between the curvature callbacks and the modules they measure.
 
-A [`CurvatureSource`][lightning_flat.curvature.CurvatureSource] gives the curvature of a module's training loss (the Hessian, or the generalized
-Gauss-Newton matrix where asked) as values a callback can read without knowing the module's kind:
+A [`CurvatureSource`][lightning_flat.curvature.CurvatureSource] gives the curvature of a module's training loss (the
+Hessian, or the generalized Gauss-Newton matrix where asked) as values a callback can read without knowing the
+module's kind:
 
 - ``trace()`` and ``layer_traces()``: exact where a closed form exists, Hutch++ estimates otherwise;
-- ``operators()``: one [`Operator`][lightning_flat.curvature.Operator] per active run (``v -> H v`` on the flattened coordinates, with block
-  products ``V -> H V``), ``hessians()`` the dense matrices where they are small, ``blocks(r)`` the diagonal blocks
-  of one run (one per layer: a factor of the lightning_flat models, a parameter tensor elsewhere);
+- ``operators()``: one [`Operator`][lightning_flat.curvature.Operator] per active run (``v -> H v`` on the flattened
+  coordinates, with block products ``V -> H V``), ``hessians()`` the dense matrices where they are small, ``blocks(r)``
+  the diagonal blocks of one run (one per layer: a factor of the lightning_flat models, a parameter tensor elsewhere);
 - ``read(trainer)``: a context in which a read leaves no trace in the module or its training.
 
-Two implementations: [`ClosedFormSource`][lightning_flat.curvature.closed_form.ClosedFormSource] on the lightning_flat models
-(their closed forms and ``torch.func`` products, every replica at once where it can) and
+Two implementations: [`ClosedFormSource`][lightning_flat.curvature.closed_form.ClosedFormSource] on the lightning_flat
+models (their closed forms and ``torch.func`` products, every replica at once where it can) and
 [`ModuleSource`][lightning_flat.curvature.generic.ModuleSource] on any other LightningModule (Hessian-vector products of
-``loss_fn(module, batch)`` on kept batches). [`curvature_source`][lightning_flat.curvature.curvature_source] picks one; it is the only place that asks
-which kind of module it has.
+``loss_fn(module, batch)`` on kept batches). [`curvature_source`][lightning_flat.curvature.curvature_source] picks one;
+it is the only place that asks which kind of module it has.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ __all__ = ["ModuleSource"]
 
 
 class ModuleSource(CurvatureSource):
-    """[`CurvatureSource`][lightning_flat.curvature.base.CurvatureSource] of any LightningModule (see the module docstring).
+    """[`CurvatureSource`][lightning_flat.curvature.base.CurvatureSource] of any LightningModule (see the module
+    docstring).
 
     Args:
         module: the LightningModule.

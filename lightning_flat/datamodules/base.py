@@ -21,7 +21,8 @@ SAMPLINGS = ("replacement", "shuffle")
 
 
 class MeasurementSampler:
-    """Iterable of [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch] (one per SGD step) or [`StepChunk`][lightning_flat.engine.StepChunk] (several) for one epoch.
+    """Iterable of [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch] (one per SGD step) or
+    [`StepChunk`][lightning_flat.engine.StepChunk] (several) for one epoch.
 
     Minibatch indices are drawn i.i.d. uniformly **with replacement** at every step (``batch_size`` of them), from a
     generator reseeded by ``step_seed(seed, rank, stream, step)``: one ``randint`` and one gather per step, no
@@ -40,10 +41,10 @@ class MeasurementSampler:
     An epoch is the global steps from ``start_step()`` (the trainer's global step, read when iteration starts) up to
     the next multiple of ``steps_per_epoch``; ``len()`` is its number of steps. ``steps_in_call(step)`` (a
     lightning_flat model's, when it trains in fused chunks) says how many steps the item starting at ``step`` covers:
-    1 yields the step's batch, more a [`StepChunk`][lightning_flat.engine.StepChunk] (the engine then counts every step as a Lightning batch). The
-    last step of an epoch is an item of its own, so that progress bars, which show the first step of each call, end
-    at the epoch's last step. The batches of a step depend on ``(seed, rank, stream, step)`` only, never on the
-    chunking.
+    1 yields the step's batch, more a [`StepChunk`][lightning_flat.engine.StepChunk] (the engine then counts every step
+    as a Lightning batch). The last step of an epoch is an item of its own, so that progress bars, which show the first
+    step of each call, end at the epoch's last step. The batches of a step depend on ``(seed, rank, stream, step)``
+    only, never on the chunking.
     """
 
     def __init__(self, measurements: Measurements, targets: Tensor, batch_size: int | None, seed: int,
@@ -102,7 +103,8 @@ class MeasurementSampler:
 
     def batch(self, step: int, generator: torch.Generator | None = None,
               scratch: dict[str, Tensor] | None = None) -> MeasurementBatch:
-        """The batch of global step ``step`` (``scratch``: see [`Measurements.subset`][lightning_flat.measurements.Measurements.subset]'s ``out``)."""
+        """The batch of global step ``step`` (``scratch``: see
+        [`Measurements.subset`][lightning_flat.measurements.Measurements.subset]'s ``out``)."""
         if self.batch_size is None:
             return MeasurementBatch(self.measurements, self.targets)
         idx = self.indices(step, generator)
@@ -133,9 +135,10 @@ class MeasurementDataModule(L.LightningDataModule):
     """Base of the datamodules that generate a measurement problem.
 
     Subclasses set ``self.measurements`` (float64 master copy), ``self.targets`` and, where one exists,
-    ``self.ground_truth``, and may override [`test_error`][lightning_flat.datamodules.MeasurementDataModule.test_error]. The training dataloader is a
-    [`MeasurementSampler`][lightning_flat.datamodules.MeasurementSampler] whose batches are already on the model's device and in its dtype (read from the
-    trainer's LightningModule when ``train_dataloader`` is called), so Lightning's transfer is a no-op.
+    ``self.ground_truth``, and may override [`test_error`][lightning_flat.datamodules.MeasurementDataModule.test_error].
+    The training dataloader is a [`MeasurementSampler`][lightning_flat.datamodules.MeasurementSampler] whose batches are
+    already on the model's device and in its dtype (read from the trainer's LightningModule when ``train_dataloader`` is
+    called), so Lightning's transfer is a no-op.
 
     Args:
         batch_size: minibatch size (indices i.i.d. with replacement), or ``None`` for full-batch gradient descent.
@@ -143,7 +146,8 @@ class MeasurementDataModule(L.LightningDataModule):
         steps_per_epoch: batches per epoch. Sampling is i.i.d., so an epoch is only a bookkeeping unit; train with
             ``Trainer(max_steps=...)``. Long epochs keep Lightning's per-epoch overhead off the step path.
         sampling: ``"replacement"`` (i.i.d. indices, the default) or ``"shuffle"`` (random permutations of the data,
-            ``batch_size`` positions per step, see [`MeasurementSampler`][lightning_flat.datamodules.MeasurementSampler]).
+            ``batch_size`` positions per step, see
+            [`MeasurementSampler`][lightning_flat.datamodules.MeasurementSampler]).
     """
 
     measurements: Measurements
@@ -201,7 +205,8 @@ class MeasurementDataModule(L.LightningDataModule):
         return self._cast_cache[key]
 
     def has_ground_truth(self) -> bool:
-        """Whether [`test_error`][lightning_flat.datamodules.MeasurementDataModule.test_error] can be computed (the problem has a ground truth)."""
+        """Whether [`test_error`][lightning_flat.datamodules.MeasurementDataModule.test_error] can be computed (the
+        problem has a ground truth)."""
         return self.ground_truth is not None
 
     def _module_dtype_device(self) -> tuple[torch.dtype, torch.device]:

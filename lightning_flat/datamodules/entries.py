@@ -41,8 +41,9 @@ def _matrix(name: str, value, allow_missing: bool) -> list[list[float | None]]:
 
 class ObservedEntriesDataModule(MeasurementDataModule):
     r"""Matrix completion of a given partially observed matrix: ``observed`` lists the rows of the matrix with
-    ``None`` (YAML ``null``) at the missing entries; the measurements are [`Entries`][lightning_flat.measurements.Entries]
-    over the observed cells (row-major order) and the targets their values.
+    ``None`` (YAML ``null``) at the missing entries; the measurements are
+    [`Entries`][lightning_flat.measurements.Entries] over the observed cells (row-major order) and the targets their
+    values.
 
     Example, two of three entries fixed and one missing (the 2 x 2 problem of rank-jump studies):
 
@@ -57,8 +58,8 @@ class ObservedEntriesDataModule(MeasurementDataModule):
     Args:
         observed: rows of the matrix, ``None`` where an entry is missing (at least one entry observed).
         ground_truth: the full matrix, or ``None``.
-        batch_size: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule] (``batch_size=None`` is
-            full-batch gradient descent).
+        batch_size: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule] (``batch_size=None``
+            is full-batch gradient descent).
         seed: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule].
         steps_per_epoch: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule].
         sampling: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule].

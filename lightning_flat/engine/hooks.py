@@ -1,24 +1,27 @@
-"""Per-step callbacks, written once: [`StepHook`][lightning_flat.engine.StepHook] phases, run by the engine or by one driver.
+"""Per-step callbacks, written once: [`StepHook`][lightning_flat.engine.StepHook] phases, run by the engine or by one
+driver.
 
 A callback that acts on *every* SGD step (label noise, schedules, SAM, the finite-loss guard) implements phases of
-[`StepHook`][lightning_flat.engine.StepHook]; they run in this order, for all hooks of a phase before the next phase (whatever the order of the
-callbacks in the Trainer):
+[`StepHook`][lightning_flat.engine.StepHook]; they run in this order, for all hooks of a phase before the next phase
+(whatever the order of the callbacks in the Trainer):
 
-1. [`StepHook.step_hparams`][lightning_flat.engine.StepHook.step_hparams] writes the hyperparameters of step ``t`` (``lr``, ``weight_decay``,
-   ``label_noise``, ``sam_rho``) into ``ctx.hparams`` (the learning rate and ridge then go into the optimizers);
-2. [`StepHook.step_targets`][lightning_flat.engine.StepHook.step_targets] may replace the batch's targets ([`StepContext.set_targets`][lightning_flat.engine.StepContext.set_targets]; the dataset is
-   never modified);
+1. [`StepHook.step_hparams`][lightning_flat.engine.StepHook.step_hparams] writes the hyperparameters of step ``t``
+   (``lr``, ``weight_decay``, ``label_noise``, ``sam_rho``) into ``ctx.hparams`` (the learning rate and ridge then go
+   into the optimizers);
+2. [`StepHook.step_targets`][lightning_flat.engine.StepHook.step_targets] may replace the batch's targets
+   ([`StepContext.set_targets`][lightning_flat.engine.StepContext.set_targets]; the dataset is never modified);
 3. the loss and the gradients are computed (diverged replicas are frozen);
-4. [`StepHook.step_gradients`][lightning_flat.engine.StepHook.step_gradients] may replace ``ctx.grads`` (e.g. by a SAM gradient, from ``ctx.oracle``);
-5. [`StepHook.step_check`][lightning_flat.engine.StepHook.step_check] may set ``ctx.stop`` to a message: the update of step ``t`` is then not applied and
-   the run stops;
+4. [`StepHook.step_gradients`][lightning_flat.engine.StepHook.step_gradients] may replace ``ctx.grads`` (e.g. by a SAM
+   gradient, from ``ctx.oracle``);
+5. [`StepHook.step_check`][lightning_flat.engine.StepHook.step_check] may set ``ctx.stop`` to a message: the update of
+   step ``t`` is then not applied and the run stops;
 6. the update is applied.
 
 Who runs the phases: on a lightning_flat model the training engine (`lightning_flat.engine.loop`) runs them at
 every step, also inside fused chunks. On any other module (or when the engine leaves training to Lightning) one
 `LightningDriver` runs the same phases from Lightning's hooks; like Lightning's own hook dispatch it is one
-piece of code for all hooks: the first [`StepHook`][lightning_flat.engine.StepHook] callback of the Trainer forwards each Lightning hook to it
-(`drive`), the others do nothing:
+piece of code for all hooks: the first [`StepHook`][lightning_flat.engine.StepHook] callback of the Trainer forwards
+each Lightning hook to it (`drive`), the others do nothing:
 
 - ``on_train_start`` / ``on_train_batch_end``: the scheduled learning rate and ridge of the coming step go into the
   optimizers (so that anything reading them during that step sees its values);
@@ -29,8 +32,9 @@ piece of code for all hooks: the first [`StepHook`][lightning_flat.engine.StepHo
   DDP) then ``step_check`` (the decision combined across ranks; a stop drops every gradient, so the update leaves
   the weights, momentum and ridge untouched, and sets ``trainer.should_stop``).
 
-A chunk ends wherever a [`BoundaryHook`][lightning_flat.engine.BoundaryHook]'s [`next_boundary`][lightning_flat.engine.BoundaryHook.next_boundary] asks (e.g. a measuring
-callback's cadence), so that Lightning's ``on_train_batch_end`` sees that global step.
+A chunk ends wherever a [`BoundaryHook`][lightning_flat.engine.BoundaryHook]'s
+[`next_boundary`][lightning_flat.engine.BoundaryHook.next_boundary] asks (e.g. a measuring callback's cadence), so that
+Lightning's ``on_train_batch_end`` sees that global step.
 """
 
 from __future__ import annotations
@@ -73,8 +77,8 @@ class StepOracle(Protocol):
 
 
 def batch_targets(batch: Any, key: str | int | None = None) -> Tensor:
-    """The targets of a batch: a [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch]'s, a dict's ``key`` (default ``"targets"``), a list's
-    ``key`` (default the last entry)."""
+    """The targets of a batch: a [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch]'s, a dict's ``key``
+    (default ``"targets"``), a list's ``key`` (default the last entry)."""
     if isinstance(batch, MeasurementBatch):
         return batch.targets
     if isinstance(batch, dict):
@@ -168,10 +172,11 @@ class BoundaryHook:
 class StepHook(BoundaryHook, Callback):
     """Base of the callbacks that act on every SGD step through phases (see the module docstring).
 
-    Subclasses override the phases they need (and [`hparams`][lightning_flat.engine.StepHook.hparams] for scheduled values); only overridden phases
-    run. They do not implement Lightning's per-step hooks themselves: [`StepHook`][lightning_flat.engine.StepHook] does, once, to drive the
-    phases of every hook of the Trainer on modules the engine does not train, and ``fused_safe_hooks`` tells the
-    engine that these hooks need not see every step (the engine runs the phases itself).
+    Subclasses override the phases they need (and [`hparams`][lightning_flat.engine.StepHook.hparams] for scheduled
+    values); only overridden phases run. They do not implement Lightning's per-step hooks themselves:
+    [`StepHook`][lightning_flat.engine.StepHook] does, once, to drive the phases of every hook of the Trainer on modules
+    the engine does not train, and ``fused_safe_hooks`` tells the engine that these hooks need not see every step (the
+    engine runs the phases itself).
     """
 
     fused_safe_hooks: ClassVar[tuple[str, ...]] = ("on_train_batch_start", "on_before_backward",
@@ -182,11 +187,13 @@ class StepHook(BoundaryHook, Callback):
         return {}
 
     def step_hparams(self, ctx: StepContext) -> None:
-        """Write the hyperparameters of ``ctx.step`` into ``ctx.hparams`` (default: [`hparams`][lightning_flat.engine.StepHook.hparams])."""
+        """Write the hyperparameters of ``ctx.step`` into ``ctx.hparams`` (default:
+        [`hparams`][lightning_flat.engine.StepHook.hparams])."""
         ctx.hparams.update(self.hparams(ctx.step))
 
     def step_targets(self, ctx: StepContext) -> None:
-        """Replace the targets of ``ctx.batch`` ([`StepContext.set_targets`][lightning_flat.engine.StepContext.set_targets])."""
+        """Replace the targets of ``ctx.batch``
+        ([`StepContext.set_targets`][lightning_flat.engine.StepContext.set_targets])."""
 
     def step_gradients(self, ctx: StepContext) -> None:
         """Replace ``ctx.grads``."""
@@ -195,8 +202,8 @@ class StepHook(BoundaryHook, Callback):
         """Set ``ctx.stop`` to a message to skip this update and stop the run."""
 
     def undo_targets(self, batch: Any) -> Any:
-        """``batch`` without what [`step_targets`][lightning_flat.engine.StepHook.step_targets] put in it (a shallow copy), or ``batch`` itself: how the
-        curvature callbacks keep a clean batch whatever the callbacks' order."""
+        """``batch`` without what [`step_targets`][lightning_flat.engine.StepHook.step_targets] put in it (a shallow
+        copy), or ``batch`` itself: how the curvature callbacks keep a clean batch whatever the callbacks' order."""
         return batch
 
     # ---------------------------------------------------------------- Lightning's hooks: one driver for all hooks
@@ -229,8 +236,8 @@ def phase_hooks(callbacks: Sequence[Any]) -> dict[str, list[StepHook]]:
 
 
 def scheduled_hparams(trainer: Any, step: int) -> dict[str, Any]:
-    """The hyperparameters that the trainer's [`StepHook`][lightning_flat.engine.StepHook] callbacks set for global step ``step`` (e.g. a
-    scheduled learning rate), for callbacks that need them outside the phases (e.g. ``2/lr``)."""
+    """The hyperparameters that the trainer's [`StepHook`][lightning_flat.engine.StepHook] callbacks set for global step
+    ``step`` (e.g. a scheduled learning rate), for callbacks that need them outside the phases (e.g. ``2/lr``)."""
     out: dict[str, Any] = {}
     for cb in trainer.callbacks:
         if isinstance(cb, StepHook):

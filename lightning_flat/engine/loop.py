@@ -1,7 +1,7 @@
 """The training engine of the lightning_flat models: analytic SGD steps, fused chunks inside Lightning.
 
-One [`TrainingEngine`][lightning_flat.engine.TrainingEngine] belongs to each model. At ``on_fit_start`` it picks how the model trains under this
-Trainer:
+One [`TrainingEngine`][lightning_flat.engine.TrainingEngine] belongs to each model. At ``on_fit_start`` it picks how the
+model trains under this Trainer:
 
 - ``"fused"`` (the default path): one ``training_step`` call runs a chunk of SGD steps (the sampler yields a
   [`StepChunk`][lightning_flat.engine.StepChunk]); each step computes its gradients with the oracle, runs the

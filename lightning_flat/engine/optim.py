@@ -46,8 +46,8 @@ class ReplicaSGD(torch.optim.Optimizer):
     parameters may carry a leading dimension indexing ``R`` independent replicas.
 
     ``lr`` and ``weight_decay`` may be floats or tensors of shape ``(R,)`` (one value per replica; a
-    [`HyperparameterSchedule`][lightning_flat.callbacks.HyperparameterSchedule] may set either kind in a param group). Per replica the
-    update is torch's:
+    [`HyperparameterSchedule`][lightning_flat.callbacks.HyperparameterSchedule] may set either kind in a param group).
+    Per replica the update is torch's:
 
     $$
     d = g + \lambda_r W, \quad b \leftarrow \mu b + d \ (b = d \text{ at the first step}), \quad
@@ -58,8 +58,9 @@ class ReplicaSGD(torch.optim.Optimizer):
     freezes the replicas that are not active: their weights and momentum stay as they are, whatever their gradient
     holds. ``lr`` and ``weight_decay`` may be given as per-replica lists.
 
-    `step` reads ``p.grad`` (Lightning's path); [`apply_gradients`][lightning_flat.engine.ReplicaSGD.apply_gradients] takes the gradients as a list (the
-    engine's fused path). Both run the same update, so a run is bitwise the same on either path.
+    `step` reads ``p.grad`` (Lightning's path); [`apply_gradients`][lightning_flat.engine.ReplicaSGD.apply_gradients]
+    takes the gradients as a list (the engine's fused path). Both run the same update, so a run is bitwise the same on
+    either path.
     """
 
     def __init__(self, params: Iterable, lr: float | Tensor | list[float], momentum: float = 0.0,

@@ -1,15 +1,15 @@
 """Replicas, in one place: ``R`` independent runs trained in one module, and the step-keyed random streams.
 
-A lightning_flat model owns one [`Replicas`][lightning_flat.engine.Replicas] (``model.replicas``): the seed of every run, the active mask and
-the record of diverged runs, per-replica hyperparameters, the masked sums and means and the per-replica log keys.
-A single run is ``R = 1`` with the same argument forms (a length-1 list is a scalar), so no caller branches on it;
-a module that is not a lightning_flat model is measured and trained as one run without a seed stream
+A lightning_flat model owns one [`Replicas`][lightning_flat.engine.Replicas] (``model.replicas``): the seed of every
+run, the active mask and the record of diverged runs, per-replica hyperparameters, the masked sums and means and the
+per-replica log keys. A single run is ``R = 1`` with the same argument forms (a length-1 list is a scalar), so no caller
+branches on it; a module that is not a lightning_flat model is measured and trained as one run without a seed stream
 ([`replicas_of`][lightning_flat.engine.replicas_of]).
 
 Random numbers of step ``t`` (minibatch indices, label noise, probes) come from generators seeded by
-[`step_seed`][lightning_flat.engine.step_seed] of integer keys that include ``t``, so a run resumed at step ``t`` draws what the uninterrupted
-run draws; keys that include a run's seed ([`per_stream`][lightning_flat.engine.per_stream]) make replica ``r`` draw what a single run with that
-seed draws.
+[`step_seed`][lightning_flat.engine.step_seed] of integer keys that include ``t``, so a run resumed at step ``t`` draws
+what the uninterrupted run draws; keys that include a run's seed ([`per_stream`][lightning_flat.engine.per_stream]) make
+replica ``r`` draw what a single run with that seed draws.
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ class Replicas(nn.Module):
     # ------------------------------------------------------------------------------------------------ divergence
     def freeze_nonfinite(self, losses: Tensor, step: int) -> list[int]:
         """Freeze the active runs whose loss is not finite (``count > 1``; a single run is stopped instead, see
-        [`stop_reason`][lightning_flat.engine.Replicas.stop_reason]) and record them in ``diverged``; returns the newly frozen runs (a warning names each)."""
+        [`stop_reason`][lightning_flat.engine.Replicas.stop_reason]) and record them in ``diverged``; returns the newly
+        frozen runs (a warning names each)."""
         if self.dims == 0:
             return []
         active = self.active
@@ -276,13 +277,15 @@ class Replicas(nn.Module):
 
 
 class Replicated:
-    """Declares that a module owns a [`Replicas`][lightning_flat.engine.Replicas] as ``replicas`` (the lightning_flat models do)."""
+    """Declares that a module owns a [`Replicas`][lightning_flat.engine.Replicas] as ``replicas`` (the lightning_flat
+    models do)."""
 
     replicas: Replicas
 
 
 def replicas_of(module: Any) -> Replicas:
-    """The [`Replicas`][lightning_flat.engine.Replicas] of a lightning_flat model, or one run without a seed stream for any other module."""
+    """The [`Replicas`][lightning_flat.engine.Replicas] of a lightning_flat model, or one run without a seed stream for
+    any other module."""
     if isinstance(module, Replicated):
         return module.replicas
     return Replicas(1, seed=None)

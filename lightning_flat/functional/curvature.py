@@ -38,7 +38,8 @@ def _check_weights(weights: Sequence[Tensor]) -> list[Tensor]:
         raise ValueError("weights must hold at least one layer, got an empty list")
     for j, W in enumerate(weights):
         if not isinstance(W, Tensor) or W.ndim < 2:
-            raise ValueError(f"weights[{j}] must be a tensor of shape (..., d_{j + 1}, d_{j}), got {getattr(W, 'shape', W)}")
+            raise ValueError(f"weights[{j}] must be a tensor of shape (..., d_{j + 1}, d_{j}), "
+                             f"got {getattr(W, 'shape', W)}")
     for j in range(1, len(weights)):
         if weights[j].dtype != weights[0].dtype:
             raise TypeError(f"weights must share one dtype, got weights[0] {weights[0].dtype} and weights[{j}] "

@@ -1,13 +1,17 @@
 r"""Eigenvalues of symmetric operators given as products ``v -> H v`` (Hessian-vector products), and spectra.
 
-- [`top_hessian_eigenpair`][lightning_flat.functional.top_hessian_eigenpair]: the largest algebraic eigenpair by warm-started Lanczos with an error bound;
-- [`top_eigenpairs`][lightning_flat.functional.top_eigenpairs]: the ``k`` largest by LOBPCG, warm-started by a block; [`eigenvalues_above`][lightning_flat.functional.eigenvalues_above]: every
-  eigenvalue above a level (the block grown until one converged eigenvalue falls below it);
-- [`block_operator`][lightning_flat.functional.block_operator]: the operator of one diagonal block (one layer's coordinates);
-- [`preconditioned_operator`][lightning_flat.functional.preconditioned_operator]: $v \mapsto s \odot H(s \odot v)$, the curvature an optimizer with the
-  diagonal preconditioner $P = \mathrm{diag}(s)^{-2}$ sees;
-- [`exact_density`][lightning_flat.functional.exact_density] and [`density_moments`][lightning_flat.functional.density_moments]: a spectral density as quadrature nodes and weights, and what
-  the measuring callbacks log of it.
+- [`top_hessian_eigenpair`][lightning_flat.functional.top_hessian_eigenpair]: the largest algebraic eigenpair by
+  warm-started Lanczos with an error bound;
+- [`top_eigenpairs`][lightning_flat.functional.top_eigenpairs]: the ``k`` largest by LOBPCG, warm-started by a block;
+  [`eigenvalues_above`][lightning_flat.functional.eigenvalues_above]: every eigenvalue above a level (the block grown
+  until one converged eigenvalue falls below it);
+- [`block_operator`][lightning_flat.functional.block_operator]: the operator of one diagonal block (one layer's
+  coordinates);
+- [`preconditioned_operator`][lightning_flat.functional.preconditioned_operator]: $v \mapsto s \odot H(s \odot v)$, the
+  curvature an optimizer with the diagonal preconditioner $P = \mathrm{diag}(s)^{-2}$ sees;
+- [`exact_density`][lightning_flat.functional.exact_density] and
+  [`density_moments`][lightning_flat.functional.density_moments]: a spectral density as quadrature nodes and weights,
+  and what the measuring callbacks log of it.
 
 Operators are plain callables ``hvp(v)`` on flat vectors of length ``size``; nothing here depends on where they
 come from (a closed form, ``torch.func``, hessian-eigenthings).
@@ -38,9 +42,9 @@ def top_hessian_eigenpair(hvp: HVP, size: int, *, dtype: torch.dtype, device: to
     $\min(r, r^2/\delta)$ with the Ritz residual $r = \beta_j |s_j|$ and the Ritz gap
     $\delta = \theta_1 - \theta_2$ (Kato-Temple; used once $\delta > r$), is at most
     $\mathrm{tol}\cdot\max(|\theta|, 1)$; if ``max_iter`` steps do not reach it, it restarts from the Ritz
-    vector (up to ``max_restarts`` times). ``tol`` is thus the relative accuracy of the eigenvalue. Started from the previous top eigenvector, a read
-    during training converges in a few products. (hessian-eigenthings' ``lanczos`` always runs its full Krylov
-    dimension and takes no start vector, hence this small loop.)
+    vector (up to ``max_restarts`` times). ``tol`` is thus the relative accuracy of the eigenvalue. Started from the
+    previous top eigenvector, a read during training converges in a few products. (hessian-eigenthings' ``lanczos``
+    always runs its full Krylov dimension and takes no start vector, hence this small loop.)
 
     Returns ``(eigenvalue, eigenvector, number_of_hvps)``; the eigenvalue is NaN when a product is not finite (a
     diverged point), without calling the eigen-solver on it.
@@ -115,7 +119,8 @@ def top_eigenpairs(hvp: HVP, size: int, k: int, *, dtype: torch.dtype, device: t
     trailing vectors are guards that speed up convergence); with ``above``, only those above that level and the
     first one below it. ``X0`` (e.g. the previous read's eigenvectors)
     warm-starts it, so a read during training converges in a few blocks. With ``blocks``, ``hvp`` multiplies a block
-    ``(size, m)`` at once (batched products). Returns ``(eigenvalues (k,) descending, eigenvectors (size, k), hvps)``."""
+    ``(size, m)`` at once (batched products). Returns
+    ``(eigenvalues (k,) descending, eigenvectors (size, k), hvps)``."""
     k = min(check_positive_int("k", k), size)
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(size, k, generator=g, dtype=dtype).to(device)
@@ -161,11 +166,12 @@ def top_eigenpairs(hvp: HVP, size: int, k: int, *, dtype: torch.dtype, device: t
 def eigenvalues_above(hvp: HVP, size: int, level: float, *, dtype: torch.dtype, device: torch.device,
                       X0: Tensor | None = None, tol: float = 1e-8, seed: int = 0,
                       blocks: bool = False) -> tuple[list[float], Tensor, int]:
-    r"""Every eigenvalue of ``hvp`` above ``level`` (descending), by [`top_eigenpairs`][lightning_flat.functional.top_eigenpairs] on a block of ``k``
-    vectors (at least 3, or the columns of ``X0``, e.g. the previous read's vectors), doubled while all ``k - 2``
-    leading converged eigenvalues are above the level (the last two vectors are guards that speed up convergence).
-    The residual bound is $\sqrt{\mathrm{tol}}$, which gives eigenvalues to about ``tol`` (the error is about the
-    squared residual over the gap). ``blocks``: ``hvp`` multiplies blocks ``(size, m)``.
+    r"""Every eigenvalue of ``hvp`` above ``level`` (descending), by
+    [`top_eigenpairs`][lightning_flat.functional.top_eigenpairs] on a block of ``k`` vectors (at least 3, or the columns
+    of ``X0``, e.g. the previous read's vectors), doubled while all ``k - 2`` leading converged eigenvalues are above
+    the level (the last two vectors are guards that speed up convergence). The residual bound is $\sqrt{\mathrm{tol}}$,
+    which gives eigenvalues to about ``tol`` (the error is about the squared residual over the gap). ``blocks``: ``hvp``
+    multiplies blocks ``(size, m)``.
 
     Returns ``(eigenvalues above level, vectors (size, found + 2) to warm-start the next read, hvps)``.
     """

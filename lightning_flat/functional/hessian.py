@@ -111,7 +111,8 @@ def replica_loss_hessians(weights: Sequence[Tensor], measurements: Measurements,
 
 def replica_sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor, end_to_end=None,
                       active: Tensor | None = None) -> Tensor:
-    """Exact sharpness of every replica, shape ``(R,)`` ([`replica_loss_hessians`][lightning_flat.functional.replica_loss_hessians], then ``eigvalsh``).
+    """Exact sharpness of every replica, shape ``(R,)``
+    ([`replica_loss_hessians`][lightning_flat.functional.replica_loss_hessians], then ``eigvalsh``).
 
     Replicas with ``active[r] = False`` (frozen, e.g. diverged) are computed at zero weights, so that huge or
     non-finite weights cannot spoil the batch, and reported as NaN, as is any replica whose Hessian is not finite."""
@@ -136,8 +137,9 @@ def sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Te
 
     The full Hessian, residual term included (no label noise, no ridge). ``method``: ``"exact"`` (``eigvalsh`` of
     ``torch.func.hessian``, for models with at most a few thousand parameters), ``"lanczos"`` (restarted Lanczos over
-    ``torch.func`` Hessian-vector products, see [`top_hessian_eigenpair`][lightning_flat.functional.top_hessian_eigenpair]) or
-    ``"auto"`` (exact up to `EXACT_MAX_PARAMS` parameters). Leading replica dimensions of the weights are handled one replica at a time.
+    ``torch.func`` Hessian-vector products, see
+    [`top_hessian_eigenpair`][lightning_flat.functional.top_hessian_eigenpair]) or ``"auto"`` (exact up to
+    `EXACT_MAX_PARAMS` parameters). Leading replica dimensions of the weights are handled one replica at a time.
     """
     weights = list(weights) if end_to_end is not None else _check_weights(weights)
     check_choice("method", method, ("auto", "exact", "lanczos"))

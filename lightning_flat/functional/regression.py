@@ -1,25 +1,28 @@
 r"""Closed forms for deep linear networks on univariate regression (Marion & Chizat 2024).
 
-The model is $f(x) = w^\top W_L\cdots W_1 x$ (``w`` a fixed vector; for a [`DeepLinearNet`][lightning_flat.models.DeepLinearNet] with dims
-``(d, ..., d, 1)`` take ``w = 1`` and the last factor ``(1, d)``), the loss
-$R(W) = \frac1n\|y - Xw_{prod}\|^2$ with $w_{prod} = W_1^\top\cdots W_L^\top w$ (the library's measurement
-loss: no 1/2, so every closed form below compares directly with the Hessian of the library's loss). With
+The model is $f(x) = w^\top W_L\cdots W_1 x$ (``w`` a fixed vector; for a
+[`DeepLinearNet`][lightning_flat.models.DeepLinearNet] with dims ``(d, ..., d, 1)`` take ``w = 1`` and the last factor
+``(1, d)``), the loss $R(W) = \frac1n\|y - Xw_{prod}\|^2$ with $w_{prod} = W_1^\top\cdots W_L^\top w$ (the library's
+measurement loss: no 1/2, so every closed form below compares directly with the Hessian of the library's loss). With
 $\hat\Sigma = X^\top X/n$, $\lambda$/$\Lambda$ its extreme eigenvalues, $w^*$ the
 least-squares solution and $a = w^{*\top}\hat\Sigma w^*/\|w^*\|^2$:
 
 - [`sharpness_lower_bound`][lightning_flat.functional.sharpness_lower_bound]: any global minimiser has sharpness
   $S \ge S_{min} = 2L\lambda\|w^*\|^{2-2/L}$ (Thm 1), and the same proof gives
   $S \ge S_{min}^a = 2La\|w^*\|^{2-2/L}$;
-- [`sharpness_upper_bound`][lightning_flat.functional.sharpness_upper_bound]: $UB = 8L\Lambda\|w^*\|^{2-2/L}$, the bound of gradient flow from a small
-  initialisation (Cor. 3: $S \le 4\frac\Lambda\lambda S_{min}$);
+- [`sharpness_upper_bound`][lightning_flat.functional.sharpness_upper_bound]: $UB = 8L\Lambda\|w^*\|^{2-2/L}$, the bound
+  of gradient flow from a small initialisation (Cor. 3: $S \le 4\frac\Lambda\lambda S_{min}$);
 - [`minimizer_sharpness`][lightning_flat.functional.minimizer_sharpness]: at a minimiser the residual term vanishes and
   $S = 2\lambda_{max}(\hat\Sigma^{1/2}G\hat\Sigma^{1/2})$,
   $G = \sum_k\|w^\top W_L\cdots W_{k+1}\|^2 (W_{k-1}\cdots W_1)^\top(W_{k-1}\cdots W_1)$;
-- [`ideal_minimizer`][lightning_flat.functional.ideal_minimizer]: $W_k = \|w^*\|^{1/L}u_ku_{k-1}^\top$ with $u_0 = w^*/\|w^*\|$, whose sharpness
-  is $2\|w^*\|^{2-2/L}\lambda_{max}(\hat\Sigma + (L-1)\hat\Sigma^{1/2}u_0u_0^\top\hat\Sigma^{1/2})$
-  ([`ideal_minimizer_sharpness`][lightning_flat.functional.ideal_minimizer_sharpness]), within $2\|w^*\|^{2-2/L}(\Lambda - a)$ of $S_{min}^a$;
-- [`conserved_gaps`][lightning_flat.functional.conserved_gaps] and [`epsilon_gd`][lightning_flat.functional.epsilon_gd]: $D_k = W_{k+1}^\top W_{k+1} - W_kW_k^\top$, conserved by
-  gradient flow, and the bound $\varepsilon$ of Lemma 1 with gradient descent's drift of $D_k$ added.
+- [`ideal_minimizer`][lightning_flat.functional.ideal_minimizer]: $W_k = \|w^*\|^{1/L}u_ku_{k-1}^\top$ with
+  $u_0 = w^*/\|w^*\|$, whose sharpness is
+  $2\|w^*\|^{2-2/L}\lambda_{max}(\hat\Sigma + (L-1)\hat\Sigma^{1/2}u_0u_0^\top\hat\Sigma^{1/2})$
+  ([`ideal_minimizer_sharpness`][lightning_flat.functional.ideal_minimizer_sharpness]), within
+  $2\|w^*\|^{2-2/L}(\Lambda - a)$ of $S_{min}^a$;
+- [`conserved_gaps`][lightning_flat.functional.conserved_gaps] and [`epsilon_gd`][lightning_flat.functional.epsilon_gd]:
+  $D_k = W_{k+1}^\top W_{k+1} - W_kW_k^\top$, conserved by gradient flow, and the bound $\varepsilon$ of Lemma 1 with
+  gradient descent's drift of $D_k$ added.
 
 References:
     Marion, Chizat (2024), "Deep linear networks for regression are implicitly regularized towards flat minima".

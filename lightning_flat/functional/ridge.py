@@ -3,8 +3,9 @@ r"""Deep linear networks with an L2 ridge (weight decay): the objective seen thr
 With ridge as weight decay (``W <- W - lr (grad + ridge W)``), training minimises
 $J(\theta) = L(E) + \frac{\mathrm{ridge}}2\sum_j\|W_j\|_F^2$ over the factors of $E = W_L\cdots W_1$. The
 smallest $\sum_j\|W_j\|_F^2$ over the factorisations of one $E$ is its representation cost
-$L\sum_i s_i(E)^{2/L}$ ([`representation_cost`][lightning_flat.functional.representation_cost], attained by the balanced factors
-of [`balanced_factors`][lightning_flat.functional.balanced_factors]), so the minima of $J$ over $\theta$ are those of
+$L\sum_i s_i(E)^{2/L}$ ([`representation_cost`][lightning_flat.functional.representation_cost], attained by the balanced
+factors of [`balanced_factors`][lightning_flat.functional.balanced_factors]), so the minima of $J$ over $\theta$ are
+those of
 
 $$
 J(E) = L(E) + \frac{\mathrm{ridge}}2\,L\sum_i s_i(E)^{2/L}
@@ -110,9 +111,9 @@ def factored_second_order_check(E: Tensor, measurements: Measurements, targets: 
     of the Hessian relative to its largest magnitude (``nan`` for both where they are not finite).
 
     $J(\theta)$ is a polynomial in the factors, so both exist at every point, unlike the derivatives of
-    $J(E)$ ([`ridge_objective`][lightning_flat.functional.ridge_objective]), whose $s^{2/L}$ is not differentiable where a singular value is
-    zero, and whose second derivatives through the SVD are not defined where two singular values meet. Since
-    $J(\theta) \ge J(E(\theta))$ with equality at balanced factors, a local minimum of $J(E)$ among the
+    $J(E)$ ([`ridge_objective`][lightning_flat.functional.ridge_objective]), whose $s^{2/L}$ is not differentiable where
+    a singular value is zero, and whose second derivatives through the SVD are not defined where two singular values
+    meet. Since $J(\theta) \ge J(E(\theta))$ with equality at balanced factors, a local minimum of $J(E)$ among the
     matrices of rank at most ``rank`` is a local minimum of $J(\theta)$ there (gradient zero, Hessian positive
     semi-definite; the rotations of the hidden layers are flat directions), and a saddle of $J(E)$ with distinct
     singular values shows a negative eigenvalue."""
@@ -158,8 +159,9 @@ def _core_penalty(A: Tensor, B: Tensor, depth: int) -> Tensor:
 def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: float, depth: int, rank: int,
                         starts: list[Tensor] | None = None, restarts: int = 20, seed: int = 0,
                         gtol: float = 1e-12) -> tuple[Tensor, float] | None:
-    r"""The lowest local minimum of rank exactly ``rank`` of $J(E)$ ([`ridge_objective`][lightning_flat.functional.ridge_objective]) found by
-    multi-start BFGS (scipy) in float64, ``(E, J)``, or ``None`` when every start ends at another rank.
+    r"""The lowest local minimum of rank exactly ``rank`` of $J(E)$
+    ([`ridge_objective`][lightning_flat.functional.ridge_objective]) found by multi-start BFGS (scipy) in float64,
+    ``(E, J)``, or ``None`` when every start ends at another rank.
 
     Full rank searches over ``E`` itself; a lower rank ``r`` over $E = AB^\top$ with ``A (d_out, r)``,
     ``B (d_in, r)``, its penalty computed from the ``r`` singular values that can be nonzero
@@ -172,9 +174,10 @@ def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: floa
     finite is skipped (the other starts go on). A result counts as rank ``r`` when its ``r``-th singular value exceeds
     ``1e-6`` times the first and the next one does not, and as a local minimum by the first- and second-order
     conditions of the factored objective $J(\theta)$ at its balanced factors
-    ([`factored_second_order_check`][lightning_flat.functional.factored_second_order_check]), which is a polynomial, so the verdict does not depend on where BFGS
-    happened to stop: the gradient at most ``max(100 gtol, 1e-8) max(1, s_1)`` and the lowest Hessian eigenvalue
-    above ``-1e-6`` times the largest (a stall on the way to a lower rank or a saddle is not returned).
+    ([`factored_second_order_check`][lightning_flat.functional.factored_second_order_check]), which is a polynomial, so
+    the verdict does not depend on where BFGS happened to stop: the gradient at most ``max(100 gtol, 1e-8) max(1, s_1)``
+    and the lowest Hessian eigenvalue above ``-1e-6`` times the largest (a stall on the way to a lower rank or a saddle
+    is not returned).
     """
     import numpy as np
     from scipy.optimize import minimize

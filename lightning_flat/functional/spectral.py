@@ -122,10 +122,10 @@ def soft_rank(M: Tensor, alpha: float = 1e-3) -> Tensor:
 
 
 def approximate_rank(weights: list[Tensor], alpha: float = 1e-3) -> Tensor:
-    r"""The approximate rank of a deep network's parameters, $\max_j$ [`soft_rank`][lightning_flat.functional.soft_rank] $(W_j, \alpha)$,
-    shape ``(...)`` for factors ``W_j (..., d_j, d_{j-1})``. Under SGD with weight decay, directions that the data
-    do not feed shrink geometrically, so this counts the directions that carry the solution: it reads the hidden
-    width at a random init, and the rank of the end-to-end map once training has shed the rest."""
+    r"""The approximate rank of a deep network's parameters, $\max_j$ [`soft_rank`][lightning_flat.functional.soft_rank]
+    $(W_j, \alpha)$, shape ``(...)`` for factors ``W_j (..., d_j, d_{j-1})``. Under SGD with weight decay, directions
+    that the data do not feed shrink geometrically, so this counts the directions that carry the solution: it reads the
+    hidden width at a random init, and the rank of the end-to-end map once training has shed the rest."""
     if len(weights) == 0:
         raise ValueError("weights must list at least one factor")
     return torch.stack([soft_rank(W, alpha) for W in weights]).amax(0)

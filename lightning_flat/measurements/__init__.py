@@ -3,9 +3,10 @@ r"""Linear measurement operators $\mathcal A: \mathbb R^{d_{out}\times d_{in}} \
 One small class family with one interface, used by the datamodules (to make targets and batches), by the
 models (to predict) and by the curvature core (the exact Hessian trace):
 
-- [`Dense`][lightning_flat.measurements.Dense]: $A_i$ given as a tensor of shape ``(n, d_out, d_in)`` (Gaussian matrix sensing);
-- [`RankOne`][lightning_flat.measurements.RankOne]: $A_i = u_i v_i^\top$ (bilinear sensing, quadratic sensing with ``u = v``, univariate
-  regression with ``d_out = 1`` and ``u_i = 1``);
+- [`Dense`][lightning_flat.measurements.Dense]: $A_i$ given as a tensor of shape ``(n, d_out, d_in)`` (Gaussian matrix
+  sensing);
+- [`RankOne`][lightning_flat.measurements.RankOne]: $A_i = u_i v_i^\top$ (bilinear sensing, quadratic sensing with
+  ``u = v``, univariate regression with ``d_out = 1`` and ``u_i = 1``);
 - [`Entries`][lightning_flat.measurements.Entries]: $A_i = e_{r_i} e_{c_i}^\top$ (matrix completion).
 
 Every class offers
@@ -22,8 +23,8 @@ Every class offers
 The measurement tensors themselves may carry leading batch dimensions as well (a per-replica minibatch made by
 ``subset`` with an index of shape ``(R, B)``); ``__call__`` and ``adjoint`` broadcast over them.
 
-Measurements are immutable: the classes cache derived tensors (e.g. [`Dense`][lightning_flat.measurements.Dense]'s fourth-moment matrix used by
-``curvature``), so do not modify the tensors passed in after construction.
+Measurements are immutable: the classes cache derived tensors (e.g. [`Dense`][lightning_flat.measurements.Dense]'s
+fourth-moment matrix used by ``curvature``), so do not modify the tensors passed in after construction.
 """
 
 from lightning_flat.measurements.base import MeasurementBatch, Measurements, unpack_batch

@@ -1,4 +1,5 @@
-"""The interface of the measurement operators ([`Measurements`][lightning_flat.measurements.Measurements]) and the batches the datamodules yield."""
+"""The interface of the measurement operators ([`Measurements`][lightning_flat.measurements.Measurements]) and the
+batches the datamodules yield."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class Measurements:
         raise NotImplementedError
 
     def curvature(self, G: Tensor, K: Tensor, symmetric: bool = False) -> Tensor:  # pragma: no cover - abstract
-        """``sum_i tr(A_i G A_i^T K)``; ``symmetric=True`` promises symmetric ``G`` and ``K`` (a faster path may use it)."""
+        """``sum_i tr(A_i G A_i^T K)``; ``symmetric=True`` promises symmetric ``G`` and ``K`` (a faster path may use
+        it)."""
         raise NotImplementedError
 
     def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> Measurements:  # pragma: no cover
@@ -70,7 +72,8 @@ class Measurements:
             raise ValueError(f"traces need square measurements, got shape {self.shape}")
 
     def with_fields(self, fields: dict[str, Tensor]) -> Measurements:  # pragma: no cover - abstract
-        """The same kind of measurements over other rows (the inverse of [`fields`][lightning_flat.measurements.Measurements.fields])."""
+        """The same kind of measurements over other rows (the inverse of
+        [`fields`][lightning_flat.measurements.Measurements.fields])."""
         raise NotImplementedError
 
     def to(self, *args: Any, **kwargs: Any) -> Measurements:  # pragma: no cover - abstract
@@ -148,7 +151,8 @@ class MeasurementBatch:
         return int(self.targets.shape[-1])
 
     def fields(self) -> dict[str, Tensor]:
-        """The batch as a dict of tensors with the examples along dim 0 (see [`with_fields`][lightning_flat.measurements.MeasurementBatch.with_fields])."""
+        """The batch as a dict of tensors with the examples along dim 0 (see
+        [`with_fields`][lightning_flat.measurements.MeasurementBatch.with_fields])."""
         return {**self.measurements.fields(), "targets": self.targets}
 
     def with_fields(self, fields: dict[str, Tensor]) -> MeasurementBatch:
@@ -161,7 +165,8 @@ class MeasurementBatch:
 
 
 def unpack_batch(batch: Any) -> tuple[Measurements, Tensor]:
-    """``(measurements, targets)`` from a [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch], a dict with those keys or a pair."""
+    """``(measurements, targets)`` from a [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch], a dict
+    with those keys or a pair."""
     if isinstance(batch, MeasurementBatch):
         return batch.measurements, batch.targets
     if isinstance(batch, dict) and "measurements" in batch and "targets" in batch:

@@ -13,7 +13,8 @@ from lightning_flat.measurements.base import Measurements, _parse_to
 
 __all__ = ["Dense", "MOMENT_BUDGET_BYTES"]
 
-#: Largest fourth-moment matrix (in bytes) that [`Dense.curvature`][lightning_flat.measurements.Dense.curvature] caches for the ``"moment"`` method.
+#: Largest fourth-moment matrix (in bytes) that [`Dense.curvature`][lightning_flat.measurements.Dense.curvature] caches
+#: for the ``"moment"`` method.
 MOMENT_BUDGET_BYTES = 512 * 2**20
 
 
@@ -32,8 +33,8 @@ class Dense(Measurements):
 
     ``"auto"`` (default) takes ``"moment"`` when it is cheaper per call and $\Sigma$ fits in
     `MOMENT_BUDGET_BYTES`. With ``symmetric=True`` (symmetric ``G`` and ``K``, as in the Hessian trace) only the
-    [`folded_moment`][lightning_flat.measurements.Dense.folded_moment] over upper triangles is kept: at the Gatmiry size (n=600, 60x60) 27 MB in float64 instead of
-    104 MB, and a quarter of the memory traffic per call.
+    [`folded_moment`][lightning_flat.measurements.Dense.folded_moment] over upper triangles is kept: at the Gatmiry size
+    (n=600, 60x60) 27 MB in float64 instead of 104 MB, and a quarter of the memory traffic per call.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
@@ -99,7 +100,8 @@ class Dense(Measurements):
         return torch.einsum("iab,icb->ac", self.A, self.A), torch.einsum("iab,iac->bc", self.A, self.A)
 
     def with_fields(self, fields: dict[str, Tensor]) -> Dense:
-        """The same kind of measurements over other rows (the inverse of [`fields`][lightning_flat.measurements.Dense.fields])."""
+        """The same kind of measurements over other rows (the inverse of
+        [`fields`][lightning_flat.measurements.Dense.fields])."""
         return Dense._trusted(fields["A"])
 
     def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> Dense:
@@ -147,7 +149,8 @@ class Dense(Measurements):
 
     def _check_unbatched(self, what: str) -> None:
         if self.A.ndim != 3:
-            raise ValueError(f"{what} needs unbatched measurements of shape (n, d_out, d_in), got {tuple(self.A.shape)}")
+            raise ValueError(f"{what} needs unbatched measurements of shape (n, d_out, d_in), "
+                             f"got {tuple(self.A.shape)}")
 
     def moment(self) -> Tensor:
         r"""The cached fourth-moment matrix $\Sigma$ of shape ``(d_out^2, d_in^2)`` (built on first use)."""
@@ -159,7 +162,8 @@ class Dense(Measurements):
     def folded_moment(self) -> Tensor:
         r"""The fourth moment restricted to symmetric ``G`` and ``K``: $\tilde\Sigma_{(a\le e),(b\le c)} =
         \frac12(\Sigma_{(a,e),(b,c)} + \Sigma_{(a,e),(c,b)})$, shape ``(d_out(d_out+1)/2, d_in(d_in+1)/2)``: about a
-        quarter of [`moment`][lightning_flat.measurements.Dense.moment]'s size, so a quarter of the memory traffic per call (cached; built on first use)."""
+        quarter of [`moment`][lightning_flat.measurements.Dense.moment]'s size, so a quarter of the memory traffic per
+        call (cached; built on first use)."""
         self._check_unbatched("folded_moment()")
         if self._folded is None:
             d_out, d_in = self.shape
@@ -176,7 +180,8 @@ class Dense(Measurements):
         return i, j
 
     def _fold(self, M: Tensor) -> Tensor:
-        """Upper triangle of symmetric ``M (..., d, d)`` with off-diagonal entries doubled, shape ``(..., d(d+1)/2)``."""
+        """Upper triangle of symmetric ``M (..., d, d)`` with off-diagonal entries doubled, shape
+        ``(..., d(d+1)/2)``."""
         d = M.shape[-1]
         i, j = self._triu(d)
         return M[..., i, j] * torch.where(i == j, 1.0, 2.0).to(M.dtype)
@@ -191,7 +196,8 @@ class Dense(Measurements):
         r"""$\sum_i \operatorname{tr}(A_i G A_i^\top K)$; ``method`` is ``"auto"``, ``"moment"`` or ``"direct"``.
 
         ``symmetric=True`` promises that ``G`` and ``K`` are symmetric (as in the Hessian trace, ``G = P^T P`` and
-        ``K = S S^T``), which lets the moment method use [`folded_moment`][lightning_flat.measurements.Dense.folded_moment].
+        ``K = S S^T``), which lets the moment method use
+        [`folded_moment`][lightning_flat.measurements.Dense.folded_moment].
         """
         d_out, d_in = self.shape
         self._check_square("G", G, d_in)

@@ -25,11 +25,13 @@ class RankOne(Measurements):
         check_tensor("u", u, min_ndim=2, floating=True, finite=True)
         check_tensor("v", v, min_ndim=2, floating=True, finite=True)
         if u.shape[:-1] != v.shape[:-1]:
-            raise ValueError(f"u and v must have the same number of measurements, got u {tuple(u.shape)} and v {tuple(v.shape)}")
+            raise ValueError(f"u and v must have the same number of measurements, got u {tuple(u.shape)} and "
+                             f"v {tuple(v.shape)}")
         if u.dtype != v.dtype or u.device != v.device:
             raise ValueError(f"u and v must share dtype and device, got {u.dtype}/{u.device} and {v.dtype}/{v.device}")
         if u.shape[-2] < 1 or u.shape[-1] < 1 or v.shape[-1] < 1:
-            raise ValueError(f"u (n, d_out) and v (n, d_in) need positive sizes, got {tuple(u.shape)} and {tuple(v.shape)}")
+            raise ValueError(f"u (n, d_out) and v (n, d_in) need positive sizes, got {tuple(u.shape)} and "
+                             f"{tuple(v.shape)}")
         self.u, self.v = u, v
         self.shape = (int(u.shape[-1]), int(v.shape[-1]))
 
@@ -67,7 +69,8 @@ class RankOne(Measurements):
     def second_moments(self) -> tuple[Tensor, Tensor]:
         # A_i A_i^T = ||v_i||^2 u_i u_i^T and A_i^T A_i = ||u_i||^2 v_i v_i^T
         vv, uu = self.v.square().sum(-1), self.u.square().sum(-1)
-        return (self.u * vv.unsqueeze(-1)).transpose(-1, -2) @ self.u, (self.v * uu.unsqueeze(-1)).transpose(-1, -2) @ self.v
+        return ((self.u * vv.unsqueeze(-1)).transpose(-1, -2) @ self.u,
+                (self.v * uu.unsqueeze(-1)).transpose(-1, -2) @ self.v)
 
     def with_fields(self, fields: dict[str, Tensor]) -> RankOne:
         return RankOne._trusted(fields["u"], fields["v"])

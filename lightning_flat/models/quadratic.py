@@ -39,7 +39,8 @@ class QuadraticNet(LinearNetBase):
         seed: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
         trace_penalty: the flatness regularizer $\lambda\operatorname{tr}\nabla^2L$.
         chunk_size: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
-        gradients: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet] (analytic gradients $\pm(G + G^\top)U_k$).
+        gradients: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet] (analytic gradients
+            $\pm(G + G^\top)U_k$).
     """
 
     def __init__(self, d: int, k1: int, k2: int = 0, init_scale: float | None = None, lr: float = 0.01,

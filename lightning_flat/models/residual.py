@@ -27,9 +27,10 @@ class ResidualLinearNet(LinearNetBase):
     ``end_to_end()`` is $w^\top W_L\cdots W_1$, shape ``(1, d)``, so the model reads univariate data as
     [`RankOne`][lightning_flat.measurements.RankOne] measurements with ``u_i = 1``, ``v_i = x_i`` (what
     [`UnivariateRegressionDataModule`][lightning_flat.datamodules.UnivariateRegressionDataModule] yields), exactly as a
-    [`DeepLinearNet`][lightning_flat.models.DeepLinearNet] with dims ``(d, ..., d, 1)``. ``w`` acts as an untrained last factor: the Hessian trace
-    and the sharpness are over the trained ``W_k`` only, in the coordinates the optimizer updates (the theory's
-    $\theta_k = L(W_k - W_k(0))$ has $\nabla_\theta = \nabla_W / L$; [`theta`][lightning_flat.models.ResidualLinearNet.theta] returns it).
+    [`DeepLinearNet`][lightning_flat.models.DeepLinearNet] with dims ``(d, ..., d, 1)``. ``w`` acts as an untrained last
+    factor: the Hessian trace and the sharpness are over the trained ``W_k`` only, in the coordinates the optimizer
+    updates (the theory's $\theta_k = L(W_k - W_k(0))$ has $\nabla_\theta = \nabla_W / L$;
+    [`theta`][lightning_flat.models.ResidualLinearNet.theta] returns it).
 
     Args:
         d: width (input dimension).
