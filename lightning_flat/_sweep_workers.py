@@ -39,8 +39,12 @@ class _Pool:
 class InlineWorker(_Pool):
     """The trials in this process, one after the other (no timeout: nothing could stop a trial here)."""
 
-    def __init__(self, trial_fn: Callable[[dict], dict]) -> None:
+    def __init__(self, trial_fn: Callable[[dict], dict], threads: int | None = None) -> None:
         self.trial_fn = trial_fn
+        if threads is not None:  # the trial's CPUs as its BLAS threads, whatever the node's environment says
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(threads)
         self.events: list[tuple[int, str, Any]] = []
 
     def start(self, slot: int) -> None:
@@ -171,8 +175,12 @@ class TrialRunner:
     """A Ray actor's body: holds the trial function (deserialized once) and runs trial after trial, collecting the
     files each writes under [`lightning_flat.sweep.trial_folder`][lightning_flat.sweep.trial_folder]."""
 
-    def __init__(self, trial_fn: Callable[[dict], dict]) -> None:
+    def __init__(self, trial_fn: Callable[[dict], dict], threads: int | None = None) -> None:
         self.trial_fn = trial_fn
+        if threads is not None:  # the trial's CPUs as its BLAS threads, whatever the node's environment says
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(threads)
 
     def ready(self) -> int:
         return os.getpid()
@@ -273,6 +281,9 @@ class RayWorkers(_Pool):
             self.close()
             raise
         self.trial_fn = trial_fn
+        # cpus_per_trial BLAS threads per trial, unless the user's runtime_env sets OMP_NUM_THREADS itself
+        user_env = (runtime_env or {}).get("env_vars") or {}
+        self.threads = None if "OMP_NUM_THREADS" in user_env else cpus_per_trial
         self.actors: dict[int, Any] = {}
         self.refs: dict[Any, tuple[int, str]] = {}  # pending ref -> (slot, "ready" | "run")
 
@@ -286,7 +297,7 @@ class RayWorkers(_Pool):
 
     def start(self, slot: int) -> None:
         self.kill(slot)
-        actor = self.actor.remote(self.trial_fn)
+        actor = self.actor.remote(self.trial_fn, self.threads)
         self.actors[slot] = actor
         self.refs[actor.ready.remote()] = (slot, "ready")
 

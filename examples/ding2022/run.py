@@ -347,9 +347,6 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one BLAS thread per worker (inherited by spawned workers)
-    os.environ.setdefault("MKL_NUM_THREADS", "1")
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from lightning_flat.threads import use_threads
 
     use_threads()  # this process too: one intra-op thread (tiny models)
