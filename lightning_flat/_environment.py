@@ -1,6 +1,6 @@
 """What lightning_flat needs from its environment.
 
-- :func:`check_versions` runs when the package is imported: an unsupported torch or Lightning stops the import with
+- `check_versions` runs when the package is imported: an unsupported torch or Lightning stops the import with
   a message that names what was found, what is supported and how to install it (the bounds are pyproject.toml's,
   tested at both ends by ``scripts/test_versions.sh``).
 """

@@ -1,9 +1,10 @@
-"""The workers of :func:`lightning_flat.sweep.run_sweep`: this process, local ``spawn`` processes, or Ray actors.
+"""The workers of [`lightning_flat.sweep.run_sweep`][lightning_flat.sweep.run_sweep]: this process, local ``spawn``
+processes, or Ray actors.
 
 Each pool has ``size`` slots and answers ``start(slot)``, ``submit(slot, config)``, ``kill(slot)`` and
 ``wait(timeout)``, which returns the events ``(slot, "ready" | "done" | "lost" | "broken", payload)`` that
 ``lightning_flat.sweep._schedule`` turns into kept rows, retries and failures. A slot whose worker was killed or died
-gets a fresh worker from ``start``; events of the old one are dropped. Ray is imported only by :class:`RayWorkers`.
+gets a fresh worker from ``start``; events of the old one are dropped. Ray is imported only by `RayWorkers`.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ class ProcessWorkers(_Pool):
 # ------------------------------------------------------------------------------------------------------------- Ray
 class TrialRunner:
     """A Ray actor's body: holds the trial function (deserialized once) and runs trial after trial, collecting the
-    files each writes under :func:`lightning_flat.sweep.trial_folder`."""
+    files each writes under [`lightning_flat.sweep.trial_folder`][lightning_flat.sweep.trial_folder]."""
 
     def __init__(self, trial_fn: Callable[[dict], dict], threads: int | None = None) -> None:
         self.trial_fn = trial_fn
@@ -241,7 +242,7 @@ def _ray_cause(err: BaseException) -> str:
 
 class RayWorkers(_Pool):
     """``size`` Ray actors, each with ``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs, on the cluster at
-    ``address`` (joined with :func:`trial_runtime_env`) or on a Ray instance started here (``address=None``:
+    ``address`` (joined with `trial_runtime_env`) or on a Ray instance started here (``address=None``:
     ``ray.init(address="local")``, never a running one); shut down on close if connected here. A Ray connection the
     caller made is used as it is and left open: its ``runtime_env`` must make the trial function importable."""
 

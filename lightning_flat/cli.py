@@ -3,9 +3,9 @@
 ``lightning-flat fit --config examples/gatmiry2023/quick.yaml`` trains the model and datamodule named in the YAML
 (``class_path`` + ``init_args``, any LightningModule/LightningDataModule importable by path) with the trainer,
 callbacks and loggers given there. wandb runs offline unless ``WANDB_MODE`` says otherwise. It runs one intra-op
-thread (faster for these tiny models, see :mod:`lightning_flat.threads`) unless ``LIGHTNING_FLAT_THREADS`` or
-``OMP_NUM_THREADS`` says otherwise. A config that names no progress bar gets a
-:class:`~lightning_flat.callbacks.StepProgressBar` (a line every 1000 steps when stdout is not a terminal).
+thread (faster for these tiny models, see [`lightning_flat.threads`][lightning_flat.threads]) unless
+``LIGHTNING_FLAT_THREADS`` or ``OMP_NUM_THREADS`` says otherwise. A config that names no progress bar gets a
+[`StepProgressBar`][lightning_flat.callbacks.StepProgressBar] (a line every 1000 steps when stdout is not a terminal).
 ``lightning-flat --help`` lists what the library offers before Lightning's own help.
 """
 

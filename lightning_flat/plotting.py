@@ -55,8 +55,9 @@ class ReadableLogLocator(LogLocator):
 
 
 class ReadableLogFormatter(LogFormatterSciNotation):
-    """Labels every tick it is given (:class:`ReadableLogLocator` chooses few): plain numbers (0.05, 2, 500) when
-    the whole view lies within [0.01, 10^4], else powers of ten as 10^k and other ticks as a x 10^k."""
+    """Labels every tick it is given ([`ReadableLogLocator`][lightning_flat.plotting.ReadableLogLocator] chooses few):
+    plain numbers (0.05, 2, 500) when the whole view lies within [0.01, 10^4], else powers of ten as 10^k and other
+    ticks as a x 10^k."""
 
     def __init__(self) -> None:
         super().__init__(labelOnlyBase=False, minor_thresholds=(math.inf, math.inf))
@@ -70,7 +71,8 @@ class ReadableLogFormatter(LogFormatterSciNotation):
 
 def log_axis(ax, axis: str = "y") -> None:
     """Put ``ax``'s ``axis`` (``"x"`` or ``"y"``) on a log scale with readable ticks: at least two labels whatever
-    the range (:class:`ReadableLogLocator`, :class:`ReadableLogFormatter`), unlabelled minor ticks."""
+    the range ([`ReadableLogLocator`][lightning_flat.plotting.ReadableLogLocator],
+    [`ReadableLogFormatter`][lightning_flat.plotting.ReadableLogFormatter]), unlabelled minor ticks."""
     getattr(ax, f"set_{axis}scale")("log")
     target = ax.yaxis if axis == "y" else ax.xaxis
     target.set_major_locator(ReadableLogLocator())
@@ -144,9 +146,9 @@ def cell_heatmap(ax, values, xs: Sequence[float], ys: Sequence[float], xlabel: s
 def density_heatmap(ax, densities, lines: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
                     grid_points: int = 200, sigma: float | None = None, floor: float = 1e-4):
     """The Hessian eigenvalue density over training as a heatmap: one column per measured step (``densities``: the
-    ``(step, nodes, weights)`` of :class:`~lightning_flat.callbacks.SpectralDensity`), each a sum of Gaussians of
-    width ``sigma`` (default 1% of the eigenvalue range) on a common grid, on a log colour scale with its colorbar;
-    ``lines`` adds curves over it, e.g. ``{"2/lr": (steps, values)}``. Returns the image."""
+    ``(step, nodes, weights)`` of [`SpectralDensity`][lightning_flat.callbacks.SpectralDensity]), each a sum of
+    Gaussians of width ``sigma`` (default 1% of the eigenvalue range) on a common grid, on a log colour scale with its
+    colorbar; ``lines`` adds curves over it, e.g. ``{"2/lr": (steps, values)}``. Returns the image."""
     import numpy as np
     from matplotlib.colors import LogNorm
 
@@ -180,8 +182,8 @@ def density_heatmap(ax, densities, lines: dict[str, tuple[Sequence[float], Seque
 
 
 def save(fig, path: str | os.PathLike) -> str:
-    """Write the figure as PNG atomically (:func:`lightning_flat.io.atomic_path`), so a crash never leaves a broken
-    file."""
+    """Write the figure as PNG atomically ([`lightning_flat.io.atomic_path`][lightning_flat.io.atomic_path]), so a crash
+    never leaves a broken file."""
     from lightning_flat.io import atomic_path
 
     try:

@@ -13,16 +13,17 @@ lightning_flat model (seeds or hyperparameters trained at the cost of one run), 
   cluster at ``address`` (``"auto"`` inside a cluster job, or ``"host:port"`` of a ``ray start --head``) or, with
   ``address=None``, on a Ray instance of its own started for the sweep. Each actor imports torch once and runs trial
   after trial; the driver takes the results as they come (``ray.wait``). The trial code travels with a
-  ``runtime_env``, the files a trial writes come back to the driver (:func:`trial_folder`): nodes need no copy of
-  the project. Install it with ``pip install "lightning-flat[ray]"``.
+  ``runtime_env``, the files a trial writes come back to the driver
+  ([`trial_folder`][lightning_flat.sweep.trial_folder]): nodes need no copy of the project. Install it with
+  ``pip install "lightning-flat[ray]"``.
 
 Worker processes are reused, so a trial must not depend on what an earlier trial left in its process (as on a
 cluster). The same config gives the same result with either engine (the trial function seeds everything from its
 config). A trial that raises, whose worker dies, or that runs past ``trial_timeout`` is tried again up to
-``retries`` times; the trials that still fail are named, with their causes, in one :class:`SweepError` raised once
-every other trial has run and been kept.
+``retries`` times; the trials that still fail are named, with their causes, in one
+[`SweepError`][lightning_flat.sweep.SweepError] raised once every other trial has run and been kept.
 
-Example:
+Examples:
     >>> import tempfile
     >>> from lightning_flat.sweep import run_sweep
     >>> folder = tempfile.mkdtemp()
@@ -194,7 +195,8 @@ def run_sweep(trial_fn: Callable[[dict], dict], configs: Iterable[dict[str, Any]
     are kept and only the others run. ``workers`` trials run at once at most, on either engine (with ``address``
     too: the concurrency cap on a cluster). A failed trial (it raised, its worker died, or it ran longer than
     ``trial_timeout`` seconds, counted from its start on a ready worker) is run again up to ``retries`` times; the
-    ones that still fail raise one :class:`SweepError` at the end, naming each config and its cause.
+    ones that still fail raise one [`SweepError`][lightning_flat.sweep.SweepError] at the end, naming each config and
+    its cause.
 
     Ray only: ``address`` (``None``: a Ray instance of its own with ``workers * cpus_per_trial`` CPUs, shut down at
     the end), ``gpus_per_trial`` (fractions allowed) and ``runtime_env``, merged into the one the sweep builds (it

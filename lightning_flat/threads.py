@@ -30,7 +30,8 @@ def default_threads() -> int | None:
 
 
 def use_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads to ``threads`` (default :func:`default_threads`); returns the number in use."""
+    """Set torch's intra-op threads to ``threads`` (default
+    [`default_threads`][lightning_flat.threads.default_threads]); returns the number in use."""
     n = default_threads() if threads is None else check_positive_int("threads", threads)
     if n is not None:
         torch.set_num_threads(n)

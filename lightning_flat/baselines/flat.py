@@ -1,12 +1,15 @@
 r"""The flat relaxation of low-rank recovery (Ding, Drusvyatskiy, Fazel 2022, eq. 5), solved in its Y-form (eq. 21).
 
-.. math:: \hat X = \arg\min_X \|D_1XD_2\|_* \ \text{s.t.}\ \langle A_i, X\rangle = b_i
-          \iff \hat Y = \arg\min_Y \|Y\|_* \ \text{s.t.}\ \langle D_1^{-1}A_iD_2^{-1}, Y\rangle = b_i,\
-          \hat X = D_1^{-1}\hat YD_2^{-1},
+$$
+\hat X = \arg\min_X \|D_1XD_2\|_* \ \text{s.t.}\ \langle A_i, X\rangle = b_i
+\iff \hat Y = \arg\min_Y \|Y\|_* \ \text{s.t.}\ \langle D_1^{-1}A_iD_2^{-1}, Y\rangle = b_i,\
+\hat X = D_1^{-1}\hat YD_2^{-1},
+$$
 
-with the rescaling matrices of :func:`lightning_flat.functional.rescaling_matrices`. The Y-form is a plain nuclear
-norm problem (:func:`min_nuclear_norm`); solvers fail on the direct form ``normNuc(D1 @ X @ D2)``. Measurement
-structure is kept: ``RankOne`` and ``Entries`` become ``RankOne`` measurements with rescaled vectors.
+with the rescaling matrices of `lightning_flat.functional.rescaling_matrices`. The Y-form is a plain nuclear
+norm problem ([`min_nuclear_norm`][lightning_flat.baselines.min_nuclear_norm]); solvers fail on the direct form
+``normNuc(D1 @ X @ D2)``. Measurement structure is kept: ``RankOne`` and ``Entries`` become ``RankOne`` measurements
+with rescaled vectors.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ def _rescaled(measurements: Measurements, D1inv: Tensor, D2inv: Tensor) -> Measu
 
 def flat_relaxation(measurements: Measurements, targets: Tensor, *, return_parts: bool = False,
                     cache_dir: str | os.PathLike | None = None, **solver_kwargs) -> Tensor | dict[str, Tensor]:
-    r"""Solve the flat relaxation :math:`\min\|D_1XD_2\|_*` s.t. :math:`\mathcal A(X) = b` through its Y-form.
+    r"""Solve the flat relaxation $\min\|D_1XD_2\|_*$ s.t. $\mathcal A(X) = b$ through its Y-form.
 
     Returns ``X`` (``(d_out, d_in)``, dtype and device of ``targets``), or with ``return_parts`` a dict with ``X``,
-    ``Y = D1 X D2``, ``D1``, ``D2``. Raises :class:`SingularRescalingError` when D1 or D2 is singular.
-    ``solver_kwargs`` go to :func:`min_nuclear_norm` (``solver``, ``eps``, ``verbose``).
+    ``Y = D1 X D2``, ``D1``, ``D2``. Raises [`SingularRescalingError`][lightning_flat.baselines.SingularRescalingError]
+    when D1 or D2 is singular. ``solver_kwargs`` go to [`min_nuclear_norm`][lightning_flat.baselines.min_nuclear_norm]
+    (``solver``, ``eps``, ``verbose``).
 
     References:
         Ding, Drusvyatskiy, Fazel (2022), eqs. 4, 5 and 21, Thm 3.2.

@@ -1,40 +1,38 @@
-r"""Minimum nuclear norm interpolant :math:`X = \arg\min \|X\|_*` s.t. :math:`\mathcal A(X) = b`, with cvxpy.
+r"""Minimum nuclear norm interpolant $X = \arg\min \|X\|_*$ s.t. $\mathcal A(X) = b$, with cvxpy.
 
 The solver works on the dual problem
 
-.. math::
+$$
+\max_{y \in \mathbb R^n} b^\top y \quad\text{s.t.}\quad \Big\|\sum_i y_i A_i\Big\|_{op} \le 1
+\iff \begin{bmatrix} I & Z(y) \\ Z(y)^\top & I \end{bmatrix} \succeq 0,\quad Z(y) = \mathcal A^*(y),
+$$
 
-    \max_{y \in \mathbb R^n} b^\top y \quad\text{s.t.}\quad \Big\|\sum_i y_i A_i\Big\|_{op} \le 1
-    \iff \begin{bmatrix} I & Z(y) \\ Z(y)^\top & I \end{bmatrix} \succeq 0,\quad Z(y) = \mathcal A^*(y),
-
-whose optimal value is :math:`\min \|X\|_*`. The primal solution is read off the multiplier
-:math:`S = \begin{bmatrix} S_{11} & S_{12} \\ S_{12}^\top & S_{22} \end{bmatrix} \succeq 0` of the matrix
-inequality: stationarity in :math:`y` gives :math:`\mathcal A(-2 S_{12}) = b`, and
-:math:`\operatorname{tr} S = \|{-2 S_{12}}\|_*` at the optimum, so :math:`X = -2 S_{12}`. That ``X`` satisfies the
-constraints only to the solver's accuracy; it is then projected orthogonally onto :math:`\{X : \mathcal A(X) = b\}`,
+whose optimal value is $\min \|X\|_*$. The primal solution is read off the multiplier
+$S = \begin{bmatrix} S_{11} & S_{12} \\ S_{12}^\top & S_{22} \end{bmatrix} \succeq 0$ of the matrix
+inequality: stationarity in $y$ gives $\mathcal A(-2 S_{12}) = b$, and
+$\operatorname{tr} S = \|{-2 S_{12}}\|_*$ at the optimum, so $X = -2 S_{12}$. That ``X`` satisfies the
+constraints only to the solver's accuracy; it is then projected orthogonally onto $\{X : \mathcal A(X) = b\}$,
 so the returned interpolant is feasible to rounding.
 
 Before solving, the constraints are replaced by an equivalent system with orthonormal rows (the distinct observed
-entries for :class:`~lightning_flat.measurements.Entries`, :math:`\Lambda^{-1/2} V^\top \mathcal A` from the Gram
+entries for [`Entries`][lightning_flat.measurements.Entries], $\Lambda^{-1/2} V^\top \mathcal A$ from the Gram
 matrix otherwise). This drops redundant measurements, detects inconsistent targets, and keeps SCS from stalling.
 
 Why this form (``benchmarks/nuclear_norm.py``). The test problem is Gaussian sensing with
-:math:`M^* = M_1 M_2 / d`. Times are end to end on 2 shared CPU cores; the error is relative, in Frobenius norm,
+$M^* = M_1 M_2 / d$. Times are end to end on 2 shared CPU cores; the error is relative, in Frobenius norm,
 against Clarabel on this dual at tolerance 1e-12:
 
-====================================  ======================  ======================
-form / solver                         d = 20, n = 200, r = 2  d = 60, n = 600, r = 3
-====================================  ======================  ======================
-dual / SCS (``"auto"``, eps 1e-8)     0.15 s, 3e-10           8-10 s, 3e-8
-dual / Clarabel (tol 1e-12)           1.4 s, 5e-15 from M*    ~430 s (reference)
-dual / Clarabel (tol 1e-8)            0.9 s, 3e-9             ~255 s, 4e-6
-primal ``normNuc`` / SCS (eps 1e-8)   0.19 s, 1e-7            19 s, 6e-7
-primal ``normNuc`` / Clarabel (1e-8)  0.9 s, 6e-8             ~95 s, 1.5e-5
-====================================  ======================  ======================
+| form / solver                        | d = 20, n = 200, r = 2 | d = 60, n = 600, r = 3 |
+| ------------------------------------ | ---------------------- | ---------------------- |
+| dual / SCS (``"auto"``, eps 1e-8)    | 0.15 s, 3e-10          | 8-10 s, 3e-8           |
+| dual / Clarabel (tol 1e-12)          | 1.4 s, 5e-15 from M*   | ~430 s (reference)     |
+| dual / Clarabel (tol 1e-8)           | 0.9 s, 3e-9            | ~255 s, 4e-6           |
+| primal ``normNuc`` / SCS (eps 1e-8)  | 0.19 s, 1e-7           | 19 s, 6e-7             |
+| primal ``normNuc`` / Clarabel (1e-8) | 0.9 s, 6e-8            | ~95 s, 1.5e-5          |
 
 SCS is an ADMM method: each iteration costs one eigendecomposition of order ``d_out + d_in``. Clarabel is an
 interior-point method, and each of its iterations factors a dense KKT block of order
-:math:`(d_{out} + d_{in})^2 / 2` in either form. On degenerate instances, such as d = 60 with n = 600 (just below
+$(d_{out} + d_{in})^2 / 2$ in either form. On degenerate instances, such as d = 60 with n = 600 (just below
 exact recovery, where ``X`` has rank 15), Clarabel's error in ``X`` behaves like the square root of its duality gap,
 so its ``"clarabel"`` tolerances are set to ``eps**2``.
 """
@@ -90,8 +88,8 @@ def _load_cached(path: Path, op, b: np.ndarray, shape: tuple[int, int], eps: flo
 
 
 def _operator(measurements: Measurements) -> np.ndarray | sp.csr_matrix:
-    r"""The map :math:`\operatorname{vec}(X) \mapsto \mathcal A(X)` as a float64 ``(n, d_out * d_in)`` matrix
-    (row-major ``vec``); a sparse selection for :class:`Entries`."""
+    r"""The map $\operatorname{vec}(X) \mapsto \mathcal A(X)$ as a float64 ``(n, d_out * d_in)`` matrix
+    (row-major ``vec``); a sparse selection for [`Entries`][lightning_flat.measurements.Entries]."""
     n, (d_out, d_in) = len(measurements), measurements.shape
     if isinstance(measurements, Entries):
         if measurements.rows.ndim != 1:
@@ -106,9 +104,9 @@ def _operator(measurements: Measurements) -> np.ndarray | sp.csr_matrix:
 
 def _orthonormalize(op: np.ndarray | sp.csr_matrix, b: np.ndarray,
                     rtol: float) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray]:
-    r"""An equivalent system :math:`Q \operatorname{vec}(X) = c` whose ``(k, d_out * d_in)`` matrix ``Q`` has
-    orthonormal rows (``k = rank``): :math:`Q = \Lambda_k^{-1/2} V_k^\top \mathcal A` from the eigenpairs of the
-    Gram matrix :math:`\mathcal A \mathcal A^\top`, or the distinct entries for a selection. Redundant measurements
+    r"""An equivalent system $Q \operatorname{vec}(X) = c$ whose ``(k, d_out * d_in)`` matrix ``Q`` has
+    orthonormal rows (``k = rank``): $Q = \Lambda_k^{-1/2} V_k^\top \mathcal A$ from the eigenpairs of the
+    Gram matrix $\mathcal A \mathcal A^\top$, or the distinct entries for a selection. Redundant measurements
     make SCS's dual unbounded in some directions and stall it; raises ``RuntimeError`` if ``b`` is inconsistent beyond
     ``rtol * ||b||``."""
     if sp.issparse(op):  # Entries: keep each observed entry once.
@@ -184,17 +182,17 @@ def min_nuclear_norm(measurements: Measurements, targets: Tensor, *, solver: str
                      verbose: bool = False, cache_dir: str | os.PathLike | None = None) -> Tensor:
     r"""Minimum nuclear norm matrix consistent with the measurements.
 
-    .. math::
+    $$
+    X = \arg\min_{X \in \mathbb R^{d_{out} \times d_{in}}} \|X\|_*
+    \quad\text{s.t.}\quad \langle A_i, X\rangle = b_i,\ i = 1, \dots, n,
+    $$
 
-        X = \arg\min_{X \in \mathbb R^{d_{out} \times d_{in}}} \|X\|_*
-        \quad\text{s.t.}\quad \langle A_i, X\rangle = b_i,\ i = 1, \dots, n,
-
-    solved in float64 through the dual :math:`\max b^\top y` s.t. :math:`\|\sum_i y_i A_i\|_{op} \le 1` (see the
-    module docstring); :class:`~lightning_flat.measurements.Entries` enter as a sparse selection, never as dense
+    solved in float64 through the dual $\max b^\top y$ s.t. $\|\sum_i y_i A_i\|_{op} \le 1$ (see the
+    module docstring); [`Entries`][lightning_flat.measurements.Entries] enter as a sparse selection, never as dense
     ``A_i``.
 
     Args:
-        measurements: the operator :math:`\mathcal A` (``Dense``, ``RankOne`` or ``Entries``; unbatched), ``n`` of
+        measurements: the operator $\mathcal A$ (``Dense``, ``RankOne`` or ``Entries``; unbatched), ``n`` of
             them, acting on ``(d_out, d_in)`` matrices.
         targets: ``b`` of shape ``(n,)``, floating point.
         solver: ``"auto"`` (= ``"scs"``, fast and accurate to ~1e-8 at the default ``eps``) or ``"clarabel"``
@@ -210,11 +208,11 @@ def min_nuclear_norm(measurements: Measurements, targets: Tensor, *, solver: str
         ``X`` of shape ``(d_out, d_in)`` in the dtype and on the device of ``targets``.
 
     Raises:
-        RuntimeError: the targets are inconsistent (no ``X`` satisfies :math:`\mathcal A(X) = b`), or the solver
+        RuntimeError: the targets are inconsistent (no ``X`` satisfies $\mathcal A(X) = b$), or the solver
             failed, ended with a status other than optimal / optimal_inaccurate, or returned an ``X`` with
-            :math:`\|\mathcal A(X) - b\| > \sqrt{eps}\, \|b\|`.
+            $\|\mathcal A(X) - b\| > \sqrt{eps}\, \|b\|$.
 
-    Example:
+    Examples:
         >>> from lightning_flat.measurements import Dense
         >>> g = torch.Generator().manual_seed(0)
         >>> u, v = torch.randn(2, 6, 1, generator=g, dtype=torch.float64)

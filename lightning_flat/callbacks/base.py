@@ -59,13 +59,13 @@ class MeasuringCallback(BoundaryHook, Callback):
     Subclasses implement ``measure(trainer, pl_module) -> dict``; it runs under ``torch.no_grad()`` and must not
     change the model or any global random state, and ``config()`` (every constructor argument), from which the
     checkpoint ``state_key`` is built. On the lightning_flat models the training engine ends its fused chunks at the
-    measured steps (:meth:`next_boundary`).
+    measured steps (`next_boundary`).
     """
 
     group = "measure"
     log_replicas = LOG_REPLICAS
     #: At the end of training the last measuring callback of the Trainer logs (INFO, rank zero) one table of every
-    #: measuring callback's keys: :func:`results_table`. Set to False on the class or an instance to skip it.
+    #: measuring callback's keys: `results_table`. Set to False on the class or an instance to skip it.
     print_results = True
     fused_safe_hooks = ("on_train_batch_start", "on_train_batch_end")
 

@@ -1,7 +1,7 @@
 """Curvature callbacks: the Hessian trace and the sharpness of the training loss, through a curvature source.
 
-Each callback is a thin shell: it asks :func:`~lightning_flat.curvature.curvature_source` for the module's source
-(closed forms on the lightning_flat models, Hessian-vector products of ``loss_fn`` on any other LightningModule),
+Each callback is a thin shell: it asks [`curvature_source`][lightning_flat.curvature.curvature_source] for the module's
+source (closed forms on the lightning_flat models, Hessian-vector products of ``loss_fn`` on any other LightningModule),
 reads it through ``lightning_flat.functional`` and logs. It never asks which kind of module it has.
 """
 
@@ -25,8 +25,8 @@ __all__ = ["CurvatureCallback", "HessianTrace", "Sharpness", "two_over_lr"]
 
 def two_over_lr(trainer: L.Trainer) -> Any:
     """``2 / lr`` for the step about to run (the stability threshold of its update): the scheduled value
-    (:class:`~lightning_flat.callbacks.HyperparameterSchedule`) or the first param group's, per replica when the
-    learning rate is."""
+    ([`HyperparameterSchedule`][lightning_flat.callbacks.HyperparameterSchedule]) or the first param group's, per
+    replica when the learning rate is."""
     lr = scheduled_hparams(trainer, trainer.global_step).get("lr", trainer.optimizers[0].param_groups[0]["lr"])
     if isinstance(lr, list):
         lr = torch.tensor(lr, dtype=torch.float64)
@@ -44,13 +44,13 @@ class CurvatureCallback(MeasuringCallback):
         loss_fn: on modules other than the lightning_flat models, ``loss_fn(pl_module, batch) -> scalar``; default
             ``training_step(batch, 0)`` (its ``"loss"`` entry if it returns a dict) with logging silenced.
         batch: on other modules, the curvature batch; default the first training batch (kept, saved in the state).
-        options: :class:`~lightning_flat.curvature.CurvatureOptions` (kept batches, eval mode, Gauss-Newton, the
-            data of a lightning_flat model, the probes' seed).
+        options: [`CurvatureOptions`][lightning_flat.curvature.CurvatureOptions] (kept batches, eval mode, Gauss-Newton,
+            the data of a lightning_flat model, the probes' seed).
 
     Raises:
         TypeError: ``loss_fn`` not callable, ``options`` not a ``CurvatureOptions``.
         ValueError: at setup, an option that does not apply to the module (see
-            :func:`~lightning_flat.curvature.curvature_source`), or a module the read cannot differentiate.
+            [`curvature_source`][lightning_flat.curvature.curvature_source]), or a module the read cannot differentiate.
     """
 
     def __init__(self, every_n_steps: int = 100, loss_fn: Callable[[L.LightningModule, Any], Tensor] | None = None,
@@ -108,11 +108,12 @@ class CurvatureCallback(MeasuringCallback):
 class HessianTrace(CurvatureCallback):
     r"""Log the trace of the Hessian of the training loss every ``every_n_steps``.
 
-    On the lightning_flat models the value is exact: :func:`lightning_flat.functional.hessian_trace`, the closed form
-    :math:`\frac2n\sum_j\mathrm{curvature}(P_j^\top P_j, S_jS_j^\top)` of the full measurement loss (no label noise,
-    no ridge), per replica. On any other LightningModule it is a Hutch++ estimate (hessian-eigenthings) with
-    ``num_matvecs`` Hessian-vector products of ``loss_fn`` on the kept batch (exact once ``num_matvecs`` reaches
-    about 3x the parameter count). ``per_layer=True`` also logs the trace of each diagonal block.
+    On the lightning_flat models the value is exact:
+    [`lightning_flat.functional.hessian_trace`][lightning_flat.functional.hessian_trace], the closed form
+    $\frac2n\sum_j\mathrm{curvature}(P_j^\top P_j, S_jS_j^\top)$ of the full measurement loss (no label noise, no
+    ridge), per replica. On any other LightningModule it is a Hutch++ estimate (hessian-eigenthings) with
+    ``num_matvecs`` Hessian-vector products of ``loss_fn`` on the kept batch (exact once ``num_matvecs`` reaches about
+    3x the parameter count). ``per_layer=True`` also logs the trace of each diagonal block.
 
     Logged keys: ``hessian/trace``; ``hessian/trace/layer{j}`` with ``per_layer`` (a factor of a lightning_flat model,
     the ``j``-th parameter tensor elsewhere; they sum to the trace); on Hutch++ also ``hessian/trace_stderr`` (the
@@ -122,11 +123,14 @@ class HessianTrace(CurvatureCallback):
         every_n_steps: measuring period in optimizer steps.
         num_matvecs: the Hutch++ budget (modules other than the lightning_flat models), at least 6.
         per_layer: also log the layer traces.
-        loss_fn, batch, options: see :class:`CurvatureCallback`.
+        loss_fn: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        batch: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        options: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
 
     Raises:
-        ValueError: ``every_n_steps`` or ``num_matvecs`` out of range; see :class:`CurvatureCallback`.
-        TypeError: ``per_layer`` not a bool; see :class:`CurvatureCallback`.
+        ValueError: ``every_n_steps`` or ``num_matvecs`` out of range; see
+            [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        TypeError: ``per_layer`` not a bool; see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
     """
 
     def __init__(self, every_n_steps: int = 100, num_matvecs: int = 99, per_layer: bool = False,
@@ -158,20 +162,22 @@ class Sharpness(CurvatureCallback):
     included) every ``every_n_steps``.
 
     Exact (``eigvalsh`` of the dense Hessian) where the source builds it cheaply (``method="auto"``: on the
-    lightning_flat models up to :data:`lightning_flat.functional.EXACT_MAX_PARAMS` parameters per run, every
-    replica's Hessian in one batched computation), or with ``method="exact"``; otherwise Lanczos over Hessian-vector products with an error bound, warm-started from the previous
-    read's vector (:func:`lightning_flat.functional.top_hessian_eigenpair`), so a read during training costs a few
-    products. ``top_k > 1`` also logs the ``top_k`` largest eigenvalues of the first active run (exact, or LOBPCG to
-    ``tol`` warm-started by the previous read's block). ``per_layer=True`` logs the top eigenvalue of each diagonal
-    block. ``edge_of_stability=True`` also logs ``hessian/two_over_lr``, :math:`2/\eta` for the step about to run
-    (:func:`two_over_lr`): gradient descent cannot settle where the sharpness exceeds it, and at the edge of
+    lightning_flat models up to `lightning_flat.functional.EXACT_MAX_PARAMS` parameters per run, every
+    replica's Hessian in one batched computation), or with ``method="exact"``; otherwise Lanczos over Hessian-vector
+    products with an error bound, warm-started from the previous read's vector
+    ([`lightning_flat.functional.top_hessian_eigenpair`][lightning_flat.functional.top_hessian_eigenpair]), so a read
+    during training costs a few products. ``top_k > 1`` also logs the ``top_k`` largest eigenvalues of the first active
+    run (exact, or LOBPCG to ``tol`` warm-started by the previous read's block). ``per_layer=True`` logs the top
+    eigenvalue of each diagonal block. ``edge_of_stability=True`` also logs ``hessian/two_over_lr``, $2/\eta$ for the
+    step about to run (`two_over_lr`): gradient descent cannot settle where the sharpness exceeds it, and at the edge of
     stability the sharpness hovers around it (read it as a median over 20 or more consecutive measurements).
 
     Logged keys: ``hessian/sharpness``; ``hessian/sharpness_hvps`` (Hessian-vector products of the read, Lanczos
     only); ``hessian/eigenvalue_{i}`` for ``i < top_k`` (and ``hessian/eigenvalue_hvps`` by LOBPCG);
     ``hessian/sharpness/layer{j}``; ``hessian/two_over_lr``. With replicas each has its own Hessian, Lanczos run and
     warm start; diverged replicas are not measured. Supported modules: every LightningModule. See also
-    :class:`~lightning_flat.callbacks.EigenvaluesAbove`, :class:`~lightning_flat.callbacks.PreconditionedSharpness`.
+    [`EigenvaluesAbove`][lightning_flat.callbacks.EigenvaluesAbove],
+    [`PreconditionedSharpness`][lightning_flat.callbacks.PreconditionedSharpness].
 
     Args:
         every_n_steps: measuring period in optimizer steps.
@@ -180,12 +186,15 @@ class Sharpness(CurvatureCallback):
         method: ``"auto"``, ``"exact"`` or ``"lanczos"``.
         per_layer: also log each diagonal block's top eigenvalue.
         edge_of_stability: also log ``2/lr``.
-        loss_fn, batch, options: see :class:`CurvatureCallback`.
+        loss_fn: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        batch: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        options: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
 
     Raises:
         ValueError: ``every_n_steps``/``top_k`` not positive ints, ``tol`` not positive, ``method`` unknown; see
-            :class:`CurvatureCallback`.
-        TypeError: ``per_layer``/``edge_of_stability`` not bools; see :class:`CurvatureCallback`.
+            [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        TypeError: ``per_layer``/``edge_of_stability`` not bools; see
+            [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
     """
 
     def __init__(self, every_n_steps: int = 100, top_k: int = 1, tol: float = 1e-8, method: str = "auto",

@@ -29,13 +29,14 @@ class FiniteLossGuard(StepHook):
     non-finite; the guard then stops the run when all replicas have diverged (``replicas="all"``, default) or at
     the first one (``replicas="any"``), and ``check_grads`` looks at the active replicas' gradients only.
 
-    It acts at every SGD step through the ``step_check`` phase (:class:`~lightning_flat.engine.StepHook`): inside
+    It acts at every SGD step through the ``step_check`` phase ([`StepHook`][lightning_flat.engine.StepHook]): inside
     the engine's fused chunks on the lightning_flat models, in ``on_before_optimizer_step`` on any other module
     (where the gradients are then dropped, so the optimizer step leaves everything as it was). Under gradient
     accumulation a non-finite micro-batch loss stops the step.
 
-    With a :class:`SAM` callback in the Trainer the gradients are always checked: its ascent point can turn the
-    gradient non-finite while the loss is still finite, and that update is refused like a non-finite loss.
+    With a [`SAM`][lightning_flat.callbacks.SAM] callback in the Trainer the gradients are always checked: its ascent
+    point can turn the gradient non-finite while the loss is still finite, and that update is refused like a non-finite
+    loss.
 
     Args:
         every_n_steps: check period in optimizer steps (1: every step; the check costs one scalar read).

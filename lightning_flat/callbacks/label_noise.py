@@ -17,23 +17,24 @@ _STREAM = 0x4C4E  # keeps the noise stream apart from the minibatch sampler's
 
 
 class LabelNoise(StepHook):
-    r"""Add fresh :math:`N(0, \mathrm{std}^2)` noise to the targets of each training batch.
+    r"""Add fresh $N(0, \mathrm{std}^2)$ noise to the targets of each training batch.
 
-    The loss optimised at step t is :math:`\frac1B\sum_{i\in B_t}(f_i - b_i - \xi_{t,i})^2`: the noise sits inside
+    The loss optimised at step t is $\frac1B\sum_{i\in B_t}(f_i - b_i - \xi_{t,i})^2$: the noise sits inside
     the residual, is redrawn for every sample and step, and the stored dataset is never modified (the batch gets a
     new targets tensor). The noise of step t comes from a generator seeded by ``(seed, rank, t)`` (and the run's seed
     with replicas: replica ``r`` draws what a single run with its seed draws), so a run resumed from a checkpoint
     draws exactly the noise of the uninterrupted run; ``state_dict`` keeps ``std`` and ``seed``.
 
-    ``std = 0`` draws nothing. A :class:`HyperparameterSchedule` with ``label_noise=...`` sets the std of each step
-    (``std`` is then the value without a schedule, and is not changed); ``last_std`` is the std of the latest step.
-    Under gradient accumulation every micro-batch gets its own draw.
+    ``std = 0`` draws nothing. A [`HyperparameterSchedule`][lightning_flat.callbacks.HyperparameterSchedule] with
+    ``label_noise=...`` sets the std of each step (``std`` is then the value without a schedule, and is not changed);
+    ``last_std`` is the std of the latest step. Under gradient accumulation every micro-batch gets its own draw.
 
-    It acts at every SGD step through the step phases (:class:`~lightning_flat.engine.StepHook`): inside the
+    It acts at every SGD step through the step phases ([`StepHook`][lightning_flat.engine.StepHook]): inside the
     engine's fused chunks on the lightning_flat models, from Lightning's hooks on any other module (the targets are
-    then replaced in the batch container). Batches: a :class:`~lightning_flat.measurements.MeasurementBatch`, a dict
-    (``target_key``, default ``"targets"``) or a list (``target_key`` an index, default the last entry); tuples
-    cannot be changed in place: use a list or a dict. Targets must be real-valued.
+    then replaced in the batch container). Batches: a
+    [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch], a dict (``target_key``, default ``"targets"``)
+    or a list (``target_key`` an index, default the last entry); tuples cannot be changed in place: use a list or a
+    dict. Targets must be real-valued.
 
     Args:
         std: noise standard deviation (absolute, in target units), >= 0; with replicas a list gives one per replica.

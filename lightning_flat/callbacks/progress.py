@@ -30,7 +30,7 @@ def _value(v: Any) -> str:
 
 class StepProgressBar(TQDMProgressBar):
     """Lightning's tqdm progress bar when stdout is a terminal; otherwise (a log file, a pipe, a notebook's captured
-    output) one plain line every ``every_n_steps`` optimizer steps and one at the end, with no carriage returns::
+    output) one plain line every ``every_n_steps`` optimizer steps and one at the end, with no carriage returns:
 
         train: step 1000/7000 (14%), 850 steps/s, 0:07 left, loss 0.01234
         train: done, step 7000/7000 in 0:08 (840 steps/s), loss 2.1e-09

@@ -45,37 +45,38 @@ class SAM(StepHook):
 
     The callback replaces the gradient of each step:
 
-    - ``m=None`` (n-SAM): :math:`g = \nabla L_B(W)` (the step's gradient),
-      :math:`\varepsilon = \rho g/\|g\|`, new gradient :math:`\nabla L_B(W + \varepsilon)`: one extra forward and
+    - ``m=None`` (n-SAM): $g = \nabla L_B(W)$ (the step's gradient),
+      $\varepsilon = \rho g/\|g\|$, new gradient $\nabla L_B(W + \varepsilon)$: one extra forward and
       backward per step. The weights are restored bitwise afterwards.
     - ``m=k`` (m-SAM): the batch is split into chunks of ``k`` examples, each with its own ascent;
       ``m=1`` is 1-SAM (per-example ascent). The chunks go through ``torch.func.vmap(grad(...))``, not a Python loop.
-    - ``adaptive=True`` (ASAM): :math:`\varepsilon = \rho T^2 g/\|Tg\|`, :math:`T = |W| + \eta`;
-      ``normalize=False``: :math:`\varepsilon = \rho T^2 g` (unnormalized SAM).
+    - ``adaptive=True`` (ASAM): $\varepsilon = \rho T^2 g/\|Tg\|$, $T = |W| + \eta$;
+      ``normalize=False``: $\varepsilon = \rho T^2 g$ (unnormalized SAM).
 
-    It acts at every SGD step through the ``step_gradients`` phase (:class:`~lightning_flat.engine.StepHook`): inside
-    the engine's fused chunks on the lightning_flat models (the ascent point's gradient from the engine's oracle,
+    It acts at every SGD step through the ``step_gradients`` phase ([`StepHook`][lightning_flat.engine.StepHook]):
+    inside the engine's fused chunks on the lightning_flat models (the ascent point's gradient from the engine's oracle,
     analytic by default), in ``on_before_optimizer_step`` on any other LightningModule (each parameter's ``.grad``
     replaced after Lightning's backward, before the update; the loss is then ``loss_fn(pl_module, batch)``, by
     default ``training_step(batch, 0)``, its ``"loss"`` entry if a dict, with logging silenced). The batch is the one
-    of the current step *as training sees it*: with :class:`LabelNoise` the noisy targets, so the label noise enters
-    the ascent and the descent gradient the same way (the same draw). Ridge (weight decay) stays in the optimizer and
-    is applied at the unperturbed weights. With replicas each replica has its own ascent: norms per replica, chunks
-    within each replica's minibatch. Gradient clipping, if configured, applies to the SAM gradient. Steps whose
-    gradients were dropped are left alone; a parameter without a gradient (unused by the loss, frozen) keeps none and
-    SAM acts on the others. With ``accumulate_grad_batches = k`` the ascent uses the accumulated gradient and the new
-    gradient is the mean over the ``k`` micro-batches at that one ascent point: the SAM step on the whole accumulated
-    batch. Batch-norm running statistics are restored after SAM's extra forwards (the step's own forward updates them
-    once); m-SAM on such a module runs its chunks one by one with autograd. Under DDP the new gradients are averaged
-    across ranks. A :class:`HyperparameterSchedule` with ``sam_rho=...`` sets the radius of each step (``rho`` is then
-    the value without a schedule and is not changed).
+    of the current step *as training sees it*: with [`LabelNoise`][lightning_flat.callbacks.LabelNoise] the noisy
+    targets, so the label noise enters the ascent and the descent gradient the same way (the same draw). Ridge (weight
+    decay) stays in the optimizer and is applied at the unperturbed weights. With replicas each replica has its own
+    ascent: norms per replica, chunks within each replica's minibatch. Gradient clipping, if configured, applies to the
+    SAM gradient. Steps whose gradients were dropped are left alone; a parameter without a gradient (unused by the loss,
+    frozen) keeps none and SAM acts on the others. With ``accumulate_grad_batches = k`` the ascent uses the accumulated
+    gradient and the new gradient is the mean over the ``k`` micro-batches at that one ascent point: the SAM step on the
+    whole accumulated batch. Batch-norm running statistics are restored after SAM's extra forwards (the step's own
+    forward updates them once); m-SAM on such a module runs its chunks one by one with autograd. Under DDP the new
+    gradients are averaged across ranks. A [`HyperparameterSchedule`][lightning_flat.callbacks.HyperparameterSchedule]
+    with ``sam_rho=...`` sets the radius of each step (``rho`` is then the value without a schedule and is not changed).
 
     Args:
-        rho: ascent radius (>= 0; may be scheduled by :class:`HyperparameterSchedule` ``sam_rho``).
+        rho: ascent radius (>= 0; may be scheduled by
+            [`HyperparameterSchedule`][lightning_flat.callbacks.HyperparameterSchedule] ``sam_rho``).
         m: ``None`` for n-SAM, else the chunk size (1 for 1-SAM).
         adaptive: ASAM.
         normalize: divide the ascent by the gradient norm.
-        eta: ASAM's offset in :math:`T = |W| + \eta`.
+        eta: ASAM's offset in $T = |W| + \eta$.
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` on modules the engine does not train, see above.
 
     Raises:
@@ -85,7 +86,8 @@ class SAM(StepHook):
         TypeError: ``adaptive``/``normalize`` not bools, ``loss_fn`` not callable.
 
     See Also:
-        :func:`lightning_flat.functional.sam_perturbation`, :func:`lightning_flat.functional.sam_gradient`.
+        [`lightning_flat.functional.sam_perturbation`][lightning_flat.functional.sam_perturbation],
+            [`lightning_flat.functional.sam_gradient`][lightning_flat.functional.sam_gradient].
     """
 
     def __init__(self, rho: float = 0.05, m: int | None = None, adaptive: bool = False, normalize: bool = True,

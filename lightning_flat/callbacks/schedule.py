@@ -15,7 +15,7 @@ from lightning_flat.engine.replicas import replicas_of
 
 __all__ = ["HyperparameterSchedule", "Schedule", "SHAPES"]
 
-#: The named shapes and their parameters (see :class:`Schedule`).
+#: The named shapes and their parameters (see `Schedule`).
 SHAPES = {
     "constant": ("value",),
     "anneal": ("high", "low", "at"),
@@ -110,7 +110,7 @@ class Schedule:
       - ``{"shape": "anneal", "high": h, "low": l, "at": s}``: ``h`` before step ``s``, ``l`` from it on;
       - ``{"shape": "periodic", "values": [v1, v2, ...], "lengths": [n1, n2, ...], "cycles": k}``: ``v1`` for
         ``n1`` steps, then ``v2`` for ``n2`` steps, ..., repeated (``k`` times, then the last value; default forever);
-      - ``{"shape": "cosine", "start": a, "end": b, "steps": T}``: :math:`b + \frac{a-b}2(1+\cos(\pi t/T))`, then ``b``;
+      - ``{"shape": "cosine", "start": a, "end": b, "steps": T}``: $b + \frac{a-b}2(1+\cos(\pi t/T))$, then ``b``;
       - ``{"shape": "linear_warmup", "value": v, "steps": T, "start": a}``: linear from ``a`` (default 0) to ``v``
         over ``T`` steps, then ``v``;
       - ``{"shape": "constant", "value": v}``;
@@ -157,7 +157,7 @@ class Schedule:
 
 
 class ReplicaSchedule:
-    """One :class:`Schedule` per replica: ``{"replicas": [spec_0, ..., spec_{R-1}]}`` or a list of numbers (one
+    """One `Schedule` per replica: ``{"replicas": [spec_0, ..., spec_{R-1}]}`` or a list of numbers (one
     constant per replica). ``value(step)`` is the list of the replicas' values."""
 
     def __init__(self, name: str, spec: Any) -> None:
@@ -190,7 +190,7 @@ def _parse(name: str, spec: Any) -> Schedule | ReplicaSchedule:
 class HyperparameterSchedule(StepHook):
     """Set the learning rate, ridge (weight decay), label-noise std and SAM radius of each step from schedules.
 
-    Each of ``lr``, ``weight_decay``, ``label_noise`` and ``sam_rho`` is ``None`` (left alone) or a :class:`Schedule`
+    Each of ``lr``, ``weight_decay``, ``label_noise`` and ``sam_rho`` is ``None`` (left alone) or a `Schedule`
     spec: a constant, a named shape (``"anneal"``, ``"periodic"``, ``"cosine"``, ``"linear_warmup"``) or a list of
     ``(step, value-or-shape)`` phases, e.g. ``label_noise=[(0, 1.0), (300000, 0.0)]`` (noisy phase, then a noiseless
     polish). With replicas, ``lr``, ``weight_decay`` and ``label_noise`` may be per replica:
@@ -198,11 +198,11 @@ class HyperparameterSchedule(StepHook):
 
     The values of step ``s`` are in place when step ``s`` runs, whatever the callbacks' order: the learning rate and
     ridge in every param group of every optimizer; the label-noise std and the SAM radius are read by
-    :class:`LabelNoise` and :class:`SAM` from this schedule (their own ``std``/``rho`` are the values without a
-    schedule and are never changed). The values of every SGD step are set through the ``step_hparams`` phase
-    (:class:`~lightning_flat.engine.StepHook`: inside the engine's fused chunks on the lightning_flat models, from
-    Lightning's hooks on any other module, where the param groups also hold the coming step's values between
-    steps). Values depend on the step only, so a resumed run follows the same schedule.
+    [`LabelNoise`][lightning_flat.callbacks.LabelNoise] and [`SAM`][lightning_flat.callbacks.SAM] from this schedule
+    (their own ``std``/``rho`` are the values without a schedule and are never changed). The values of every SGD step
+    are set through the ``step_hparams`` phase ([`StepHook`][lightning_flat.engine.StepHook]: inside the engine's fused
+    chunks on the lightning_flat models, from Lightning's hooks on any other module, where the param groups also hold
+    the coming step's values between steps). Values depend on the step only, so a resumed run follows the same schedule.
 
     Logged keys (at the first step, at every change of value and every ``every_n_steps``): ``hparams/lr``,
     ``hparams/weight_decay``, ``hparams/label_noise``, ``hparams/sam_rho`` for the scheduled ones (per-replica

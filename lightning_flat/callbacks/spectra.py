@@ -1,6 +1,6 @@
 """Spectra beyond the top eigenvalue: the eigenvalue density, every eigenvalue above a level, and the sharpness an
 adaptive optimizer sees. Thin shells over ``lightning_flat.functional`` and a curvature source, like
-:mod:`lightning_flat.callbacks.curvature`."""
+`lightning_flat.callbacks.curvature`."""
 
 from __future__ import annotations
 
@@ -24,19 +24,20 @@ class SpectralDensity(CurvatureCallback):
     r"""The eigenvalue density of the Hessian of the training loss every ``every_n_steps`` (of the first active
     replica on a model with replicas).
 
-    Exact where the read can afford it (:meth:`exact`; ``method="exact"`` always): the eigenvalues of the dense
-    Hessian, each with weight ``1/p``. Otherwise stochastic Lanczos quadrature (``"slq"``,
-    :func:`lightning_flat.functional.slq`, the probes of hessian-eigenthings' ``spectral_density``, all advancing
-    together in block products): ``num_probes`` Rademacher probes, ``lanczos_steps`` Lanczos steps each; the nodes
-    are the Ritz values of every probe and the weights the squared first components of their eigenvectors divided by
-    ``num_probes``, so that
-    :math:`\sum_k w_k\theta_k^j \approx \operatorname{tr}(H^j)/p` (exactly in expectation for ``j`` below
+    Exact where the read can afford it ([`exact`][lightning_flat.callbacks.SpectralDensity.exact]; ``method="exact"``
+    always): the eigenvalues of the dense Hessian, each with weight ``1/p``. Otherwise stochastic Lanczos quadrature
+    (``"slq"``, [`lightning_flat.functional.slq`][lightning_flat.functional.slq], the probes of hessian-eigenthings'
+    ``spectral_density``, all advancing together in block products): ``num_probes`` Rademacher probes, ``lanczos_steps``
+    Lanczos steps each; the nodes are the Ritz values of every probe and the weights the squared first components of
+    their eigenvectors divided by ``num_probes``, so that
+    $\sum_k w_k\theta_k^j \approx \operatorname{tr}(H^j)/p$ (exactly in expectation for ``j`` below
     ``2 * lanczos_steps``).
 
     Kept in ``densities``: a list of ``(step, nodes, weights)`` (CPU float64 tensors); a wandb logger also gets the
-    density as a histogram, ``spectrum/density``. Logged keys (:func:`lightning_flat.functional.density_moments`):
-    ``spectrum/max``, ``spectrum/min``, ``spectrum/mean`` (:math:`\operatorname{tr}H/p`), ``spectrum/second_moment``
-    (:math:`\operatorname{tr}H^2/p`), ``spectrum/negative_mass``. :func:`lightning_flat.plotting.density_heatmap`
+    density as a histogram, ``spectrum/density``. Logged keys
+    ([`lightning_flat.functional.density_moments`][lightning_flat.functional.density_moments]): ``spectrum/max``,
+    ``spectrum/min``, ``spectrum/mean`` ($\operatorname{tr}H/p$), ``spectrum/second_moment`` ($\operatorname{tr}H^2/p$),
+    ``spectrum/negative_mass``. [`lightning_flat.plotting.density_heatmap`][lightning_flat.plotting.density_heatmap]
     draws the densities over training. Supported modules: every LightningModule.
 
     Args:
@@ -45,7 +46,9 @@ class SpectralDensity(CurvatureCallback):
         num_probes: SLQ probes.
         lanczos_steps: Lanczos steps per probe.
         exact_max_params: the largest parameter count measured exactly by ``"auto"``.
-        loss_fn, batch, options: see :class:`~lightning_flat.callbacks.curvature.CurvatureCallback`.
+        loss_fn: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        batch: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        options: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
 
     Raises:
         ValueError: a count that is not a positive int, an unknown ``method``.
@@ -130,9 +133,10 @@ def _parse_level(value: float | str) -> tuple[str, float]:
 class EigenvaluesAbove(CurvatureCallback):
     r"""Every Hessian eigenvalue above a threshold, every ``every_n_steps`` (of the first active replica on a model
     with replicas): LOBPCG warm-started from the previous read's vectors, its block grown until a converged eigenvalue
-    falls below the threshold (:func:`lightning_flat.functional.eigenvalues_above`).
+    falls below the threshold
+    ([`lightning_flat.functional.eigenvalues_above`][lightning_flat.functional.eigenvalues_above]).
 
-    ``threshold``: a number, ``"2/lr"`` or ``"c*2/lr"`` (the smallest over replicas of :math:`2/\eta` for the step
+    ``threshold``: a number, ``"2/lr"`` or ``"c*2/lr"`` (the smallest over replicas of $2/\eta$ for the step
     about to run, times ``c``): the directions in which gradient descent is unstable. Kept in ``tracked`` as
     ``(step, [values])``; logged keys: ``hessian/above/count``, ``hessian/above/{i}`` (the first 10, decreasing),
     ``hessian/above/threshold`` and ``hessian/above/hvps``. Supported modules: every LightningModule.
@@ -141,7 +145,9 @@ class EigenvaluesAbove(CurvatureCallback):
         threshold: see above.
         every_n_steps: measuring period in optimizer steps.
         tol: accuracy of the eigenvalues.
-        loss_fn, batch, options: see :class:`~lightning_flat.callbacks.curvature.CurvatureCallback`.
+        loss_fn: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        batch: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        options: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
 
     Raises:
         ValueError: a ``threshold`` that is neither a number nor a multiple of ``2/lr``; ``tol`` not positive.
@@ -191,11 +197,11 @@ class EigenvaluesAbove(CurvatureCallback):
 
 
 class PreconditionedSharpness(CurvatureCallback):
-    r"""The top eigenvalue of :math:`P^{-1/2}HP^{-1/2}`, the curvature an adaptive optimizer's step sees, every
-    ``every_n_steps``: :math:`P = \sqrt{\hat v} + \epsilon` from Adam/AdamW's bias-corrected ``exp_avg_sq``
+    r"""The top eigenvalue of $P^{-1/2}HP^{-1/2}$, the curvature an adaptive optimizer's step sees, every
+    ``every_n_steps``: $P = \sqrt{\hat v} + \epsilon$ from Adam/AdamW's bias-corrected ``exp_avg_sq``
     (RMSprop: ``square_avg``), over the parameters the loss uses
-    (:func:`lightning_flat.functional.preconditioned_operator`, then warm-started Lanczos). NaN before the
-    optimizer's first step (no second moments yet).
+    ([`lightning_flat.functional.preconditioned_operator`][lightning_flat.functional.preconditioned_operator], then
+    warm-started Lanczos). NaN before the optimizer's first step (no second moments yet).
 
     Logged key: ``hessian/preconditioned_sharpness``. Supported modules: those trained with ``torch.optim.Adam``,
     ``AdamW`` or ``RMSprop`` (refused at the start of fitting otherwise, e.g. on the lightning_flat models, which
@@ -204,7 +210,9 @@ class PreconditionedSharpness(CurvatureCallback):
     Args:
         every_n_steps: measuring period in optimizer steps.
         tol: relative accuracy of the eigenvalue.
-        loss_fn, batch, options: see :class:`~lightning_flat.callbacks.curvature.CurvatureCallback`.
+        loss_fn: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        batch: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
+        options: see [`CurvatureCallback`][lightning_flat.callbacks.CurvatureCallback].
 
     Raises:
         ValueError: ``tol`` not positive; at the start of fitting, an optimizer without second moments.

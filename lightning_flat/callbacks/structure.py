@@ -37,7 +37,7 @@ class StructureCallback(MeasuringCallback):
 
 
 class Balancedness(StructureCallback):
-    r"""Log :math:`\sum_j\|W_{j+1}^\top W_{j+1} - W_jW_j^\top\|_F` every ``every_n_steps``.
+    r"""Log $\sum_j\|W_{j+1}^\top W_{j+1} - W_jW_j^\top\|_F$ every ``every_n_steps``.
 
     Logged keys: ``balance/total`` and, with ``per_layer=True``, ``balance/layer{j}`` for ``j = 1..L-1`` (the term
     between layers j and j+1). Note that the flattest factorization is *not* balanced for depth >= 3.
@@ -67,8 +67,8 @@ class EffectiveRank(StructureCallback):
     r"""Log ranks of the end-to-end matrix ``E`` (and optionally of each factor) every ``every_n_steps``.
 
     ``kinds`` among ``"entropy"`` (exp of the entropy of the normalised singular values), ``"stable"``
-    (:math:`\|E\|_F^2/\|E\|_2^2`) and ``"numerical"`` (:math:`\#\{s_k > \mathrm{tol}\cdot s_1\}`), see
-    :func:`lightning_flat.functional.effective_rank`.
+    ($\|E\|_F^2/\|E\|_2^2$) and ``"numerical"`` ($\#\{s_k > \mathrm{tol}\cdot s_1\}$), see
+    [`lightning_flat.functional.effective_rank`][lightning_flat.functional.effective_rank].
 
     Logged keys: ``rank/effective_end_to_end`` (entropy), ``rank/stable_end_to_end``, ``rank/numerical_end_to_end``;
     with ``layers=True`` the same with ``layer{j}`` in place of ``end_to_end``.
@@ -105,9 +105,9 @@ class EffectiveRank(StructureCallback):
 class MatrixNorms(StructureCallback):
     r"""Log norms of the end-to-end matrix ``E`` every ``every_n_steps``.
 
-    Logged keys: ``norm/nuclear`` (:math:`\|E\|_*`), ``norm/frobenius``, ``norm/spectral`` and, when the module
-    has ``weights()``, ``norm/weights_sq`` (:math:`\sum_j\|W_j\|_F^2`, the ridge penalty without the
-    :math:`\lambda/2`) and ``norm/representation_cost`` (:math:`L\sum_i s_i(E)^{2/L}` for ``L`` factors, the smallest
+    Logged keys: ``norm/nuclear`` ($\|E\|_*$), ``norm/frobenius``, ``norm/spectral`` and, when the module
+    has ``weights()``, ``norm/weights_sq`` ($\sum_j\|W_j\|_F^2$, the ridge penalty without the
+    $\lambda/2$) and ``norm/representation_cost`` ($L\sum_i s_i(E)^{2/L}$ for ``L`` factors, the smallest
     ``weights_sq`` of any factorisation of ``E``: the two meet at balanced factors, e.g. at critical points of
     training with weight decay).
     """
@@ -125,10 +125,11 @@ class MatrixNorms(StructureCallback):
 class SingularValues(StructureCallback):
     r"""Log the singular values of the end-to-end matrix ``E`` and their ratios every ``every_n_steps``.
 
-    Logged keys: ``sv/s{k}`` (:math:`s_k(E)`, descending, ``k = 1..top``) and ``sv/ratio{k}``
-    (:math:`s_k/s_1`, ``k = 2..top``; NaN when :math:`E = 0`). ``top`` defaults to all of them. A rank jump shows
-    as ``sv/ratio2`` falling from order one to round-off in a few steps; :func:`lightning_flat.functional.jump_time`
-    reads the step from ``replica_history["sv/ratio2"]``.
+    Logged keys: ``sv/s{k}`` ($s_k(E)$, descending, ``k = 1..top``) and ``sv/ratio{k}``
+    ($s_k/s_1$, ``k = 2..top``; NaN when $E = 0$). ``top`` defaults to all of them. A rank jump shows
+    as ``sv/ratio2`` falling from order one to round-off in a few steps;
+    [`lightning_flat.functional.jump_time`][lightning_flat.functional.jump_time] reads the step from
+    ``replica_history["sv/ratio2"]``.
     """
 
     def __init__(self, every_n_steps: int = 10, top: int | None = None) -> None:
@@ -148,10 +149,10 @@ class SingularValues(StructureCallback):
 
 
 class ApproximateRank(StructureCallback):
-    r"""Log the approximate rank of the parameters, :func:`lightning_flat.functional.approximate_rank`, every
-    ``every_n_steps``: :math:`\max_j\sum_i f_\alpha(s_i(W_j)^2)`, each squared singular value of a factor counting 1
-    above ``alpha`` and less below. With weight decay it falls from the hidden width at init to the rank of ``E`` as
-    the unused directions decay.
+    r"""Log the approximate rank of the parameters,
+    [`lightning_flat.functional.approximate_rank`][lightning_flat.functional.approximate_rank], every ``every_n_steps``:
+    $\max_j\sum_i f_\alpha(s_i(W_j)^2)$, each squared singular value of a factor counting 1 above ``alpha`` and less
+    below. With weight decay it falls from the hidden width at init to the rank of ``E`` as the unused directions decay.
 
     Logged keys: ``rank/approx`` and, with ``per_layer=True``, ``rank/approx_layer{j}``. It takes one SVD per factor
     (the hidden ``w x w`` ones dominate): measure it less often than ``E``'s singular values.

@@ -1,6 +1,6 @@
 """Curvature sources: where the curvature callbacks' reads come from, behind one interface
-(:class:`CurvatureSource`), closed forms on the lightning_flat models and Hessian-vector products on any other
-LightningModule."""
+([`CurvatureSource`][lightning_flat.curvature.CurvatureSource]), closed forms on the lightning_flat models and
+Hessian-vector products on any other LightningModule."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ __all__ = ["ClosedFormCurvature", "ClosedFormSource", "CurvatureOptions", "Curva
 
 def curvature_source(module: Any, options: CurvatureOptions, loss_fn: LossFn | None = None, batch: Any = None,
                      who: str = "this callback") -> CurvatureSource:
-    """The source for ``module``: its closed forms when it offers them (:class:`ClosedFormCurvature`, the
-    lightning_flat models), else Hessian-vector products of ``loss_fn`` (:class:`ModuleSource`).
+    """The source for ``module``: its closed forms when it offers them
+    ([`ClosedFormCurvature`][lightning_flat.curvature.ClosedFormCurvature], the lightning_flat models), else
+    Hessian-vector products of ``loss_fn`` ([`ModuleSource`][lightning_flat.curvature.ModuleSource]).
 
     Raises:
         ValueError: ``loss_fn``, ``batch``, ``batches`` or ``gauss_newton`` given for a lightning_flat model (its

@@ -1,19 +1,20 @@
 """The declared interface between the curvature callbacks and the modules they measure.
 
-A :class:`CurvatureSource` gives the curvature of a module's training loss (the Hessian, or the generalized
-Gauss-Newton matrix where asked) as values a callback can read without knowing the module's kind:
+A [`CurvatureSource`][lightning_flat.curvature.CurvatureSource] gives the curvature of a module's training loss (the
+Hessian, or the generalized Gauss-Newton matrix where asked) as values a callback can read without knowing the
+module's kind:
 
 - ``trace()`` and ``layer_traces()``: exact where a closed form exists, Hutch++ estimates otherwise;
-- ``operators()``: one :class:`Operator` per active run (``v -> H v`` on the flattened coordinates, with block
-  products ``V -> H V``), ``hessians()`` the dense matrices where they are small, ``blocks(r)`` the diagonal blocks
-  of one run (one per layer: a factor of the lightning_flat models, a parameter tensor elsewhere);
+- ``operators()``: one [`Operator`][lightning_flat.curvature.Operator] per active run (``v -> H v`` on the flattened
+  coordinates, with block products ``V -> H V``), ``hessians()`` the dense matrices where they are small, ``blocks(r)``
+  the diagonal blocks of one run (one per layer: a factor of the lightning_flat models, a parameter tensor elsewhere);
 - ``read(trainer)``: a context in which a read leaves no trace in the module or its training.
 
-Two implementations: :class:`~lightning_flat.curvature.closed_form.ClosedFormSource` on the lightning_flat models
-(their closed forms and ``torch.func`` products, every replica at once where it can) and
-:class:`~lightning_flat.curvature.generic.ModuleSource` on any other LightningModule (Hessian-vector products of
-``loss_fn(module, batch)`` on kept batches). :func:`curvature_source` picks one; it is the only place that asks
-which kind of module it has.
+Two implementations: [`ClosedFormSource`][lightning_flat.curvature.closed_form.ClosedFormSource] on the lightning_flat
+models (their closed forms and ``torch.func`` products, every replica at once where it can) and
+[`ModuleSource`][lightning_flat.curvature.generic.ModuleSource] on any other LightningModule (Hessian-vector products of
+``loss_fn(module, batch)`` on kept batches). [`curvature_source`][lightning_flat.curvature.curvature_source] picks one;
+it is the only place that asks which kind of module it has.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = ["CurvatureOptions", "Operator", "CurvatureSource", "LayerTraces"]
 
 @dataclass(frozen=True)
 class CurvatureOptions:
-    """Where a curvature read's data comes from and what it reads, beyond the callbacks' ``loss_fn`` and ``batch``.
+    r"""Where a curvature read's data comes from and what it reads, beyond the callbacks' ``loss_fn`` and ``batch``.
 
     Args:
         batches: on modules other than the lightning_flat models, the curvature of the mean loss over the first
@@ -45,7 +46,7 @@ class CurvatureOptions:
         eval_mode: on other modules, measure in eval mode (dropout off, batch norm on its running statistics); the
             train/eval flags are restored afterwards.
         gauss_newton: on other modules, ``(forward_fn(module, batch) -> output, loss_of_output_fn(output, batch) ->
-            scalar)``: the generalized Gauss-Newton matrix :math:`J^\\top H_{loss} J` instead of the Hessian (keys
+            scalar)``: the generalized Gauss-Newton matrix $J^\top H_{loss} J$ instead of the Hessian (keys
             ``ggn/...``); ``forward_fn`` must call ``module(...)``.
         measurements: on the lightning_flat models, the training measurements (default: the datamodule's).
         targets: with ``measurements``, their targets.
@@ -56,7 +57,7 @@ class CurvatureOptions:
         ValueError: ``batches`` not a positive int; ``measurements`` without ``targets`` or the reverse, or
             ``targets`` whose length is not the number of measurements.
         TypeError: ``eval_mode`` not a bool, ``gauss_newton`` not a pair of callables, ``measurements`` not a
-            :class:`~lightning_flat.measurements.Measurements`.
+            [`Measurements`][lightning_flat.measurements.Measurements].
     """
 
     batches: int = 1
@@ -214,4 +215,4 @@ class CurvatureSource(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore [`state_dict`][lightning_flat.curvature.CurvatureSource.state_dict]."""

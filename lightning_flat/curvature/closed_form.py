@@ -1,7 +1,7 @@
-"""The curvature source of the lightning_flat models: closed forms and ``torch.func`` products, every replica at once
+r"""The curvature source of the lightning_flat models: closed forms and ``torch.func`` products, every replica at once
 where it can.
 
-The loss is the full measurement loss :math:`\\frac1n\\sum_i(\\langle A_i, E\\rangle - b_i)^2` on the training data
+The loss is the full measurement loss $\frac1n\sum_i(\langle A_i, E\rangle - b_i)^2$ on the training data
 (the datamodule's, or the measurements and targets given in the options), without label noise or ridge, in the
 trained factors. The trace and the layer traces are the models' exact closed forms; the operators are
 forward-over-reverse Hessian-vector products of that loss, one per active replica; the dense Hessians of all
@@ -46,7 +46,7 @@ class ClosedFormCurvature(Protocol):
 
 
 class ClosedFormSource(CurvatureSource):
-    """:class:`~lightning_flat.curvature.base.CurvatureSource` of a lightning_flat model (see the module
+    """[`CurvatureSource`][lightning_flat.curvature.base.CurvatureSource] of a lightning_flat model (see the module
     docstring)."""
 
     exact_trace = True

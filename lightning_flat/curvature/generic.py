@@ -1,10 +1,10 @@
-"""The curvature source of any LightningModule: Hessian-vector products of ``loss_fn(module, batch)`` on kept batches.
+r"""The curvature source of any LightningModule: Hessian-vector products of ``loss_fn(module, batch)`` on kept batches.
 
 - **Data.** The curvature batch is the first training batch (a shallow copy without what step hooks put in it, e.g.
   label noise, whatever the callbacks' order), or the given one; with ``batches=k`` the first ``k`` training batches
   (the Hessian of their mean loss). Kept batches are saved in the callback's checkpoint state.
 - **Loss.** ``loss_fn(module, batch)``, by default ``training_step(batch, 0)`` (its ``"loss"`` entry if a dict) with
-  logging silenced (:func:`~lightning_flat.engine.module_loss.training_step_loss`). A loss that is not a tensor
+  logging silenced ([`training_step_loss`][lightning_flat.engine.training_step_loss]). A loss that is not a tensor
   (``training_step`` returning ``None``, a dict without ``"loss"``) is refused when the first batch is kept, before
   the first update.
 - **Restore, don't refuse.** A read runs the loss's forward once, with the module as it is at the read (a carried
@@ -12,14 +12,14 @@
   ``eval_mode=False``), and keeps its gradient graph: every product then differentiates that graph again, so no
   forward runs twice. Whatever the forward changed (attributes, lists and dicts, buffers such as running
   statistics, torchmetrics states, lazily built caches and attributes, random states, train/eval flags) is put back
-  afterwards (:class:`~lightning_flat.curvature.isolation.ModuleSnapshot`, :func:`isolated`), so training is bitwise
+  afterwards ([`ModuleSnapshot`][lightning_flat.curvature.isolation.ModuleSnapshot], `isolated`), so training is bitwise
   the same with or without the reads.
-- **Products.** :math:`Hv = \nabla(\nabla L\cdot v)` from the kept gradient (reverse over reverse), a block of
+- **Products.** $Hv = \nabla(\nabla L\cdot v)$ from the kept gradient (reverse over reverse), a block of
   vectors in one batched backward (``is_grads_batched``), or column by column where an operation has no batching
   rule; under DDP averaged across ranks (the curvature of the union of the ranks' batches). The Gauss-Newton matrix
   (``CurvatureOptions(gauss_newton=...)``) comes from hessian-eigenthings' ``GGNOperator``. A parameter the loss does
   not use has zero curvature and is left out; no ``.grad`` is written and no parameter moves.
-- **Blocks.** ``layer{j}`` is the ``j``-th parameter tensor the loss uses, in module order (:meth:`layer_names`).
+- **Blocks.** ``layer{j}`` is the ``j``-th parameter tensor the loss uses, in module order (`layer_names`).
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ __all__ = ["ModuleSource"]
 
 
 class ModuleSource(CurvatureSource):
-    """:class:`~lightning_flat.curvature.base.CurvatureSource` of any LightningModule (see the module docstring).
+    """[`CurvatureSource`][lightning_flat.curvature.base.CurvatureSource] of any LightningModule (see the module
+    docstring).
 
     Args:
         module: the LightningModule.
-        options: :class:`~lightning_flat.curvature.base.CurvatureOptions`.
+        options: [`CurvatureOptions`][lightning_flat.curvature.base.CurvatureOptions].
         loss_fn: ``loss_fn(module, batch) -> scalar``; ``None`` reads through ``training_step``.
         batch: the curvature batch; ``None`` keeps the first training batch.
         who: the callback's name, for messages.

@@ -1,11 +1,12 @@
 """A curvature read through a LightningModule's own code must leave no trace: what it may change and how it is put
 back.
 
-- :func:`isolated`: the train/eval flags (optionally eval mode during the read), the global CPU and CUDA random
-  states (dropout masks drawn while measuring do not change training), half-precision weights measured in float32
-  (upcast for the read and cast back, which is exact), attention through its math kernel (differentiable twice).
-- :class:`~lightning_flat.engine.snapshot.ModuleSnapshot` (re-exported here): everything ``training_step`` can
-  change in the module, and how to put it back.
+- [`isolated`][lightning_flat.curvature.isolation.isolated]: the train/eval flags (optionally eval mode during the
+  read), the global CPU and CUDA random states (dropout masks drawn while measuring do not change training),
+  half-precision weights measured in float32 (upcast for the read and cast back, which is exact), attention through its
+  math kernel (differentiable twice).
+- [`ModuleSnapshot`][lightning_flat.curvature.isolation.ModuleSnapshot] (re-exported here): everything ``training_step``
+  can change in the module, and how to put it back.
 """
 
 from __future__ import annotations

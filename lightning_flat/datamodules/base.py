@@ -21,7 +21,8 @@ SAMPLINGS = ("replacement", "shuffle")
 
 
 class MeasurementSampler:
-    """Iterable of :class:`MeasurementBatch` (one per SGD step) or :class:`StepChunk` (several) for one epoch.
+    """Iterable of [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch] (one per SGD step) or
+    [`StepChunk`][lightning_flat.engine.StepChunk] (several) for one epoch.
 
     Minibatch indices are drawn i.i.d. uniformly **with replacement** at every step (``batch_size`` of them), from a
     generator reseeded by ``step_seed(seed, rank, stream, step)``: one ``randint`` and one gather per step, no
@@ -40,10 +41,10 @@ class MeasurementSampler:
     An epoch is the global steps from ``start_step()`` (the trainer's global step, read when iteration starts) up to
     the next multiple of ``steps_per_epoch``; ``len()`` is its number of steps. ``steps_in_call(step)`` (a
     lightning_flat model's, when it trains in fused chunks) says how many steps the item starting at ``step`` covers:
-    1 yields the step's batch, more a :class:`StepChunk` (the engine then counts every step as a Lightning batch). The
-    last step of an epoch is an item of its own, so that progress bars, which show the first step of each call, end
-    at the epoch's last step. The batches of a step depend on ``(seed, rank, stream, step)`` only, never on the
-    chunking.
+    1 yields the step's batch, more a [`StepChunk`][lightning_flat.engine.StepChunk] (the engine then counts every step
+    as a Lightning batch). The last step of an epoch is an item of its own, so that progress bars, which show the first
+    step of each call, end at the epoch's last step. The batches of a step depend on ``(seed, rank, stream, step)``
+    only, never on the chunking.
     """
 
     def __init__(self, measurements: Measurements, targets: Tensor, batch_size: int | None, seed: int,
@@ -102,7 +103,8 @@ class MeasurementSampler:
 
     def batch(self, step: int, generator: torch.Generator | None = None,
               scratch: dict[str, Tensor] | None = None) -> MeasurementBatch:
-        """The batch of global step ``step`` (``scratch``: see :meth:`Measurements.subset`'s ``out``)."""
+        """The batch of global step ``step`` (``scratch``: see
+        [`Measurements.subset`][lightning_flat.measurements.Measurements.subset]'s ``out``)."""
         if self.batch_size is None:
             return MeasurementBatch(self.measurements, self.targets)
         idx = self.indices(step, generator)
@@ -111,7 +113,7 @@ class MeasurementSampler:
 
     def state_dict(self) -> dict:
         """Nothing to save: the batches of a step follow from ``(seed, rank, stream, step)``. Having this (and
-        :meth:`load_state_dict`) tells Lightning the sampler resumes exactly mid-epoch."""
+        `load_state_dict`) tells Lightning the sampler resumes exactly mid-epoch."""
         return {"seed": self.seed, "batch_size": self.batch_size, "sampling": self.sampling}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -133,9 +135,10 @@ class MeasurementDataModule(L.LightningDataModule):
     """Base of the datamodules that generate a measurement problem.
 
     Subclasses set ``self.measurements`` (float64 master copy), ``self.targets`` and, where one exists,
-    ``self.ground_truth``, and may override :meth:`test_error`. The training dataloader is a
-    :class:`MeasurementSampler` whose batches are already on the model's device and in its dtype (read from the
-    trainer's LightningModule when ``train_dataloader`` is called), so Lightning's transfer is a no-op.
+    ``self.ground_truth``, and may override [`test_error`][lightning_flat.datamodules.MeasurementDataModule.test_error].
+    The training dataloader is a [`MeasurementSampler`][lightning_flat.datamodules.MeasurementSampler] whose batches are
+    already on the model's device and in its dtype (read from the trainer's LightningModule when ``train_dataloader`` is
+    called), so Lightning's transfer is a no-op.
 
     Args:
         batch_size: minibatch size (indices i.i.d. with replacement), or ``None`` for full-batch gradient descent.
@@ -143,7 +146,8 @@ class MeasurementDataModule(L.LightningDataModule):
         steps_per_epoch: batches per epoch. Sampling is i.i.d., so an epoch is only a bookkeeping unit; train with
             ``Trainer(max_steps=...)``. Long epochs keep Lightning's per-epoch overhead off the step path.
         sampling: ``"replacement"`` (i.i.d. indices, the default) or ``"shuffle"`` (random permutations of the data,
-            ``batch_size`` positions per step, see :class:`MeasurementSampler`).
+            ``batch_size`` positions per step, see
+            [`MeasurementSampler`][lightning_flat.datamodules.MeasurementSampler]).
     """
 
     measurements: Measurements
@@ -193,7 +197,7 @@ class MeasurementDataModule(L.LightningDataModule):
 
     def measurements_as(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[Measurements, Tensor]:
         """``(measurements, targets)`` in ``dtype`` on ``device``, converted once and cached (so derived caches such
-        as :meth:`Dense.moment` are built once per run)."""
+        as [`Dense.moment`][lightning_flat.measurements.Dense.moment] are built once per run)."""
         key = (dtype, torch.device(device))
         if key not in self._cast_cache:
             self._cast_cache[key] = (self.measurements.to(device=device, dtype=dtype),
@@ -201,7 +205,8 @@ class MeasurementDataModule(L.LightningDataModule):
         return self._cast_cache[key]
 
     def has_ground_truth(self) -> bool:
-        """Whether :meth:`test_error` can be computed (the problem has a ground truth)."""
+        """Whether [`test_error`][lightning_flat.datamodules.MeasurementDataModule.test_error] can be computed (the
+        problem has a ground truth)."""
         return self.ground_truth is not None
 
     def _module_dtype_device(self) -> tuple[torch.dtype, torch.device]:
@@ -215,7 +220,7 @@ class MeasurementDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> MeasurementSampler:
         """The sampler, in the dtype and on the device of the trainer's module. A lightning_flat model's
-        :class:`~lightning_flat.engine.StepPlan` gives the seed streams (one per replica) and the fused chunks."""
+        [`StepPlan`][lightning_flat.engine.StepPlan] gives the seed streams (one per replica) and the fused chunks."""
         dtype, device = self._module_dtype_device()
         meas, targets = self.measurements_as(dtype, device)
         trainer = self.trainer
@@ -228,7 +233,7 @@ class MeasurementDataModule(L.LightningDataModule):
                                   plan.steps_in_call if plan is not None else None, self.sampling)
 
     def test_error(self, E: Tensor) -> Tensor:
-        r"""Population error :math:`\|E - M^*\|_F^2`, shape ``(...)`` for ``E (..., d_out, d_in)``."""
+        r"""Population error $\|E - M^*\|_F^2$, shape ``(...)`` for ``E (..., d_out, d_in)``."""
         if self.ground_truth is None:
             raise RuntimeError(f"{type(self).__name__} has no ground truth")
         key = (E.dtype, E.device)
@@ -237,7 +242,7 @@ class MeasurementDataModule(L.LightningDataModule):
         return (E - self._truth_cache[key]).square().sum((-2, -1))
 
     def test_error_scale(self) -> float:
-        r"""What ``test/relative_error`` divides ``test_error`` by: :math:`\|M^*\|_F^2` here (subclasses may say
+        r"""What ``test/relative_error`` divides ``test_error`` by: $\|M^*\|_F^2$ here (subclasses may say
         otherwise, e.g. the error of zero filling)."""
         if self.ground_truth is None:
             raise RuntimeError(f"{type(self).__name__} has no ground truth")

@@ -41,24 +41,28 @@ def _matrix(name: str, value, allow_missing: bool) -> list[list[float | None]]:
 
 class ObservedEntriesDataModule(MeasurementDataModule):
     r"""Matrix completion of a given partially observed matrix: ``observed`` lists the rows of the matrix with
-    ``None`` (YAML ``null``) at the missing entries; the measurements are :class:`~lightning_flat.measurements.Entries`
-    over the observed cells (row-major order) and the targets their values.
+    ``None`` (YAML ``null``) at the missing entries; the measurements are
+    [`Entries`][lightning_flat.measurements.Entries] over the observed cells (row-major order) and the targets their
+    values.
 
-    Example, two of three entries fixed and one missing (the 2 x 2 problem of rank-jump studies)::
+    Example, two of three entries fixed and one missing (the 2 x 2 problem of rank-jump studies):
 
         ObservedEntriesDataModule(observed=[[1.0, None], [0.25, 1.0]], ground_truth=[[1.0, 4.0], [0.25, 1.0]],
                                   batch_size=1)
 
     With ``ground_truth`` (the full matrix, agreeing with ``observed`` where observed), ``test_error(E)`` is the
-    squared error on the **missing** entries, :math:`\|P_{\Omega^c}(E - M)\|_F^2`, and ``test_error_scale()`` that of
-    the zero-filled matrix, :math:`\|P_{\Omega^c}M\|_F^2`, so the model's ``test/relative_error`` is the error
+    squared error on the **missing** entries, $\|P_{\Omega^c}(E - M)\|_F^2$, and ``test_error_scale()`` that of
+    the zero-filled matrix, $\|P_{\Omega^c}M\|_F^2$, so the model's ``test/relative_error`` is the error
     relative to zero filling.
 
     Args:
         observed: rows of the matrix, ``None`` where an entry is missing (at least one entry observed).
         ground_truth: the full matrix, or ``None``.
-        batch_size, seed, steps_per_epoch, sampling: see :class:`MeasurementDataModule` (``batch_size=None`` is
-            full-batch gradient descent).
+        batch_size: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule] (``batch_size=None``
+            is full-batch gradient descent).
+        seed: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule].
+        steps_per_epoch: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule].
+        sampling: see [`MeasurementDataModule`][lightning_flat.datamodules.MeasurementDataModule].
     """
 
     def __init__(self, observed: list[list[float | None]], ground_truth: list[list[float]] | None = None,
@@ -93,7 +97,7 @@ class ObservedEntriesDataModule(MeasurementDataModule):
         return ((E - self.ground_truth.to(E)) * missing).square().sum((-2, -1))
 
     def test_error_scale(self) -> float:
-        """The test error of the zero-filled matrix, :math:`\\|P_{\\Omega^c}M\\|_F^2`."""
+        r"""The test error of the zero-filled matrix, $\|P_{\Omega^c}M\|_F^2$."""
         if self.ground_truth is None:
             raise ValueError("test_error_scale needs ground_truth= (the full matrix)")
         return float(self.test_error(torch.zeros_like(self.ground_truth)))

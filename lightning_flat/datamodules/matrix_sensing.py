@@ -12,25 +12,26 @@ __all__ = ["MatrixSensingDataModule"]
 
 
 class MatrixSensingDataModule(MeasurementDataModule):
-    r"""Gaussian matrix sensing: :math:`b_i = \langle A_i, M^*\rangle + \sigma\varepsilon_i`.
+    r"""Gaussian matrix sensing: $b_i = \langle A_i, M^*\rangle + \sigma\varepsilon_i$.
 
-    :math:`A_i \in \mathbb R^{d_{out}\times d_{in}}` with i.i.d. :math:`N(0,1)` entries (so
-    :math:`\frac1n\sum_i\langle A_i, X\rangle^2 \approx \|X\|_F^2`), and :math:`M^* = M_1M_2/d_{in}` with
-    :math:`M_1 (d_{out}\times r)`, :math:`M_2 (r\times d_{in})` i.i.d. :math:`N(0,1)` (Gatmiry et al.;
-    :math:`\|M^*\|_F^2 \approx r`). Everything is drawn in float64 from ``seed`` (A, then M1, M2, then the noise).
-    ``test_error(E)`` is the exact population loss :math:`\|E - M^*\|_F^2`.
+    $A_i \in \mathbb R^{d_{out}\times d_{in}}$ with i.i.d. $N(0,1)$ entries (so
+    $\frac1n\sum_i\langle A_i, X\rangle^2 \approx \|X\|_F^2$), and $M^* = M_1M_2/d_{in}$ with
+    $M_1 (d_{out}\times r)$, $M_2 (r\times d_{in})$ i.i.d. $N(0,1)$ (Gatmiry et al.;
+    $\|M^*\|_F^2 \approx r$). Everything is drawn in float64 from ``seed`` (A, then M1, M2, then the noise).
+    ``test_error(E)`` is the exact population loss $\|E - M^*\|_F^2$.
 
     Args:
         n: number of measurements.
-        d_out, d_in: shape of the matrices.
+        d_out: rows of the matrices.
+        d_in: columns of the matrices.
         rank: rank ``r`` of the ground truth, ``1 <= r <= min(d_out, d_in)``.
         batch_size: SGD minibatch size (i.i.d. with replacement), ``None`` for full batch.
         noise_std: std of the additive label noise stored in the targets (0 for noiseless labels).
         seed: seed of the draw and of the sampler.
         steps_per_epoch: batches per (bookkeeping) epoch.
-        unit_norm: scale :math:`M^*` to unit Frobenius norm (Ding et al.) instead of Gatmiry et al.'s :math:`/d_{in}`.
+        unit_norm: scale $M^*$ to unit Frobenius norm (Ding et al.) instead of Gatmiry et al.'s $/d_{in}$.
 
-    Example:
+    Examples:
         >>> dm = MatrixSensingDataModule(n=20, d_out=4, d_in=3, rank=1, seed=0)
         >>> len(dm.measurements), dm.measurements.shape, tuple(dm.ground_truth.shape)
         (20, (4, 3), (4, 3))

@@ -17,8 +17,8 @@ F64 = torch.float64
 
 
 def unit_low_rank(d_out: int, d_in: int, rank: int, generator: torch.Generator) -> Tensor:
-    r""":math:`M = G_1G_2^\top / \|G_1G_2^\top\|_F` with :math:`G_1 (d_{out}\times r)`, :math:`G_2 (d_{in}\times r)`
-    i.i.d. :math:`N(0,1)` (Ding et al.'s ground truth: rank ``r``, unit Frobenius norm), in float64."""
+    r"""$M = G_1G_2^\top / \|G_1G_2^\top\|_F$ with $G_1 (d_{out}\times r)$, $G_2 (d_{in}\times r)$
+    i.i.d. $N(0,1)$ (Ding et al.'s ground truth: rank ``r``, unit Frobenius norm), in float64."""
     M = torch.randn(d_out, rank, generator=generator, dtype=F64) @ torch.randn(rank, d_in, generator=generator,
                                                                                dtype=F64)
     return M / torch.linalg.matrix_norm(M)
@@ -32,9 +32,9 @@ def _check_rank(rank: int, d_out: int, d_in: int) -> int:
 
 
 class BilinearSensingDataModule(MeasurementDataModule):
-    r"""Bilinear sensing :math:`b_i = a_i^\top M b_i'` with :math:`a_i \sim N(0, I_{d_{out}})`,
-    :math:`b_i' \sim N(0, I_{d_{in}})`, i.e. ``RankOne(a, b')``; ``M`` of rank ``rank`` and unit Frobenius norm.
-    ``test_error(E)`` is the exact population loss :math:`\mathbb E\langle ab^\top, E - M\rangle^2 = \|E - M\|_F^2`.
+    r"""Bilinear sensing $b_i = a_i^\top M b_i'$ with $a_i \sim N(0, I_{d_{out}})$,
+    $b_i' \sim N(0, I_{d_{in}})$, i.e. ``RankOne(a, b')``; ``M`` of rank ``rank`` and unit Frobenius norm.
+    ``test_error(E)`` is the exact population loss $\mathbb E\langle ab^\top, E - M\rangle^2 = \|E - M\|_F^2$.
     Drawn in float64 from ``seed`` (M, then the measurements)."""
 
     def __init__(self, n: int = 100, d_out: int = 10, d_in: int = 10, rank: int = 2, batch_size: int | None = None,
@@ -54,7 +54,7 @@ class BilinearSensingDataModule(MeasurementDataModule):
 class MatrixCompletionDataModule(MeasurementDataModule):
     r"""Matrix completion: each entry of ``M`` is observed independently with probability ``p`` (a Bernoulli mask,
     no duplicates); ``Entries`` over the observed cells. ``M`` has rank ``rank`` and unit Frobenius norm.
-    ``test_error(E)`` is the squared error on the **unobserved** entries, :math:`\|P_{\Omega^c}(E - M)\|_F^2`.
+    ``test_error(E)`` is the squared error on the **unobserved** entries, $\|P_{\Omega^c}(E - M)\|_F^2$.
     An empty row or column is allowed (it makes the flat relaxation's rescaling singular)."""
 
     def __init__(self, d_out: int = 10, d_in: int = 10, rank: int = 2, p: float = 0.5, batch_size: int | None = None,
@@ -80,11 +80,11 @@ class MatrixCompletionDataModule(MeasurementDataModule):
 
 
 class QuadraticSensingDataModule(MeasurementDataModule):
-    r"""Quadratic sensing :math:`b_i = x_i^\top M x_i`, :math:`x_i \sim N(0, I_d)` (``RankOne(x, x)``), the
-    measurements of a quadratic-activation network. :math:`M = U\,\mathrm{diag}(1_{r_1}, -1_{r_2})U^\top/\|\cdot\|_F`
-    with :math:`U (d \times (r_1 + r_2))` i.i.d. :math:`N(0,1)`. ``test_error(E)`` is the exact population loss
-    :math:`\mathbb E(x^\top\Delta x)^2 = 2\|\Delta_s\|_F^2 + \operatorname{tr}(\Delta)^2`, :math:`\Delta = E - M`,
-    :math:`\Delta_s` its symmetric part."""
+    r"""Quadratic sensing $b_i = x_i^\top M x_i$, $x_i \sim N(0, I_d)$ (``RankOne(x, x)``), the
+    measurements of a quadratic-activation network. $M = U\,\mathrm{diag}(1_{r_1}, -1_{r_2})U^\top/\|\cdot\|_F$
+    with $U (d \times (r_1 + r_2))$ i.i.d. $N(0,1)$. ``test_error(E)`` is the exact population loss
+    $\mathbb E(x^\top\Delta x)^2 = 2\|\Delta_s\|_F^2 + \operatorname{tr}(\Delta)^2$, $\Delta = E - M$,
+    $\Delta_s$ its symmetric part."""
 
     def __init__(self, n: int = 100, d: int = 10, rank_pos: int = 2, rank_neg: int = 1, batch_size: int | None = None,
                  seed: int = 0, steps_per_epoch: int = 1000) -> None:

@@ -12,22 +12,27 @@ __all__ = ["UnivariateRegressionDataModule"]
 
 
 class UnivariateRegressionDataModule(MeasurementDataModule):
-    r"""Regression data :math:`y = Xw_{true} + \zeta` read by a network :math:`f(x) = Ex` with ``E (1, d)``.
+    r"""Regression data $y = Xw_{true} + \zeta$ read by a network $f(x) = Ex$ with ``E (1, d)``.
 
-    :math:`X_{ij}\sim N(0,1)` (``n x d``, ``n > d``), :math:`w_{true}\sim N(0, I_d)`, :math:`\zeta\sim N(0,
-    \mathrm{noise\_std}^2 I_n)`; :math:`w^* = (X^\top X)^{-1}X^\top y` is the least-squares solution. With
-    ``normalize_w_star`` the targets are divided by :math:`\|w^*\|`, so that :math:`\|w^*\| = 1`. The optimal
-    residual :math:`R_{min} = \frac1n\|y - Xw^*\|^2` is positive: the loss does not vanish at its minimisers.
+    $X_{ij}\sim N(0,1)$ (``n x d``, ``n > d``), $w_{true}\sim N(0, I_d)$, $\zeta\sim N(0,
+    \mathrm{noise\_std}^2 I_n)$; $w^* = (X^\top X)^{-1}X^\top y$ is the least-squares solution. With
+    ``normalize_w_star`` the targets are divided by $\|w^*\|$, so that $\|w^*\| = 1$. The optimal
+    residual $R_{min} = \frac1n\|y - Xw^*\|^2$ is positive: the loss does not vanish at its minimisers.
 
     Measurements are ``RankOne(ones(n, 1), X)`` (``<A_i, E> = E x_i``), targets ``y``; the ground truth is
-    :math:`w^{*\top}` (``(1, d)``), so ``test_error(E)`` is :math:`\|w_{prod} - w^*\|^2` (logged as ``test/error``).
+    $w^{*\top}$ (``(1, d)``), so ``test_error(E)`` is $\|w_{prod} - w^*\|^2$ (logged as ``test/error``).
 
     Attributes:
-        X: ``(n, d)``; y: ``(n,)``; w_star: ``(d,)``; sigma_hat: :math:`\hat\Sigma = X^\top X/n` ``(d, d)``;
-        r_min: :math:`R_{min}`; lambda_min, lambda_max: the extreme eigenvalues of :math:`\hat\Sigma`;
-        a: :math:`w^{*\top}\hat\Sigma w^*/\|w^*\|^2`.
+        X: ``(n, d)``.
+        y: ``(n,)``.
+        w_star: ``(d,)``.
+        sigma_hat: $\hat\Sigma = X^\top X/n$, ``(d, d)``.
+        r_min: $R_{min}$.
+        lambda_min: the smallest eigenvalue of $\hat\Sigma$.
+        lambda_max: the largest eigenvalue of $\hat\Sigma$.
+        a: $w^{*\top}\hat\Sigma w^*/\|w^*\|^2$.
 
-    Example:
+    Examples:
         >>> dm = UnivariateRegressionDataModule(n=50, d=5, seed=0)
         >>> round(float(dm.w_star.norm()), 12), dm.r_min > 0, tuple(dm.ground_truth.shape)
         (1.0, True, (1, 5))

@@ -1,6 +1,6 @@
 """The training machinery the lightning_flat models share: replicas and their random streams, the step interface
 that per-step callbacks use (run by the engine inside fused chunks, and by one driver from Lightning's hooks
-elsewhere), analytic steps and fused chunks, and :class:`ReplicaSGD`."""
+elsewhere), analytic steps and fused chunks, and [`ReplicaSGD`][lightning_flat.engine.ReplicaSGD]."""
 
 from lightning_flat.engine import compat
 from lightning_flat.engine.grid import ReplicaGrid

@@ -3,25 +3,25 @@
 Each function here has a test in ``tests/engine/test_compat.py`` that fails when the behaviour it relies on
 changes (a new Lightning release), instead of training going silently wrong.
 
-- :func:`advance_global_step`: a fused chunk runs ``n + 1`` SGD steps in one ``training_step``; Lightning counts one
+- `advance_global_step`: a fused chunk runs ``n + 1`` SGD steps in one ``training_step``; Lightning counts one
   optimizer step and one batch per call, so the other ``n`` are added to its optimizer-step progress (which
   ``trainer.global_step`` reads), to its batch progress (epochs, ``batch_idx``, progress bars) and to the step at
   which its logger connector writes ``self.log`` values (``fit_loop.epoch_loop._batches_that_stepped``): ``max_steps``,
   epochs, checkpoints, progress bars and logged curves all count SGD steps.
-- :func:`checkpoint_step_period`: ``ModelCheckpoint(every_n_train_steps=...)`` keeps its period in a private
+- `checkpoint_step_period`: ``ModelCheckpoint(every_n_train_steps=...)`` keeps its period in a private
   attribute; a chunk must end at those steps.
-- :func:`silenced_logging`: run a module's ``training_step`` for a measurement without it logging, by shadowing
+- `silenced_logging`: run a module's ``training_step`` for a measurement without it logging, by shadowing
   ``log``/``log_dict`` on the instance.
-- :class:`FastSetattr` and :func:`cache_signature`: Lightning's per-call overhead, which the one-step-per-call path
+- `FastSetattr` and `cache_signature`: Lightning's per-call overhead, which the one-step-per-call path
   pays at every SGD step. Lightning sets plain attributes on the module dozens of times per call
   (``_current_fx_name``, ...), each through ``nn.Module.__setattr__``'s registry checks, and inspects
   ``training_step``'s signature at every call (``inspect.getfullargspec``, which honours ``__signature__``).
-- :func:`per_step_hooks`: which hooks of Lightning's ``Callback`` run once per training batch, derived from the
+- `per_step_hooks`: which hooks of Lightning's ``Callback`` run once per training batch, derived from the
   class itself (every hook it defines that names a batch or runs before/after the backward pass or the optimizer
-  step); :data:`KNOWN_CALLBACK_HOOKS` is what it defined when this was written, so the tripwire test fails when a
+  step); `KNOWN_CALLBACK_HOOKS` is what it defined when this was written, so the tripwire test fails when a
   Lightning release adds a hook, for someone to look at where it runs.
-- :func:`compiled_submodules`: ``torch.compile``'s wrapper keeps the original module as ``_orig_mod``.
-- :func:`use_leaf_spec_function`: Lightning's ``CombinedLoader`` builds ``torch.utils._pytree.LeafSpec()`` at every
+- `compiled_submodules`: ``torch.compile``'s wrapper keeps the original module as ``_orig_mod``.
+- `use_leaf_spec_function`: Lightning's ``CombinedLoader`` builds ``torch.utils._pytree.LeafSpec()`` at every
   fit, whose construction torch (2.13) deprecates in favour of ``treespec_leaf()`` (the same leaf spec), so every
   fit prints a deprecation warning. Where torch has ``treespec_leaf`` and Lightning still uses the deprecated class,
   the one name in Lightning's ``lightning.pytorch.utilities._pytree`` is pointed at it (called once, when
@@ -118,7 +118,7 @@ def callback_hooks() -> tuple[str, ...]:
 
 def per_step_hooks() -> tuple[str, ...]:
     """The ``Callback`` hooks that Lightning calls once per training batch (hence once per fused chunk): those of
-    :func:`callback_hooks` that name a training batch or run before/after the backward pass, the optimizer step or
+    `callback_hooks` that name a training batch or run before/after the backward pass, the optimizer step or
     zeroing the gradients."""
     return tuple(n for n in callback_hooks()
                  if n.startswith(("on_train_batch_", "on_before_", "on_after_")) and n != "on_after_validation")

@@ -19,7 +19,7 @@ class ReplicaGrid:
     and each axis as a per-replica list, e.g. ``lr``, ``weight_decay``, ``init_scale``); ``table(**values)`` puts
     per-replica results next to the grid's columns (a dict of lists, or a pandas DataFrame with ``to_dataframe``).
 
-    Example:
+    Examples:
         >>> grid = ReplicaGrid(seeds=[0, 1], lr=[0.1, 0.01])
         >>> len(grid), grid.model_kwargs()
         (4, {'replicas': 4, 'seed': [0, 0, 1, 1], 'lr': [0.1, 0.01, 0.1, 0.01]})
@@ -56,7 +56,7 @@ class ReplicaGrid:
         return out
 
     def to_dataframe(self, **values: Tensor | Sequence[float]):
-        """:meth:`table` as a pandas DataFrame (pandas must be installed)."""
+        """[`table`][lightning_flat.engine.ReplicaGrid.table] as a pandas DataFrame (pandas must be installed)."""
         import pandas as pd
 
         return pd.DataFrame(self.table(**values))

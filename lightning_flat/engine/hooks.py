@@ -1,24 +1,27 @@
-"""Per-step callbacks, written once: :class:`StepHook` phases, run by the engine or by one driver.
+"""Per-step callbacks, written once: [`StepHook`][lightning_flat.engine.StepHook] phases, run by the engine or by one
+driver.
 
 A callback that acts on *every* SGD step (label noise, schedules, SAM, the finite-loss guard) implements phases of
-:class:`StepHook`; they run in this order, for all hooks of a phase before the next phase (whatever the order of the
-callbacks in the Trainer):
+[`StepHook`][lightning_flat.engine.StepHook]; they run in this order, for all hooks of a phase before the next phase
+(whatever the order of the callbacks in the Trainer):
 
-1. :meth:`StepHook.step_hparams` writes the hyperparameters of step ``t`` (``lr``, ``weight_decay``,
-   ``label_noise``, ``sam_rho``) into ``ctx.hparams`` (the learning rate and ridge then go into the optimizers);
-2. :meth:`StepHook.step_targets` may replace the batch's targets (:meth:`StepContext.set_targets`; the dataset is
-   never modified);
+1. [`StepHook.step_hparams`][lightning_flat.engine.StepHook.step_hparams] writes the hyperparameters of step ``t``
+   (``lr``, ``weight_decay``, ``label_noise``, ``sam_rho``) into ``ctx.hparams`` (the learning rate and ridge then go
+   into the optimizers);
+2. [`StepHook.step_targets`][lightning_flat.engine.StepHook.step_targets] may replace the batch's targets
+   ([`StepContext.set_targets`][lightning_flat.engine.StepContext.set_targets]; the dataset is never modified);
 3. the loss and the gradients are computed (diverged replicas are frozen);
-4. :meth:`StepHook.step_gradients` may replace ``ctx.grads`` (e.g. by a SAM gradient, from ``ctx.oracle``);
-5. :meth:`StepHook.step_check` may set ``ctx.stop`` to a message: the update of step ``t`` is then not applied and
-   the run stops;
+4. [`StepHook.step_gradients`][lightning_flat.engine.StepHook.step_gradients] may replace ``ctx.grads`` (e.g. by a SAM
+   gradient, from ``ctx.oracle``);
+5. [`StepHook.step_check`][lightning_flat.engine.StepHook.step_check] may set ``ctx.stop`` to a message: the update of
+   step ``t`` is then not applied and the run stops;
 6. the update is applied.
 
-Who runs the phases: on a lightning_flat model the training engine (:mod:`lightning_flat.engine.loop`) runs them at
+Who runs the phases: on a lightning_flat model the training engine (`lightning_flat.engine.loop`) runs them at
 every step, also inside fused chunks. On any other module (or when the engine leaves training to Lightning) one
-:class:`LightningDriver` runs the same phases from Lightning's hooks; like Lightning's own hook dispatch it is one
-piece of code for all hooks: the first :class:`StepHook` callback of the Trainer forwards each Lightning hook to it
-(:func:`drive`), the others do nothing:
+`LightningDriver` runs the same phases from Lightning's hooks; like Lightning's own hook dispatch it is one
+piece of code for all hooks: the first [`StepHook`][lightning_flat.engine.StepHook] callback of the Trainer forwards
+each Lightning hook to it (`drive`), the others do nothing:
 
 - ``on_train_start`` / ``on_train_batch_end``: the scheduled learning rate and ridge of the coming step go into the
   optimizers (so that anything reading them during that step sees its values);
@@ -29,8 +32,9 @@ piece of code for all hooks: the first :class:`StepHook` callback of the Trainer
   DDP) then ``step_check`` (the decision combined across ranks; a stop drops every gradient, so the update leaves
   the weights, momentum and ridge untouched, and sets ``trainer.should_stop``).
 
-A chunk ends wherever a :class:`BoundaryHook`'s :meth:`~BoundaryHook.next_boundary` asks (e.g. a measuring
-callback's cadence), so that Lightning's ``on_train_batch_end`` sees that global step.
+A chunk ends wherever a [`BoundaryHook`][lightning_flat.engine.BoundaryHook]'s
+[`next_boundary`][lightning_flat.engine.BoundaryHook.next_boundary] asks (e.g. a measuring callback's cadence), so that
+Lightning's ``on_train_batch_end`` sees that global step.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from lightning_flat.measurements import MeasurementBatch
 __all__ = ["StepContext", "StepHook", "BoundaryHook", "StepOracle", "PHASES", "scheduled_hparams", "batch_targets",
            "with_targets", "drive", "LightningDriver"]
 
-#: The phase methods of :class:`StepHook`, in the order they run.
+#: The phase methods of [`StepHook`][lightning_flat.engine.StepHook], in the order they run.
 PHASES = ("step_hparams", "step_targets", "step_gradients", "step_check")
 
 
@@ -73,8 +77,8 @@ class StepOracle(Protocol):
 
 
 def batch_targets(batch: Any, key: str | int | None = None) -> Tensor:
-    """The targets of a batch: a :class:`MeasurementBatch`'s, a dict's ``key`` (default ``"targets"``), a list's
-    ``key`` (default the last entry)."""
+    """The targets of a batch: a [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch]'s, a dict's ``key``
+    (default ``"targets"``), a list's ``key`` (default the last entry)."""
     if isinstance(batch, MeasurementBatch):
         return batch.targets
     if isinstance(batch, dict):
@@ -105,14 +109,14 @@ def with_targets(batch: Any, value: Tensor, key: str | int | None = None, in_pla
 
 @dataclass
 class StepContext:
-    """What one SGD step hands to the :class:`StepHook` phases.
+    """What one SGD step hands to the [`StepHook`][lightning_flat.engine.StepHook] phases.
 
     Attributes:
         step: the global step ``t`` (the weights are those after ``t`` updates; this step makes update ``t + 1``).
         trainer: the Trainer (for logging; read the step from ``step``, not ``trainer.global_step``).
         module: the LightningModule being trained.
         batch: this step's batch (the current micro-batch under gradient accumulation).
-        replicas: the module's :class:`~lightning_flat.engine.Replicas` (one run for other modules).
+        replicas: the module's [`Replicas`][lightning_flat.engine.Replicas] (one run for other modules).
         hparams: the hyperparameters of this step, set by ``step_hparams``; a missing key means "as configured".
         rank: the process's global rank (random streams are keyed by it).
         micro: the micro-batch of this optimizer step under gradient accumulation (0 otherwise).
@@ -143,7 +147,7 @@ class StepContext:
     in_place: bool = False
 
     def targets(self, key: str | int | None = None) -> Tensor:
-        """The targets of ``batch`` (see :func:`batch_targets`)."""
+        """The targets of ``batch`` (see `batch_targets`)."""
         return batch_targets(self.batch, key)
 
     def set_targets(self, value: Tensor, key: str | int | None = None) -> None:
@@ -168,10 +172,11 @@ class BoundaryHook:
 class StepHook(BoundaryHook, Callback):
     """Base of the callbacks that act on every SGD step through phases (see the module docstring).
 
-    Subclasses override the phases they need (and :meth:`hparams` for scheduled values); only overridden phases
-    run. They do not implement Lightning's per-step hooks themselves: :class:`StepHook` does, once, to drive the
-    phases of every hook of the Trainer on modules the engine does not train, and ``fused_safe_hooks`` tells the
-    engine that these hooks need not see every step (the engine runs the phases itself).
+    Subclasses override the phases they need (and [`hparams`][lightning_flat.engine.StepHook.hparams] for scheduled
+    values); only overridden phases run. They do not implement Lightning's per-step hooks themselves:
+    [`StepHook`][lightning_flat.engine.StepHook] does, once, to drive the phases of every hook of the Trainer on modules
+    the engine does not train, and ``fused_safe_hooks`` tells the engine that these hooks need not see every step (the
+    engine runs the phases itself).
     """
 
     fused_safe_hooks: ClassVar[tuple[str, ...]] = ("on_train_batch_start", "on_before_backward",
@@ -182,11 +187,13 @@ class StepHook(BoundaryHook, Callback):
         return {}
 
     def step_hparams(self, ctx: StepContext) -> None:
-        """Write the hyperparameters of ``ctx.step`` into ``ctx.hparams`` (default: :meth:`hparams`)."""
+        """Write the hyperparameters of ``ctx.step`` into ``ctx.hparams`` (default:
+        [`hparams`][lightning_flat.engine.StepHook.hparams])."""
         ctx.hparams.update(self.hparams(ctx.step))
 
     def step_targets(self, ctx: StepContext) -> None:
-        """Replace the targets of ``ctx.batch`` (:meth:`StepContext.set_targets`)."""
+        """Replace the targets of ``ctx.batch``
+        ([`StepContext.set_targets`][lightning_flat.engine.StepContext.set_targets])."""
 
     def step_gradients(self, ctx: StepContext) -> None:
         """Replace ``ctx.grads``."""
@@ -195,8 +202,8 @@ class StepHook(BoundaryHook, Callback):
         """Set ``ctx.stop`` to a message to skip this update and stop the run."""
 
     def undo_targets(self, batch: Any) -> Any:
-        """``batch`` without what :meth:`step_targets` put in it (a shallow copy), or ``batch`` itself: how the
-        curvature callbacks keep a clean batch whatever the callbacks' order."""
+        """``batch`` without what [`step_targets`][lightning_flat.engine.StepHook.step_targets] put in it (a shallow
+        copy), or ``batch`` itself: how the curvature callbacks keep a clean batch whatever the callbacks' order."""
         return batch
 
     # ---------------------------------------------------------------- Lightning's hooks: one driver for all hooks
@@ -222,15 +229,15 @@ def overrides(hook: Any, name: str, base: type = StepHook) -> bool:
 
 
 def phase_hooks(callbacks: Sequence[Any]) -> dict[str, list[StepHook]]:
-    """The :class:`StepHook` callbacks that implement each phase, in the Trainer's order."""
+    """The [`StepHook`][lightning_flat.engine.StepHook] callbacks that implement each phase, in the Trainer's order."""
     hooks = [cb for cb in callbacks if isinstance(cb, StepHook)]
     return {p: [h for h in hooks if overrides(h, p) or (p == "step_hparams" and overrides(h, "hparams"))]
             for p in PHASES}
 
 
 def scheduled_hparams(trainer: Any, step: int) -> dict[str, Any]:
-    """The hyperparameters that the trainer's :class:`StepHook` callbacks set for global step ``step`` (e.g. a
-    scheduled learning rate), for callbacks that need them outside the phases (e.g. ``2/lr``)."""
+    """The hyperparameters that the trainer's [`StepHook`][lightning_flat.engine.StepHook] callbacks set for global step
+    ``step`` (e.g. a scheduled learning rate), for callbacks that need them outside the phases (e.g. ``2/lr``)."""
     out: dict[str, Any] = {}
     for cb in trainer.callbacks:
         if isinstance(cb, StepHook):
@@ -244,7 +251,7 @@ _DRIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def drive(hook: StepHook, trainer: Any, pl_module: Any, event: str, **kwargs: Any) -> None:
     """Forward one Lightning hook of ``hook`` to the Trainer's driver, if ``hook`` is the Trainer's first
-    :class:`StepHook` and the module's engine does not run the phases itself."""
+    [`StepHook`][lightning_flat.engine.StepHook] and the module's engine does not run the phases itself."""
     if isinstance(pl_module, EngineDriven) and pl_module.engine_drives_step_hooks():
         return
     first = next(cb for cb in trainer.callbacks if isinstance(cb, StepHook))

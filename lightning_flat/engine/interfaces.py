@@ -1,10 +1,10 @@
 """The declared interfaces between a model, its datamodule and the engine (no attribute back-channels).
 
-- A datamodule that serves a lightning_flat model reads the model's :class:`StepPlan` (its :class:`Replicas`, whose
-  seeds key the minibatch streams, and how many SGD steps each ``training_step`` call runs) and yields
-  :class:`StepChunk` items for fused calls.
-- A model reads its datamodule's :class:`MeasurementProblem` (the full training data, the test error), when the
-  datamodule provides one.
+- A datamodule that serves a lightning_flat model reads the model's [`StepPlan`][lightning_flat.engine.StepPlan] (its
+  [`Replicas`][lightning_flat.engine.Replicas], whose seeds key the minibatch streams, and how many SGD steps each
+  ``training_step`` call runs) and yields [`StepChunk`][lightning_flat.engine.StepChunk] items for fused calls.
+- A model reads its datamodule's [`MeasurementProblem`][lightning_flat.engine.MeasurementProblem] (the full training
+  data, the test error), when the datamodule provides one.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class StepChunk:
 
 @runtime_checkable
 class EngineDriven(Protocol):
-    """A module whose training engine runs the :class:`~lightning_flat.engine.StepHook` phases itself (then the
+    """A module whose training engine runs the [`StepHook`][lightning_flat.engine.StepHook] phases itself (then the
     Lightning-hook driver leaves them alone)."""
 
     def engine_drives_step_hooks(self) -> bool: ...

@@ -1,14 +1,14 @@
 """The training engine of the lightning_flat models: analytic SGD steps, fused chunks inside Lightning.
 
-One :class:`TrainingEngine` belongs to each model. At ``on_fit_start`` it picks how the model trains under this
-Trainer:
+One [`TrainingEngine`][lightning_flat.engine.TrainingEngine] belongs to each model. At ``on_fit_start`` it picks how the
+model trains under this Trainer:
 
 - ``"fused"`` (the default path): one ``training_step`` call runs a chunk of SGD steps (the sampler yields a
-  :class:`~lightning_flat.engine.StepChunk`); each step computes its gradients with the oracle, runs the
-  :class:`~lightning_flat.engine.StepHook` phases of the per-step callbacks and applies the update with the model's
-  :class:`~lightning_flat.engine.ReplicaSGD`. ``trainer.global_step`` counts every SGD step (see
-  :func:`~lightning_flat.engine.compat.advance_global_step`). A chunk ends wherever anything needs a step boundary:
-  a :class:`~lightning_flat.engine.BoundaryHook`'s ``next_boundary``, ``Trainer(log_every_n_steps)``,
+  [`StepChunk`][lightning_flat.engine.StepChunk]); each step computes its gradients with the oracle, runs the
+  [`StepHook`][lightning_flat.engine.StepHook] phases of the per-step callbacks and applies the update with the model's
+  [`ReplicaSGD`][lightning_flat.engine.ReplicaSGD]. ``trainer.global_step`` counts every SGD step (see
+  `advance_global_step`). A chunk ends wherever anything needs a step boundary:
+  a [`BoundaryHook`][lightning_flat.engine.BoundaryHook]'s ``next_boundary``, ``Trainer(log_every_n_steps)``,
   ``ModelCheckpoint(every_n_train_steps)``, ``max_steps``, the end of an epoch, and at most ``chunk_size`` steps.
 - ``"stepwise"``: one SGD step per call, with the same step (the gradients are written to ``.grad`` in the model's
   ``backward`` hook and Lightning's optimizer step applies the same update), when something needs Lightning's
@@ -16,12 +16,12 @@ Trainer:
   subclass, a validation loop, learning-rate schedulers, gradient clipping, another optimizer, or
   ``chunk_size=1``. Both paths give bitwise the same run.
 - ``"lightning"``: Lightning's own automatic optimization with an autograd backward (the step hooks then run from
-  Lightning's hooks, :class:`~lightning_flat.engine.hooks.LightningDriver`), for what the engine does not cover:
+  Lightning's hooks, `LightningDriver`), for what the engine does not cover:
   several devices (DDP), mixed precision, L-BFGS, gradient accumulation, or a subclass that replaces
   ``training_step``, ``backward`` or ``optimizer_step``.
 
 What the engine needs from its module (the lightning_flat models provide it, see
-:class:`~lightning_flat.models.LinearNetBase`): ``replicas``, ``chunk_size``, ``gradients``, ``optimizer``,
+[`LinearNetBase`][lightning_flat.models.LinearNetBase]): ``replicas``, ``chunk_size``, ``gradients``, ``optimizer``,
 ``weights()``, ``uses_analytic_gradients()``, ``end_to_end_and_cache``/``end_to_end_vjp`` (the analytic oracle),
 ``training_losses_from_weights`` (autograd), ``loss_from_weights`` and ``log_training_step``. The engine imports no
 model: it is given the class whose hooks hand training to it (``base``).
@@ -66,7 +66,7 @@ def _lightning_display_callbacks() -> tuple[type, ...]:
 
 
 def unknown_per_step_hooks(callback: Any) -> list[str]:
-    """The per-step Lightning hooks (:func:`~lightning_flat.engine.compat.per_step_hooks`) that ``callback``
+    """The per-step Lightning hooks (`per_step_hooks`) that ``callback``
     defines and that are not known to be safe once per chunk (declared in ``fused_safe_hooks``, or Lightning's own
     display and checkpoint callbacks' own hooks): empty when the callback may run with fused chunks."""
     from lightning.pytorch.callbacks import Callback
@@ -86,7 +86,7 @@ def unknown_per_step_hooks(callback: Any) -> list[str]:
 
 
 class _EngineOracle:
-    """The engine's gradient oracle as a :class:`~lightning_flat.engine.StepOracle` (for ``step_gradients``)."""
+    """The engine's gradient oracle as a [`StepOracle`][lightning_flat.engine.StepOracle] (for ``step_gradients``)."""
 
     def __init__(self, engine: TrainingEngine) -> None:
         self.engine = engine
@@ -257,7 +257,7 @@ class TrainingEngine:
         return ctx
 
     def apply_hparams(self, trainer: Any, hparams: dict[str, Any]) -> None:
-        """Put scheduled ``lr``/``weight_decay`` into every optimizer's param groups (:func:`write_hyperparameters`),
+        """Put scheduled ``lr``/``weight_decay`` into every optimizer's param groups (`write_hyperparameters`),
         only when they changed since the last call (so a per-replica list is converted once per change)."""
         changed = {k: hparams[k] for k in ("lr", "weight_decay") if k in hparams and self._applied.get(k) != hparams[k]}
         if changed:

@@ -1,12 +1,12 @@
 """The loss of any LightningModule as a function of its parameters: what SAM's extra gradients and the curvature
 reads of modules other than the lightning_flat models evaluate.
 
-- :func:`training_step_loss`: ``training_step(batch, 0)`` (its ``"loss"`` entry if it returns a dict) with the
-  module's logging silenced, the default ``loss_fn(module, batch)``;
-- :class:`ModuleOracle`: ``loss_and_grads`` at other parameter values (the values swapped in and restored bitwise)
-  and ``loss_at``, a pure function of the parameters for ``torch.func`` (``functional_call``); on a module with a
-  pure loss of its trained tensors (:class:`~lightning_flat.engine.interfaces.WeightLoss`) and no ``loss_fn`` that
-  loss is used instead.
+- [`training_step_loss`][lightning_flat.engine.training_step_loss]: ``training_step(batch, 0)`` (its ``"loss"`` entry if
+  it returns a dict) with the module's logging silenced, the default ``loss_fn(module, batch)``;
+- [`ModuleOracle`][lightning_flat.engine.ModuleOracle]: ``loss_and_grads`` at other parameter values (the values swapped
+  in and restored bitwise) and ``loss_at``, a pure function of the parameters for ``torch.func`` (``functional_call``);
+  on a module with a pure loss of its trained tensors ([`WeightLoss`][lightning_flat.engine.WeightLoss]) and no
+  ``loss_fn`` that loss is used instead.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class ModuleOracle:
     """The loss of ``module`` at other values of ``params`` (tensors of the module, in the optimizer's order).
 
     ``loss_fn=None`` uses the module's own pure loss where it has one (the lightning_flat models), else
-    :func:`training_step_loss`."""
+    [`training_step_loss`][lightning_flat.engine.training_step_loss]."""
 
     def __init__(self, module: Any, params: Sequence[Tensor], loss_fn: LossFn | None = None) -> None:
         self.module, self.params = module, list(params)
@@ -89,8 +89,8 @@ class ModuleOracle:
     @contextlib.contextmanager
     def preserving(self) -> Any:
         """Put back whatever the evaluations inside change in the module (a carried state, batch-norm running
-        statistics, a metric's update, a list's items; :class:`~lightning_flat.engine.snapshot.ModuleSnapshot});
-        nothing to do for a pure loss."""
+        statistics, a metric's update, a list's items;
+        [`ModuleSnapshot`][lightning_flat.curvature.isolation.ModuleSnapshot]); nothing to do for a pure loss."""
         if self.pure:
             yield
             return

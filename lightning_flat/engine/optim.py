@@ -46,18 +46,21 @@ class ReplicaSGD(torch.optim.Optimizer):
     parameters may carry a leading dimension indexing ``R`` independent replicas.
 
     ``lr`` and ``weight_decay`` may be floats or tensors of shape ``(R,)`` (one value per replica; a
-    :class:`~lightning_flat.callbacks.HyperparameterSchedule` may set either kind in a param group). Per replica the
-    update is torch's:
+    [`HyperparameterSchedule`][lightning_flat.callbacks.HyperparameterSchedule] may set either kind in a param group).
+    Per replica the update is torch's:
 
-    .. math:: d = g + \lambda_r W, \quad b \leftarrow \mu b + d \ (b = d \text{ at the first step}), \quad
-              W \leftarrow W - \eta_r b.
+    $$
+    d = g + \lambda_r W, \quad b \leftarrow \mu b + d \ (b = d \text{ at the first step}), \quad
+    W \leftarrow W - \eta_r b.
+    $$
 
-    ``replicas`` (the model's :class:`~lightning_flat.engine.Replicas`, whose ``active`` mask is read at every step)
+    ``replicas`` (the model's [`Replicas`][lightning_flat.engine.Replicas], whose ``active`` mask is read at every step)
     freezes the replicas that are not active: their weights and momentum stay as they are, whatever their gradient
     holds. ``lr`` and ``weight_decay`` may be given as per-replica lists.
 
-    :meth:`step` reads ``p.grad`` (Lightning's path); :meth:`apply_gradients` takes the gradients as a list (the
-    engine's fused path). Both run the same update, so a run is bitwise the same on either path.
+    `step` reads ``p.grad`` (Lightning's path); [`apply_gradients`][lightning_flat.engine.ReplicaSGD.apply_gradients]
+    takes the gradients as a list (the engine's fused path). Both run the same update, so a run is bitwise the same on
+    either path.
     """
 
     def __init__(self, params: Iterable, lr: float | Tensor | list[float], momentum: float = 0.0,
@@ -84,7 +87,7 @@ class ReplicaSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def apply_gradients(self, grads: Sequence[Tensor | None]) -> None:
         """One update with the given gradients, in the order of the parameters across the param groups (``None``
-        skips a parameter, as a missing ``.grad`` does in :meth:`step`)."""
+        skips a parameter, as a missing ``.grad`` does in `step`)."""
         k = 0
         for group in self.param_groups:
             n = len(group["params"])

@@ -1,15 +1,15 @@
 """Replicas, in one place: ``R`` independent runs trained in one module, and the step-keyed random streams.
 
-A lightning_flat model owns one :class:`Replicas` (``model.replicas``): the seed of every run, the active mask and
-the record of diverged runs, per-replica hyperparameters, the masked sums and means and the per-replica log keys.
-A single run is ``R = 1`` with the same argument forms (a length-1 list is a scalar), so no caller branches on it;
-a module that is not a lightning_flat model is measured and trained as one run without a seed stream
-(:func:`replicas_of`).
+A lightning_flat model owns one [`Replicas`][lightning_flat.engine.Replicas] (``model.replicas``): the seed of every
+run, the active mask and the record of diverged runs, per-replica hyperparameters, the masked sums and means and the
+per-replica log keys. A single run is ``R = 1`` with the same argument forms (a length-1 list is a scalar), so no caller
+branches on it; a module that is not a lightning_flat model is measured and trained as one run without a seed stream
+([`replicas_of`][lightning_flat.engine.replicas_of]).
 
 Random numbers of step ``t`` (minibatch indices, label noise, probes) come from generators seeded by
-:func:`step_seed` of integer keys that include ``t``, so a run resumed at step ``t`` draws what the uninterrupted
-run draws; keys that include a run's seed (:func:`per_stream`) make replica ``r`` draw what a single run with that
-seed draws.
+[`step_seed`][lightning_flat.engine.step_seed] of integer keys that include ``t``, so a run resumed at step ``t`` draws
+what the uninterrupted run draws; keys that include a run's seed ([`per_stream`][lightning_flat.engine.per_stream]) make
+replica ``r`` draw what a single run with that seed draws.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def step_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys (splitmix64 chain): the random numbers of step ``k`` depend on ``(seed, k)``
     only, so a run resumed from a checkpoint at step ``k`` draws exactly what the uninterrupted run draws.
 
-    Example:
+    Examples:
         >>> step_seed(0, 1) == step_seed(0, 1) != step_seed(1, 0)
         True
     """
@@ -68,7 +68,7 @@ def per_stream(streams: Sequence[int] | None, keys: Callable[[int | None], tuple
 def replica_seeds(seed: int | Sequence[int], replicas: int) -> list[int]:
     """The seed of every replica: ``seed + r``, or ``seed[r]`` when a list of ``replicas`` ints is given.
 
-    Example:
+    Examples:
         >>> replica_seeds(3, 2), replica_seeds([5, 5], 2), replica_seeds([7], 1)
         ([3, 4], [5, 5], [7])
     """
@@ -98,7 +98,7 @@ def active_mean(values: Tensor, active: Tensor | None) -> Tensor:
     """Mean of per-replica ``values (R, ...)`` over the active replicas, NaN where none is active; with
     ``active=None`` the plain mean over dim 0; a 0-d value is itself.
 
-    Example:
+    Examples:
         >>> active_mean(torch.tensor([1.0, 5.0, 3.0]), torch.tensor([True, False, True]))
         tensor(2.)
         >>> active_mean(torch.tensor([1.0, 5.0]), torch.tensor([False, False]))
@@ -137,14 +137,14 @@ class Replicas(nn.Module):
     Per-replica tensors carry a leading dimension ``count`` when ``count > 1`` (``dims = 1``) and none for a single
     run (``dims = 0``); every method takes both forms. The active mask is the buffer ``active`` (moves with the
     module, saved in its state dict); ``diverged[r] = (step, loss)`` records the replicas frozen by
-    :meth:`freeze_nonfinite`.
+    [`freeze_nonfinite`][lightning_flat.engine.Replicas.freeze_nonfinite].
 
     Args:
         count: the number ``R`` of runs.
         seed: ``seed + r`` for run ``r``, or one int per run; ``None``: one run without a seed stream (a module that
             is not a lightning_flat model: its random streams are keyed by the step alone).
 
-    Example:
+    Examples:
         >>> reps = Replicas(3, seed=10)
         >>> reps.seeds, reps.dims, reps.hyperparameter("lr", [0.1, 0.2, 0.3])
         ([10, 11, 12], 1, [0.1, 0.2, 0.3])
@@ -237,13 +237,14 @@ class Replicas(nn.Module):
 
     def metrics(self, key: str, values: Tensor) -> dict[str, Tensor]:
         """What to log: the mean over the active runs under ``key`` and ``key/r{k}`` for the first ``log_limit``
-        runs (finite values of active runs only, see :func:`replica_metrics`)."""
+        runs (finite values of active runs only, see [`replica_metrics`][lightning_flat.engine.replica_metrics])."""
         return replica_metrics(key, values, self.active if values.ndim else None, self.log_limit)
 
     # ------------------------------------------------------------------------------------------------ divergence
     def freeze_nonfinite(self, losses: Tensor, step: int) -> list[int]:
         """Freeze the active runs whose loss is not finite (``count > 1``; a single run is stopped instead, see
-        :meth:`stop_reason`) and record them in ``diverged``; returns the newly frozen runs (a warning names each)."""
+        [`stop_reason`][lightning_flat.engine.Replicas.stop_reason]) and record them in ``diverged``; returns the newly
+        frozen runs (a warning names each)."""
         if self.dims == 0:
             return []
         active = self.active
@@ -276,13 +277,15 @@ class Replicas(nn.Module):
 
 
 class Replicated:
-    """Declares that a module owns a :class:`Replicas` as ``replicas`` (the lightning_flat models do)."""
+    """Declares that a module owns a [`Replicas`][lightning_flat.engine.Replicas] as ``replicas`` (the lightning_flat
+    models do)."""
 
     replicas: Replicas
 
 
 def replicas_of(module: Any) -> Replicas:
-    """The :class:`Replicas` of a lightning_flat model, or one run without a seed stream for any other module."""
+    """The [`Replicas`][lightning_flat.engine.Replicas] of a lightning_flat model, or one run without a seed stream for
+    any other module."""
     if isinstance(module, Replicated):
         return module.replicas
     return Replicas(1, seed=None)

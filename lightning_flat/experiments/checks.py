@@ -1,9 +1,10 @@
 """Acceptance checks as a declarative table.
 
-An example states what its runs must show as a list of :class:`Check` rows: a printed name, the claim in words, how
-to read the measured value from the results, the comparison and the expected value. :func:`evaluate` runs a table
-against the results, prints one ``[PASS]``/``[FAIL]`` line per row and returns the rows as plain dicts (for
-``results.json`` and :func:`lightning_flat.loggers.wandb_report`).
+An example states what its runs must show as a list of [`Check`][lightning_flat.experiments.checks.Check] rows: a
+printed name, the claim in words, how to read the measured value from the results, the comparison and the expected
+value. [`evaluate`][lightning_flat.experiments.checks.evaluate] runs a table against the results, prints one
+``[PASS]``/``[FAIL]`` line per row and returns the rows as plain dicts (for ``results.json`` and
+[`lightning_flat.loggers.wandb_report`][lightning_flat.loggers.wandb_report]).
 
     table = [
         Check("2 E1: runs that jump by step 6000 (>= 6/16)", "SGD jumps to rank 1 in most runs",
@@ -16,9 +17,9 @@ against the results, prints one ``[PASS]``/``[FAIL]`` line per row and returns t
 ``value`` is a function of the results, or a path of keys into them (``"e5/a/drift"``, ``"q5/distance/0"``: ``/``
 separates the keys; a whole number indexes a list). The value read is a number, a bool (for ``"true"``), or a
 sequence of numbers: then every element must pass (an empty one
-fails: nothing was measured) and ``show`` picks the number that is printed. A value may come as a :class:`Reading`
-whose fields fill the ``{placeholders}`` of the name (counts that only the results know). ``expected`` may be a
-function of the results (a bound that the run itself measured).
+fails: nothing was measured) and ``show`` picks the number that is printed. A value may come as a
+[`Reading`][lightning_flat.experiments.checks.Reading] whose fields fill the ``{placeholders}`` of the name (counts that
+only the results know). ``expected`` may be a function of the results (a bound that the run itself measured).
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ class Check:
     """One row of a check table.
 
     Attributes:
-        name: the printed name (``str.format`` placeholders are filled from a :class:`Reading`'s fields).
+        name: the printed name (``str.format`` placeholders are filled from a
+            [`Reading`][lightning_flat.experiments.checks.Reading]'s fields).
         claim: what the row asserts, in words.
-        value: ``results -> value`` (a number, a bool, a sequence of numbers, or a :class:`Reading` of one), or a path
-            of keys, ``"a/b/0"``.
+        value: ``results -> value`` (a number, a bool, a sequence of numbers, or a
+            [`Reading`][lightning_flat.experiments.checks.Reading] of one), or a path of keys, ``"a/b/0"``.
         test: ``"<"``, ``"<="``, ``">"``, ``">="``, ``"=="`` (value against ``expected``), ``"in"`` (``expected``
             is a closed interval ``(lo, hi)``) or ``"true"`` (the value is a truth; ``expected`` unused).
         expected: the threshold or interval, or ``results -> threshold``.

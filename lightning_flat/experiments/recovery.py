@@ -51,7 +51,8 @@ def make_problem(setting: str, d: int, x: float, trial: int):
 
 
 def recovery_trial(config: dict) -> dict:
-    """:func:`solve_trial` as a sweep trial (``lightning_flat.sweep``): ``{"setting", "d", "x", "trial"}`` in."""
+    """[`solve_trial`][lightning_flat.experiments.recovery.solve_trial] as a sweep trial (``lightning_flat.sweep``):
+    ``{"setting", "d", "x", "trial"}`` in."""
     import warnings
 
     with warnings.catch_warnings():

@@ -17,9 +17,9 @@ def example_parser(doc: str, name: str, *, quick_help: str, sweep_noun: str, wor
                    threads: bool = True,
                    wandb: bool = True, workers_default: int | None = None) -> argparse.ArgumentParser:
     """A parser with the options every example has: ``--quick``, ``--out`` (default ``outputs/<name>[_quick]``),
-    ``--workers``, ``--replot`` and the sweep's ``--engine/--address/--resume`` (:func:`lightning_flat.sweep.
-    add_sweep_arguments`, for the ``sweep_noun``), and unless switched off ``--threads`` and ``--no-wandb``. The
-    description is the first paragraph of ``doc``."""
+    ``--workers``, ``--replot`` and the sweep's ``--engine/--address/--resume``
+    ([`add_sweep_arguments`][lightning_flat.sweep.add_sweep_arguments], for the ``sweep_noun``), and unless switched off
+    ``--threads`` and ``--no-wandb``. The description is the first paragraph of ``doc``."""
     from lightning_flat.sweep import add_sweep_arguments
 
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -48,8 +48,9 @@ def output_dir(out: str | None, name: str, quick: bool) -> str:
 
 def start(args: argparse.Namespace, name: str) -> tuple[str, float]:
     """Begin a run of an example: a quiet process with ``args.threads`` threads
-    (:func:`lightning_flat.experiments.training.quiet`), the output folder (:func:`output_dir` from ``args.out`` and
-    ``args.quick``), and the start time (``time.perf_counter()``)."""
+    ([`lightning_flat.experiments.training.quiet`][lightning_flat.experiments.training.quiet]), the output folder
+    ([`output_dir`][lightning_flat.experiments.scripts.output_dir] from ``args.out`` and ``args.quick``), and the start
+    time (``time.perf_counter()``)."""
     import time
 
     from lightning_flat.experiments.training import quiet
@@ -71,7 +72,8 @@ def replot(path: str, out: str | None, draw: Callable[[dict, str], list[str]]) -
 def report(out: str, name: str, quick: bool, config: dict[str, Any], figures: Sequence[str],
            checks: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     """The example's closing offline wandb run ``<name>[-quick]-report`` (figures, checks table, final values; see
-    :func:`lightning_flat.loggers.wandb_report`), grouped with its training runs by the output folder's name."""
+    [`lightning_flat.loggers.wandb_report`][lightning_flat.loggers.wandb_report]), grouped with its training runs by the
+    output folder's name."""
     from lightning_flat.experiments.training import wandb_group
     from lightning_flat.loggers import wandb_report
 

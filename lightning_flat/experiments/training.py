@@ -1,6 +1,6 @@
 """What the example scripts share around a training run: a quiet process, and a CPU Trainer with an in-memory logger
 and an optional offline wandb run (the recorder of weights at chosen steps is
-:class:`lightning_flat.experiments.recording.StepRecorder`)."""
+[`lightning_flat.experiments.recording.StepRecorder`][lightning_flat.experiments.recording.StepRecorder])."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ QUIET_WARNINGS = (".*does not have many workers.*", ".*LeafSpec.*", ".*diverged 
 
 def quiet(threads: int | None = None) -> int:
     """Prepare an example's process (the main one or a sweep worker): offline, silent wandb unless ``WANDB_MODE``
-    says otherwise, the :data:`QUIET_WARNINGS` filtered, Lightning's info logs off, and ``threads`` intra-op threads
-    (default :func:`lightning_flat.threads.default_threads`). Returns the number of threads in use."""
+    says otherwise, the `QUIET_WARNINGS` filtered, Lightning's info logs off, and ``threads`` intra-op threads
+    (default [`lightning_flat.threads.default_threads`][lightning_flat.threads.default_threads]). Returns the number of
+    threads in use."""
     import logging
 
     from lightning_flat.threads import use_threads
@@ -73,8 +74,9 @@ def trainer(max_steps: int, *, callbacks: Iterable = (), logger: Any = False, pr
 
 
 class FitResult:
-    """What :func:`fit` returns: the ``memory`` logger (every logged value), the fitted ``trainer``, the training
-    wall time in ``seconds`` and the folder of the offline wandb run (``wandb_dir``, ``None`` without one)."""
+    """What [`fit`][lightning_flat.experiments.training.fit] returns: the ``memory`` logger (every logged value), the
+    fitted ``trainer``, the training wall time in ``seconds`` and the folder of the offline wandb run (``wandb_dir``,
+    ``None`` without one)."""
 
     def __init__(self, memory, trainer, seconds: float, wandb_dir: str | None = None) -> None:
         self.memory, self.trainer, self.seconds, self.wandb_dir = memory, trainer, seconds, wandb_dir
@@ -83,8 +85,9 @@ class FitResult:
 def fit(model, datamodule, max_steps: int, *, callbacks: Sequence = (), precision: str = "64-true",
         log_every_n_steps: int = 50, wandb: str | None = None, out: str | None = None,
         config: dict[str, Any] | None = None, progress: bool | dict[str, Any] = False) -> FitResult:
-    """Train ``model`` on ``datamodule`` for ``max_steps`` steps with a :class:`~lightning_flat.loggers.MemoryLogger`
-    and, when ``wandb`` names a run, an offline wandb run under ``out`` (finished afterwards)."""
+    """Train ``model`` on ``datamodule`` for ``max_steps`` steps with a
+    [`MemoryLogger`][lightning_flat.loggers.MemoryLogger] and, when ``wandb`` names a run, an offline wandb run under
+    ``out`` (finished afterwards)."""
     from lightning_flat.loggers import MemoryLogger
 
     memory = MemoryLogger()

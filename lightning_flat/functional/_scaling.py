@@ -10,7 +10,7 @@ __all__ = ["pow2_scale", "times_pow2"]
 
 
 def pow2_scale(amax: Tensor) -> Tensor:
-    r"""The power of two :math:`2^e \ge` ``amax`` with ``amax`` in :math:`(2^{e-1}, 2^e]` (1 where ``amax`` is 0 or
+    r"""The power of two $2^e \ge$ ``amax`` with ``amax`` in $(2^{e-1}, 2^e]$ (1 where ``amax`` is 0 or
     not finite): dividing by it and multiplying back is exact in floating point."""
     _, e = torch.frexp(amax.detach())
     ok = torch.isfinite(amax) & (amax > 0)

@@ -14,13 +14,13 @@ __all__ = ["balancedness"]
 
 
 def balancedness(weights: Sequence[Tensor], per_layer: bool = False) -> Tensor:
-    r"""Distance from balance :math:`\sum_{j=1}^{L-1} \|W_{j+1}^\top W_{j+1} - W_j W_j^\top\|_F`, shape ``(...)``.
+    r"""Distance from balance $\sum_{j=1}^{L-1} \|W_{j+1}^\top W_{j+1} - W_j W_j^\top\|_F$, shape ``(...)``.
 
-    Gradient flow on any loss of :math:`E = W_L\cdots W_1` conserves each :math:`W_{j+1}^\top W_{j+1} - W_j W_j^\top`
+    Gradient flow on any loss of $E = W_L\cdots W_1$ conserves each $W_{j+1}^\top W_{j+1} - W_j W_j^\top$
     (Arora, Cohen, Hazan 2018). With ``per_layer=True`` returns the ``L - 1`` terms, shape ``(..., L - 1)``. A
     single layer is balanced (0).
 
-    Example:
+    Examples:
         >>> balancedness([torch.eye(2), torch.eye(2)])
         tensor(0.)
     """

@@ -1,15 +1,17 @@
 r"""Curvature of the measurement loss of a deep linear network: exact Hessian trace, sharpness.
 
-The model is :math:`E(W) = W_L \cdots W_1` with ``W_j (..., d_j, d_{j-1})`` and the loss
-:math:`L(W) = \frac1n \sum_i (\langle A_i, E(W)\rangle - b_i)^2` (mean squared error, no 1/2).
+The model is $E(W) = W_L \cdots W_1$ with ``W_j (..., d_j, d_{j-1})`` and the loss
+$L(W) = \frac1n \sum_i (\langle A_i, E(W)\rangle - b_i)^2$ (mean squared error, no 1/2).
 Leading dimensions ``...`` are replicas; every function here broadcasts over them.
 
-Notation: :math:`P_j = W_{j-1}\cdots W_1` (``P_1 = I``) and :math:`S_j = W_L \cdots W_{j+1}` (``S_L = I``), so
-:math:`\nabla_{W_j} f_i = S_j^\top A_i P_j^\top`. Since :math:`f_i` is linear in each :math:`W_j` separately, the
-diagonal Hessian blocks of :math:`f_i` vanish and, at every :math:`W` (not only at interpolation),
+Notation: $P_j = W_{j-1}\cdots W_1$ (``P_1 = I``) and $S_j = W_L \cdots W_{j+1}$ (``S_L = I``), so
+$\nabla_{W_j} f_i = S_j^\top A_i P_j^\top$. Since $f_i$ is linear in each $W_j$ separately, the
+diagonal Hessian blocks of $f_i$ vanish and, at every $W$ (not only at interpolation),
 
-.. math:: \operatorname{tr}\nabla^2 L(W) = \frac2n \sum_i \|\nabla f_i(W)\|^2
-          = \frac2n \sum_j \mathrm{curvature}(P_j^\top P_j,\; S_j S_j^\top).
+$$
+\operatorname{tr}\nabla^2 L(W) = \frac2n \sum_i \|\nabla f_i(W)\|^2
+= \frac2n \sum_j \mathrm{curvature}(P_j^\top P_j,\; S_j S_j^\top).
+$$
 
 References:
     Gatmiry, Li, Chuang, Reddi, Ma, Jegelka (2023), Lemma 2 (from their Sec. 4 on, constants are for a loss with
@@ -36,7 +38,8 @@ def _check_weights(weights: Sequence[Tensor]) -> list[Tensor]:
         raise ValueError("weights must hold at least one layer, got an empty list")
     for j, W in enumerate(weights):
         if not isinstance(W, Tensor) or W.ndim < 2:
-            raise ValueError(f"weights[{j}] must be a tensor of shape (..., d_{j + 1}, d_{j}), got {getattr(W, 'shape', W)}")
+            raise ValueError(f"weights[{j}] must be a tensor of shape (..., d_{j + 1}, d_{j}), "
+                             f"got {getattr(W, 'shape', W)}")
     for j in range(1, len(weights)):
         if weights[j].dtype != weights[0].dtype:
             raise TypeError(f"weights must share one dtype, got weights[0] {weights[0].dtype} and weights[{j}] "
@@ -50,9 +53,9 @@ def _check_weights(weights: Sequence[Tensor]) -> list[Tensor]:
 
 
 def end_to_end(weights: Sequence[Tensor]) -> Tensor:
-    r"""End-to-end matrix :math:`E = W_L \cdots W_1` of shape ``(..., d_L, d_0)``.
+    r"""End-to-end matrix $E = W_L \cdots W_1$ of shape ``(..., d_L, d_0)``.
 
-    Example:
+    Examples:
         >>> W1, W2 = torch.eye(3, 2), 2 * torch.ones(1, 3)
         >>> end_to_end([W1, W2])
         tensor([[2., 2.]])
@@ -85,7 +88,7 @@ def partial_products(weights: Sequence[Tensor]) -> tuple[list[Tensor], list[Tens
 
 
 def measurement_loss(E: Tensor, measurements: Measurements, targets: Tensor) -> Tensor:
-    r""":math:`\frac1n\sum_i(\langle A_i, E\rangle - b_i)^2` (no 1/2), shape ``(...)`` for ``E (..., d_out, d_in)``."""
+    r"""$\frac1n\sum_i(\langle A_i, E\rangle - b_i)^2$ (no 1/2), shape ``(...)`` for ``E (..., d_out, d_in)``."""
     return (measurements(E) - targets).square().mean(-1)
 
 
@@ -93,16 +96,18 @@ def hessian_trace(weights: Sequence[Tensor], measurements: Measurements, targets
                   per_layer: bool = False) -> Tensor:
     r"""Exact trace of the Hessian of the measurement loss in the weights, shape ``(...)``.
 
-    .. math:: \operatorname{tr}\nabla^2 L(W) = \frac2n\sum_{j=1}^L\sum_i \operatorname{tr}(A_i P_j^\top P_j A_i^\top S_j S_j^\top)
+    $$
+    \operatorname{tr}\nabla^2 L(W) = \frac2n\sum_{j=1}^L\sum_i \operatorname{tr}(A_i P_j^\top P_j A_i^\top S_j S_j^\top)
+    $$
 
-    Exact at every ``W`` (the residual term has zero trace because each :math:`f_i` is linear in each layer), and
+    Exact at every ``W`` (the residual term has zero trace because each $f_i$ is linear in each layer), and
     differentiable in the weights (usable as a regulariser). ``per_layer=True`` returns the ``L`` terms (the traces of
     the diagonal Hessian blocks, one per layer), shape ``(..., L)``. ``targets`` is not used: it is accepted so that the
-    exact and the generic (Hutch++) paths share one signature. All :math:`L` layer terms go to
-    ``measurements.curvature`` in one batched call (for :class:`~lightning_flat.measurements.Dense` at the Gatmiry
+    exact and the generic (Hutch++) paths share one signature. All $L$ layer terms go to
+    ``measurements.curvature`` in one batched call (for [`Dense`][lightning_flat.measurements.Dense] at the Gatmiry
     size this is one product with the cached fourth-moment matrix).
 
-    Example:
+    Examples:
         >>> from lightning_flat.measurements import Entries
         >>> rows, cols = torch.tensor([0, 1]), torch.tensor([1, 0])
         >>> hessian_trace([torch.eye(2, dtype=torch.float64)], Entries(rows, cols, (2, 2)))
@@ -133,9 +138,9 @@ def hessian_trace(weights: Sequence[Tensor], measurements: Measurements, targets
 
 
 def trace_surrogate(weights: Sequence[Tensor]) -> Tensor:
-    r"""Gatmiry et al.'s surrogate :math:`R(W) = \sum_j \|P_j\|_F^2\|S_j\|_F^2`, shape ``(...)``.
+    r"""Gatmiry et al.'s surrogate $R(W) = \sum_j \|P_j\|_F^2\|S_j\|_F^2$, shape ``(...)``.
 
-    For Gaussian measurements with N(0,1) entries, :math:`\mathbb E_A \operatorname{tr}\nabla^2 L = 2R(W)` exactly.
+    For Gaussian measurements with N(0,1) entries, $\mathbb E_A \operatorname{tr}\nabla^2 L = 2R(W)$ exactly.
     """
     P, S = partial_products(weights)
     return sum(Pj.square().sum((-2, -1)) * Sj.square().sum((-2, -1)) for Pj, Sj in zip(P, S))

@@ -1,13 +1,17 @@
 r"""Eigenvalues of symmetric operators given as products ``v -> H v`` (Hessian-vector products), and spectra.
 
-- :func:`top_hessian_eigenpair`: the largest algebraic eigenpair by warm-started Lanczos with an error bound;
-- :func:`top_eigenpairs`: the ``k`` largest by LOBPCG, warm-started by a block; :func:`eigenvalues_above`: every
-  eigenvalue above a level (the block grown until one converged eigenvalue falls below it);
-- :func:`block_operator`: the operator of one diagonal block (one layer's coordinates);
-- :func:`preconditioned_operator`: :math:`v \mapsto s \odot H(s \odot v)`, the curvature an optimizer with the
-  diagonal preconditioner :math:`P = \mathrm{diag}(s)^{-2}` sees;
-- :func:`exact_density` and :func:`density_moments`: a spectral density as quadrature nodes and weights, and what
-  the measuring callbacks log of it.
+- [`top_hessian_eigenpair`][lightning_flat.functional.top_hessian_eigenpair]: the largest algebraic eigenpair by
+  warm-started Lanczos with an error bound;
+- [`top_eigenpairs`][lightning_flat.functional.top_eigenpairs]: the ``k`` largest by LOBPCG, warm-started by a block;
+  [`eigenvalues_above`][lightning_flat.functional.eigenvalues_above]: every eigenvalue above a level (the block grown
+  until one converged eigenvalue falls below it);
+- [`block_operator`][lightning_flat.functional.block_operator]: the operator of one diagonal block (one layer's
+  coordinates);
+- [`preconditioned_operator`][lightning_flat.functional.preconditioned_operator]: $v \mapsto s \odot H(s \odot v)$, the
+  curvature an optimizer with the diagonal preconditioner $P = \mathrm{diag}(s)^{-2}$ sees;
+- [`exact_density`][lightning_flat.functional.exact_density] and
+  [`density_moments`][lightning_flat.functional.density_moments]: a spectral density as quadrature nodes and weights,
+  and what the measuring callbacks log of it.
 
 Operators are plain callables ``hvp(v)`` on flat vectors of length ``size``; nothing here depends on where they
 come from (a closed form, ``torch.func``, hessian-eigenthings).
@@ -35,12 +39,12 @@ def top_hessian_eigenpair(hvp: HVP, size: int, *, dtype: torch.dtype, device: to
 
     Lanczos with full reorthogonalization from ``v0`` (or a seeded random start, drawn from its own generator so
     global random state is untouched), stopping as soon as the bound on the eigenvalue's error,
-    :math:`\min(r, r^2/\delta)` with the Ritz residual :math:`r = \beta_j |s_j|` and the Ritz gap
-    :math:`\delta = \theta_1 - \theta_2` (Kato-Temple; used once :math:`\delta > r`), is at most
-    :math:`\mathrm{tol}\cdot\max(|\theta|, 1)`; if ``max_iter`` steps do not reach it, it restarts from the Ritz
-    vector (up to ``max_restarts`` times). ``tol`` is thus the relative accuracy of the eigenvalue. Started from the previous top eigenvector, a read
-    during training converges in a few products. (hessian-eigenthings' ``lanczos`` always runs its full Krylov
-    dimension and takes no start vector, hence this small loop.)
+    $\min(r, r^2/\delta)$ with the Ritz residual $r = \beta_j |s_j|$ and the Ritz gap
+    $\delta = \theta_1 - \theta_2$ (Kato-Temple; used once $\delta > r$), is at most
+    $\mathrm{tol}\cdot\max(|\theta|, 1)$; if ``max_iter`` steps do not reach it, it restarts from the Ritz
+    vector (up to ``max_restarts`` times). ``tol`` is thus the relative accuracy of the eigenvalue. Started from the
+    previous top eigenvector, a read during training converges in a few products. (hessian-eigenthings' ``lanczos``
+    always runs its full Krylov dimension and takes no start vector, hence this small loop.)
 
     Returns ``(eigenvalue, eigenvector, number_of_hvps)``; the eigenvalue is NaN when a product is not finite (a
     diverged point), without calling the eigen-solver on it.
@@ -109,13 +113,14 @@ def top_eigenpairs(hvp: HVP, size: int, k: int, *, dtype: torch.dtype, device: t
                    tol: float = 1e-8, max_iter: int = 300, seed: int = 0, nconv: int | None = None,
                    above: float | None = None, blocks: bool = False) -> tuple[Tensor, Tensor, int]:
     r"""The ``k`` largest algebraic eigenpairs of a symmetric operator ``hvp`` by LOBPCG (Knyazev 2001): Rayleigh-Ritz
-    on the block :math:`[X, R, P]` of the current vectors, their residuals and the previous step's directions, until
-    the residuals of the leading ``nconv`` (default ``k``) satisfy :math:`\|Hx - \theta x\| \le
-    \mathrm{tol}\cdot\max(|\theta|, 1)` (the eigenvalue's error is about the residual squared over the gap; the
+    on the block $[X, R, P]$ of the current vectors, their residuals and the previous step's directions, until
+    the residuals of the leading ``nconv`` (default ``k``) satisfy $\|Hx - \theta x\| \le
+    \mathrm{tol}\cdot\max(|\theta|, 1)$ (the eigenvalue's error is about the residual squared over the gap; the
     trailing vectors are guards that speed up convergence); with ``above``, only those above that level and the
     first one below it. ``X0`` (e.g. the previous read's eigenvectors)
     warm-starts it, so a read during training converges in a few blocks. With ``blocks``, ``hvp`` multiplies a block
-    ``(size, m)`` at once (batched products). Returns ``(eigenvalues (k,) descending, eigenvectors (size, k), hvps)``."""
+    ``(size, m)`` at once (batched products). Returns
+    ``(eigenvalues (k,) descending, eigenvectors (size, k), hvps)``."""
     k = min(check_positive_int("k", k), size)
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(size, k, generator=g, dtype=dtype).to(device)
@@ -161,11 +166,12 @@ def top_eigenpairs(hvp: HVP, size: int, k: int, *, dtype: torch.dtype, device: t
 def eigenvalues_above(hvp: HVP, size: int, level: float, *, dtype: torch.dtype, device: torch.device,
                       X0: Tensor | None = None, tol: float = 1e-8, seed: int = 0,
                       blocks: bool = False) -> tuple[list[float], Tensor, int]:
-    r"""Every eigenvalue of ``hvp`` above ``level`` (descending), by :func:`top_eigenpairs` on a block of ``k``
-    vectors (at least 3, or the columns of ``X0``, e.g. the previous read's vectors), doubled while all ``k - 2``
-    leading converged eigenvalues are above the level (the last two vectors are guards that speed up convergence).
-    The residual bound is :math:`\sqrt{\mathrm{tol}}`, which gives eigenvalues to about ``tol`` (the error is about the
-    squared residual over the gap). ``blocks``: ``hvp`` multiplies blocks ``(size, m)``.
+    r"""Every eigenvalue of ``hvp`` above ``level`` (descending), by
+    [`top_eigenpairs`][lightning_flat.functional.top_eigenpairs] on a block of ``k`` vectors (at least 3, or the columns
+    of ``X0``, e.g. the previous read's vectors), doubled while all ``k - 2`` leading converged eigenvalues are above
+    the level (the last two vectors are guards that speed up convergence). The residual bound is $\sqrt{\mathrm{tol}}$,
+    which gives eigenvalues to about ``tol`` (the error is about the squared residual over the gap). ``blocks``: ``hvp``
+    multiplies blocks ``(size, m)``.
 
     Returns ``(eigenvalues above level, vectors (size, found + 2) to warm-start the next read, hvps)``.
     """
@@ -197,9 +203,9 @@ def block_operator(hvp: HVP, sizes: Sequence[int], j: int) -> HVP:
 
 
 def preconditioned_operator(hvp: HVP, scales: Tensor) -> HVP:
-    r""":math:`v \mapsto s \odot H(s \odot v)` for ``scales`` :math:`s = P^{-1/2}` (a flat vector): the operator
-    :math:`P^{-1/2}HP^{-1/2}` whose top eigenvalue is the sharpness that a step preconditioned by ``P`` sees (Adam:
-    :math:`P = \sqrt{\hat v} + \epsilon`)."""
+    r"""$v \mapsto s \odot H(s \odot v)$ for ``scales`` $s = P^{-1/2}$ (a flat vector): the operator
+    $P^{-1/2}HP^{-1/2}$ whose top eigenvalue is the sharpness that a step preconditioned by ``P`` sees (Adam:
+    $P = \sqrt{\hat v} + \epsilon$)."""
     return lambda v: scales * hvp(scales * v)
 
 
@@ -207,7 +213,7 @@ def dense_top_eigenvalues(H: Tensor, k: int = 1) -> Tensor:
     """The ``k`` largest eigenvalues (descending) of symmetric ``H (..., p, p)``, shape ``(..., k)``; NaN for a matrix
     that is not finite (a diverged point), without calling the eigen-solver on it.
 
-    Example:
+    Examples:
         >>> dense_top_eigenvalues(torch.diag(torch.tensor([1.0, 3.0, 2.0])), k=2)
         tensor([3., 2.])
     """
@@ -231,11 +237,11 @@ def exact_density(H: Tensor) -> tuple[Tensor, Tensor]:
 
 def density_moments(nodes: Tensor, weights: Tensor) -> dict[str, float]:
     r"""Summary of a density given by quadrature ``nodes`` and ``weights`` (summing to 1): ``max`` and ``min`` (the
-    extreme nodes), ``mean`` (:math:`\sum_k w_k\theta_k`, :math:`\operatorname{tr}H/p` for a Hessian's density),
-    ``second_moment`` (:math:`\sum_k w_k\theta_k^2`, :math:`\operatorname{tr}H^2/p`) and ``negative_mass`` (the weight
+    extreme nodes), ``mean`` ($\sum_k w_k\theta_k$, $\operatorname{tr}H/p$ for a Hessian's density),
+    ``second_moment`` ($\sum_k w_k\theta_k^2$, $\operatorname{tr}H^2/p$) and ``negative_mass`` (the weight
     of the negative nodes).
 
-    Example:
+    Examples:
         >>> density_moments(torch.tensor([-1.0, 1.0, 3.0]), torch.tensor([0.25, 0.25, 0.5]))["mean"]
         1.5
     """

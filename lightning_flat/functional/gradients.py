@@ -1,17 +1,17 @@
 r"""Analytic gradients of the measurement loss: the residual, one adjoint and the chain rule through each
 parameterization, with no autograd graph.
 
-For predictions :math:`f_i = \langle A_i, E(W)\rangle` on a batch of ``B`` measurements with targets ``y`` the loss
-:math:`L = \frac1B\sum_i (f_i - y_i)^2` has :math:`\partial L/\partial E = G = \frac2B\mathcal A^*(r)`,
-:math:`r = f - y` (one adjoint of the measurement operator), and the weight gradients are the vector-Jacobian
-product of the parameterization :math:`W \mapsto E` at :math:`G`:
+For predictions $f_i = \langle A_i, E(W)\rangle$ on a batch of ``B`` measurements with targets ``y`` the loss
+$L = \frac1B\sum_i (f_i - y_i)^2$ has $\partial L/\partial E = G = \frac2B\mathcal A^*(r)$,
+$r = f - y$ (one adjoint of the measurement operator), and the weight gradients are the vector-Jacobian
+product of the parameterization $W \mapsto E$ at $G$:
 
-- chain :math:`E = W_L\cdots W_1` (:func:`chain_prefixes`, :func:`chain_vjp`):
-  :math:`\nabla_{W_j} L = S_j^\top G P_j^\top` with :math:`P_j = W_{j-1}\cdots W_1`, :math:`S_j = W_L\cdots W_{j+1}`;
-  the prefixes :math:`P_j` are the forward pass and the suffix side is one running product
-  :math:`T_j = S_j^\top G` (``3(L-1)`` matrix products in all, as a backward pass);
-- symmetric factors :math:`E = U_1U_1^\top - U_2U_2^\top` (:func:`symmetric_vjp`):
-  :math:`\nabla_{U_1} L = (G + G^\top)U_1`, :math:`\nabla_{U_2} L = -(G + G^\top)U_2`.
+- chain $E = W_L\cdots W_1$ (`chain_prefixes`, `chain_vjp`):
+  $\nabla_{W_j} L = S_j^\top G P_j^\top$ with $P_j = W_{j-1}\cdots W_1$, $S_j = W_L\cdots W_{j+1}$;
+  the prefixes $P_j$ are the forward pass and the suffix side is one running product
+  $T_j = S_j^\top G$ (``3(L-1)`` matrix products in all, as a backward pass);
+- symmetric factors $E = U_1U_1^\top - U_2U_2^\top$ (`symmetric_vjp`):
+  $\nabla_{U_1} L = (G + G^\top)U_1$, $\nabla_{U_2} L = -(G + G^\top)U_2$.
 
 Leading dimensions (replicas) broadcast. Every function here is checked against ``torch.autograd`` in the tests.
 """
@@ -29,9 +29,9 @@ __all__ = ["chain_prefixes", "chain_vjp", "symmetric_vjp", "residual_and_end_to_
 
 
 def chain_prefixes(weights: Sequence[Tensor]) -> list[Tensor]:
-    r"""``[W_1, W_2W_1, ..., W_L\cdots W_1]``: entry ``j`` is :math:`P_{j+2} = W_{j+1}\cdots W_1`; the last is ``E``.
+    r"""``[W_1, W_2W_1, ..., W_L\cdots W_1]``: entry ``j`` is $P_{j+2} = W_{j+1}\cdots W_1$; the last is ``E``.
 
-    Example:
+    Examples:
         >>> W1, W2 = torch.eye(3, 2), 2 * torch.ones(1, 3)
         >>> chain_prefixes([W1, W2])[-1]
         tensor([[2., 2.]])
@@ -43,11 +43,11 @@ def chain_prefixes(weights: Sequence[Tensor]) -> list[Tensor]:
 
 
 def chain_vjp(weights: Sequence[Tensor], prefixes: Sequence[Tensor], G: Tensor) -> list[Tensor]:
-    r"""Gradients :math:`S_j^\top G P_j^\top` of :math:`\langle G, W_L\cdots W_1\rangle` in every ``W_j``.
+    r"""Gradients $S_j^\top G P_j^\top$ of $\langle G, W_L\cdots W_1\rangle$ in every ``W_j``.
 
-    ``prefixes`` from :func:`chain_prefixes`; ``G (..., d_L, d_0)``.
+    ``prefixes`` from `chain_prefixes`; ``G (..., d_L, d_0)``.
 
-    Example:
+    Examples:
         >>> W = [torch.tensor([[2.0]]), torch.tensor([[3.0]])]
         >>> chain_vjp(W, chain_prefixes(W), torch.ones(1, 1))  # d(W2 W1)/dW1 = W2, d/dW2 = W1
         [tensor([[3.]]), tensor([[2.]])]
@@ -63,17 +63,17 @@ def chain_vjp(weights: Sequence[Tensor], prefixes: Sequence[Tensor], G: Tensor) 
 
 
 def symmetric_vjp(factors: Sequence[Tensor], G: Tensor) -> list[Tensor]:
-    r"""Gradients of :math:`\langle G, U_1U_1^\top - U_2U_2^\top\rangle`: :math:`[(G+G^\top)U_1, -(G+G^\top)U_2]`."""
+    r"""Gradients of $\langle G, U_1U_1^\top - U_2U_2^\top\rangle$: $[(G+G^\top)U_1, -(G+G^\top)U_2]$."""
     Gs = G + G.transpose(-1, -2)
     U1, U2 = factors
     return [torch.matmul(Gs, U1), -torch.matmul(Gs, U2)]
 
 
 def residual_and_end_to_end_gradient(E: Tensor, measurements: Measurements, targets: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``(losses, G)`` for the batch loss :math:`\frac1B\sum_i(\langle A_i, E\rangle - y_i)^2`: the per-model
-    losses ``(...)`` and :math:`G = \partial L/\partial E = \frac2B\sum_i r_iA_i` ``(..., d_out, d_in)``.
+    r"""``(losses, G)`` for the batch loss $\frac1B\sum_i(\langle A_i, E\rangle - y_i)^2$: the per-model
+    losses ``(...)`` and $G = \partial L/\partial E = \frac2B\sum_i r_iA_i$ ``(..., d_out, d_in)``.
 
-    Example:
+    Examples:
         >>> from lightning_flat.measurements import Entries
         >>> m = Entries(torch.tensor([0]), torch.tensor([1]), (2, 2), dtype=torch.float64)
         >>> losses, G = residual_and_end_to_end_gradient(torch.zeros(2, 2, dtype=torch.float64), m,

@@ -1,9 +1,9 @@
 r"""Hessian-vector products and dense Hessians of the measurement loss in the flattened weights (``torch.func``),
 for one model or for every replica at once, and the sharpness (the largest algebraic Hessian eigenvalue).
 
-The loss is :math:`L(W) = \frac1n\sum_i(\langle A_i, E(W)\rangle - b_i)^2` with ``E = end_to_end(weights)`` (the
-product :math:`W_L\cdots W_1` by default, or a model's own map); the Hessian is the full one, residual term
-included. Below :data:`EXACT_MAX_PARAMS` parameters the dense Hessian is cheap enough to take every eigenvalue.
+The loss is $L(W) = \frac1n\sum_i(\langle A_i, E(W)\rangle - b_i)^2$ with ``E = end_to_end(weights)`` (the
+product $W_L\cdots W_1$ by default, or a model's own map); the Hessian is the full one, residual term
+included. Below `EXACT_MAX_PARAMS` parameters the dense Hessian is cheap enough to take every eigenvalue.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def flatten_weights(weights: Sequence[Tensor]) -> Tensor:
 
 
 def unflatten_weights(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
-    """Inverse of :func:`flatten_weights` for the given shapes."""
+    """Inverse of [`flatten_weights`][lightning_flat.functional.flatten_weights] for the given shapes."""
     out, offset = [], 0
     for shape in shapes:
         size = 1
@@ -80,7 +80,7 @@ def replica_loss_hessians(weights: Sequence[Tensor], measurements: Measurements,
 
     ``weights`` carry a leading replica dimension ``R`` (``W_j (R, d_j, d_{j-1})``) and ``end_to_end`` maps them to
     ``E (R, d_out, d_in)`` (default: the product). The replicas' losses are independent, so one Hessian-vector product
-    of their sum with the direction :math:`e_k` in every replica gives column ``k`` of all ``R`` Hessians: ``p``
+    of their sum with the direction $e_k$ in every replica gives column ``k`` of all ``R`` Hessians: ``p``
     batched products (``torch.func``: forward over reverse, vmapped over the basis in chunks of ``chunk_size``)
     instead of ``R`` separate Hessians.
     """
@@ -111,7 +111,8 @@ def replica_loss_hessians(weights: Sequence[Tensor], measurements: Measurements,
 
 def replica_sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Tensor, end_to_end=None,
                       active: Tensor | None = None) -> Tensor:
-    """Exact sharpness of every replica, shape ``(R,)`` (:func:`replica_loss_hessians`, then ``eigvalsh``).
+    """Exact sharpness of every replica, shape ``(R,)``
+    ([`replica_loss_hessians`][lightning_flat.functional.replica_loss_hessians], then ``eigvalsh``).
 
     Replicas with ``active[r] = False`` (frozen, e.g. diverged) are computed at zero weights, so that huge or
     non-finite weights cannot spoil the batch, and reported as NaN, as is any replica whose Hessian is not finite."""
@@ -136,8 +137,9 @@ def sharpness(weights: Sequence[Tensor], measurements: Measurements, targets: Te
 
     The full Hessian, residual term included (no label noise, no ridge). ``method``: ``"exact"`` (``eigvalsh`` of
     ``torch.func.hessian``, for models with at most a few thousand parameters), ``"lanczos"`` (restarted Lanczos over
-    ``torch.func`` Hessian-vector products, see :func:`~lightning_flat.functional.top_hessian_eigenpair`) or
-    ``"auto"`` (exact up to :data:`EXACT_MAX_PARAMS` parameters). Leading replica dimensions of the weights are handled one replica at a time.
+    ``torch.func`` Hessian-vector products, see
+    [`top_hessian_eigenpair`][lightning_flat.functional.top_hessian_eigenpair]) or ``"auto"`` (exact up to
+    `EXACT_MAX_PARAMS` parameters). Leading replica dimensions of the weights are handled one replica at a time.
     """
     weights = list(weights) if end_to_end is not None else _check_weights(weights)
     check_choice("method", method, ("auto", "exact", "lanczos"))

@@ -1,25 +1,28 @@
 r"""Closed forms for deep linear networks on univariate regression (Marion & Chizat 2024).
 
-The model is :math:`f(x) = w^\top W_L\cdots W_1 x` (``w`` a fixed vector; for a :class:`DeepLinearNet` with dims
-``(d, ..., d, 1)`` take ``w = 1`` and the last factor ``(1, d)``), the loss
-:math:`R(W) = \frac1n\|y - Xw_{prod}\|^2` with :math:`w_{prod} = W_1^\top\cdots W_L^\top w` (the library's measurement
-loss: no 1/2, so every closed form below compares directly with the Hessian of the library's loss). With
-:math:`\hat\Sigma = X^\top X/n`, :math:`\lambda`/:math:`\Lambda` its extreme eigenvalues, :math:`w^*` the
-least-squares solution and :math:`a = w^{*\top}\hat\Sigma w^*/\|w^*\|^2`:
+The model is $f(x) = w^\top W_L\cdots W_1 x$ (``w`` a fixed vector; for a
+[`DeepLinearNet`][lightning_flat.models.DeepLinearNet] with dims ``(d, ..., d, 1)`` take ``w = 1`` and the last factor
+``(1, d)``), the loss $R(W) = \frac1n\|y - Xw_{prod}\|^2$ with $w_{prod} = W_1^\top\cdots W_L^\top w$ (the library's
+measurement loss: no 1/2, so every closed form below compares directly with the Hessian of the library's loss). With
+$\hat\Sigma = X^\top X/n$, $\lambda$/$\Lambda$ its extreme eigenvalues, $w^*$ the
+least-squares solution and $a = w^{*\top}\hat\Sigma w^*/\|w^*\|^2$:
 
-- :func:`sharpness_lower_bound`: any global minimiser has sharpness
-  :math:`S \ge S_{min} = 2L\lambda\|w^*\|^{2-2/L}` (Thm 1), and the same proof gives
-  :math:`S \ge S_{min}^a = 2La\|w^*\|^{2-2/L}`;
-- :func:`sharpness_upper_bound`: :math:`UB = 8L\Lambda\|w^*\|^{2-2/L}`, the bound of gradient flow from a small
-  initialisation (Cor. 3: :math:`S \le 4\frac\Lambda\lambda S_{min}`);
-- :func:`minimizer_sharpness`: at a minimiser the residual term vanishes and
-  :math:`S = 2\lambda_{max}(\hat\Sigma^{1/2}G\hat\Sigma^{1/2})`,
-  :math:`G = \sum_k\|w^\top W_L\cdots W_{k+1}\|^2 (W_{k-1}\cdots W_1)^\top(W_{k-1}\cdots W_1)`;
-- :func:`ideal_minimizer`: :math:`W_k = \|w^*\|^{1/L}u_ku_{k-1}^\top` with :math:`u_0 = w^*/\|w^*\|`, whose sharpness
-  is :math:`2\|w^*\|^{2-2/L}\lambda_{max}(\hat\Sigma + (L-1)\hat\Sigma^{1/2}u_0u_0^\top\hat\Sigma^{1/2})`
-  (:func:`ideal_minimizer_sharpness`), within :math:`2\|w^*\|^{2-2/L}(\Lambda - a)` of :math:`S_{min}^a`;
-- :func:`conserved_gaps` and :func:`epsilon_gd`: :math:`D_k = W_{k+1}^\top W_{k+1} - W_kW_k^\top`, conserved by
-  gradient flow, and the bound :math:`\varepsilon` of Lemma 1 with gradient descent's drift of :math:`D_k` added.
+- [`sharpness_lower_bound`][lightning_flat.functional.sharpness_lower_bound]: any global minimiser has sharpness
+  $S \ge S_{min} = 2L\lambda\|w^*\|^{2-2/L}$ (Thm 1), and the same proof gives
+  $S \ge S_{min}^a = 2La\|w^*\|^{2-2/L}$;
+- [`sharpness_upper_bound`][lightning_flat.functional.sharpness_upper_bound]: $UB = 8L\Lambda\|w^*\|^{2-2/L}$, the bound
+  of gradient flow from a small initialisation (Cor. 3: $S \le 4\frac\Lambda\lambda S_{min}$);
+- [`minimizer_sharpness`][lightning_flat.functional.minimizer_sharpness]: at a minimiser the residual term vanishes and
+  $S = 2\lambda_{max}(\hat\Sigma^{1/2}G\hat\Sigma^{1/2})$,
+  $G = \sum_k\|w^\top W_L\cdots W_{k+1}\|^2 (W_{k-1}\cdots W_1)^\top(W_{k-1}\cdots W_1)$;
+- [`ideal_minimizer`][lightning_flat.functional.ideal_minimizer]: $W_k = \|w^*\|^{1/L}u_ku_{k-1}^\top$ with
+  $u_0 = w^*/\|w^*\|$, whose sharpness is
+  $2\|w^*\|^{2-2/L}\lambda_{max}(\hat\Sigma + (L-1)\hat\Sigma^{1/2}u_0u_0^\top\hat\Sigma^{1/2})$
+  ([`ideal_minimizer_sharpness`][lightning_flat.functional.ideal_minimizer_sharpness]), within
+  $2\|w^*\|^{2-2/L}(\Lambda - a)$ of $S_{min}^a$;
+- [`conserved_gaps`][lightning_flat.functional.conserved_gaps] and [`epsilon_gd`][lightning_flat.functional.epsilon_gd]:
+  $D_k = W_{k+1}^\top W_{k+1} - W_kW_k^\top$, conserved by gradient flow, and the bound $\varepsilon$ of Lemma 1 with
+  gradient descent's drift of $D_k$ added.
 
 References:
     Marion, Chizat (2024), "Deep linear networks for regression are implicitly regularized towards flat minima".
@@ -47,8 +50,8 @@ def _check_xy(X: Tensor, y: Tensor) -> None:
 
 
 def least_squares(X: Tensor, y: Tensor) -> dict[str, Tensor]:
-    r"""``w_star`` :math:`(X^\top X)^{-1}X^\top y`, ``sigma_hat`` :math:`X^\top X/n`, ``lambda_min``,
-    ``lambda_max``, ``a`` and ``r_min`` :math:`\frac1n\|y - Xw^*\|^2`."""
+    r"""``w_star`` $(X^\top X)^{-1}X^\top y$, ``sigma_hat`` $X^\top X/n$, ``lambda_min``,
+    ``lambda_max``, ``a`` and ``r_min`` $\frac1n\|y - Xw^*\|^2$."""
     _check_xy(X, y)
     w = torch.linalg.lstsq(X, y.unsqueeze(-1)).solution.squeeze(-1)
     sigma = X.T @ X / X.shape[0]
@@ -58,10 +61,10 @@ def least_squares(X: Tensor, y: Tensor) -> dict[str, Tensor]:
 
 
 def sharpness_lower_bound(X: Tensor, y: Tensor, depth: int, kind: str = "lambda") -> Tensor:
-    r""":math:`2Lc\|w^*\|^{2-2/L}` with :math:`c = \lambda_{min}(\hat\Sigma)` (``kind="lambda"``, Thm 1's
-    :math:`S_{min}`) or :math:`c = a` (``kind="a"``, the tighter :math:`S_{min}^a`).
+    r"""$2Lc\|w^*\|^{2-2/L}$ with $c = \lambda_{min}(\hat\Sigma)$ (``kind="lambda"``, Thm 1's
+    $S_{min}$) or $c = a$ (``kind="a"``, the tighter $S_{min}^a$).
 
-    Example:
+    Examples:
         >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
         >>> y = X @ torch.tensor([1.0, 0.0], dtype=torch.float64)
         >>> round(float(sharpness_lower_bound(X, y, 1, "a")), 6)  # L = 1: the Hessian is 2 Sigma, along w* = e_1
@@ -75,15 +78,15 @@ def sharpness_lower_bound(X: Tensor, y: Tensor, depth: int, kind: str = "lambda"
 
 
 def sharpness_upper_bound(X: Tensor, y: Tensor, depth: int) -> Tensor:
-    r""":math:`UB = 8L\Lambda\|w^*\|^{2-2/L}` (gradient flow from a small initialisation, Cor. 3)."""
+    r"""$UB = 8L\Lambda\|w^*\|^{2-2/L}$ (gradient flow from a small initialisation, Cor. 3)."""
     L = check_positive_int("depth", depth)
     ls = least_squares(X, y)
     return 8 * L * ls["lambda_max"] * ls["w_star"].norm() ** (2 - 2 / L)
 
 
 def minimizer_sharpness(weights: Sequence[Tensor], X: Tensor, w: Tensor | None = None) -> Tensor:
-    r"""Sharpness of :math:`R` at a global minimiser (:math:`X^\top(Xw_{prod} - y) = 0`): the top eigenvalue of the
-    Gauss-Newton part, :math:`2\lambda_{max}(\hat\Sigma^{1/2}G\hat\Sigma^{1/2})`. ``weights`` are ``[W_1, ..., W_L]``
+    r"""Sharpness of $R$ at a global minimiser ($X^\top(Xw_{prod} - y) = 0$): the top eigenvalue of the
+    Gauss-Newton part, $2\lambda_{max}(\hat\Sigma^{1/2}G\hat\Sigma^{1/2})$. ``weights`` are ``[W_1, ..., W_L]``
     (``W_1`` has ``d`` columns), ``w`` the fixed output vector (default: none, ``W_L`` has one row)."""
     Ws = list(weights)
     d = Ws[0].shape[-1]
@@ -102,10 +105,10 @@ def minimizer_sharpness(weights: Sequence[Tensor], X: Tensor, w: Tensor | None =
 
 
 def ideal_minimizer(w_star: Tensor, depth: int, width: int | None = None, w: Tensor | None = None) -> list[Tensor]:
-    r"""The minimiser :math:`W_k = \|w^*\|^{1/L}u_ku_{k-1}^\top`, :math:`u_0 = w^*/\|w^*\|`: square layers
-    ``(width = d)`` use :math:`u_k = u_0`, and the top factor ends on the fixed output ``w`` (the residual network's:
-    :math:`W_L = \|w^*\|^{1/L}\,w u_0^\top/\|w\|^2`, so that :math:`w^\top W_L\cdots W_1 = w^{*\top}` exactly);
-    default ``None``: a ``(1, d)`` last layer with :math:`u_L = 1`."""
+    r"""The minimiser $W_k = \|w^*\|^{1/L}u_ku_{k-1}^\top$, $u_0 = w^*/\|w^*\|$: square layers
+    ``(width = d)`` use $u_k = u_0$, and the top factor ends on the fixed output ``w`` (the residual network's:
+    $W_L = \|w^*\|^{1/L}\,w u_0^\top/\|w\|^2$, so that $w^\top W_L\cdots W_1 = w^{*\top}$ exactly);
+    default ``None``: a ``(1, d)`` last layer with $u_L = 1$."""
     L = check_positive_int("depth", depth)
     d = w_star.shape[-1]
     width = d if width is None else check_positive_int("width", width)
@@ -123,7 +126,7 @@ def ideal_minimizer(w_star: Tensor, depth: int, width: int | None = None, w: Ten
 
 
 def ideal_minimizer_sharpness(X: Tensor, y: Tensor, depth: int) -> Tensor:
-    r""":math:`2\|w^*\|^{2-2/L}\lambda_{max}(\hat\Sigma + (L-1)\hat\Sigma^{1/2}u_0u_0^\top\hat\Sigma^{1/2})`."""
+    r"""$2\|w^*\|^{2-2/L}\lambda_{max}(\hat\Sigma + (L-1)\hat\Sigma^{1/2}u_0u_0^\top\hat\Sigma^{1/2})$."""
     L = check_positive_int("depth", depth)
     ls = least_squares(X, y)
     nrm = ls["w_star"].norm()
@@ -133,8 +136,8 @@ def ideal_minimizer_sharpness(X: Tensor, y: Tensor, depth: int) -> Tensor:
 
 
 def conserved_gaps(weights: Sequence[Tensor], w: Tensor | None = None) -> list[Tensor]:
-    r""":math:`D_k = W_{k+1}^\top W_{k+1} - W_kW_k^\top` for ``k = 1..L-1`` (and, with the fixed output ``w``,
-    :math:`D_L = ww^\top - W_LW_L^\top`), conserved by gradient flow."""
+    r"""$D_k = W_{k+1}^\top W_{k+1} - W_kW_k^\top$ for ``k = 1..L-1`` (and, with the fixed output ``w``,
+    $D_L = ww^\top - W_LW_L^\top$), conserved by gradient flow."""
     Ws = list(weights)
     out = [Ws[k + 1].transpose(-1, -2) @ Ws[k + 1] - Ws[k] @ Ws[k].transpose(-1, -2) for k in range(len(Ws) - 1)]
     if w is not None:
@@ -143,8 +146,8 @@ def conserved_gaps(weights: Sequence[Tensor], w: Tensor | None = None) -> list[T
 
 
 def epsilon_gd(initial: Sequence[Tensor], final: Sequence[Tensor], w: Tensor | None = None) -> Tensor:
-    r""":math:`\varepsilon_{GD} = 3\max_k\|W_k(0)\|_F^2 + 2\sum_k\|D_k(0)\|_2 + 2\sum_k\|D_k(T) - D_k(0)\|_*`: Lemma 1's
-    :math:`\varepsilon` plus gradient descent's drift of the conserved quantities (gradient flow has none)."""
+    r"""$\varepsilon_{GD} = 3\max_k\|W_k(0)\|_F^2 + 2\sum_k\|D_k(0)\|_2 + 2\sum_k\|D_k(T) - D_k(0)\|_*$: Lemma 1's
+    $\varepsilon$ plus gradient descent's drift of the conserved quantities (gradient flow has none)."""
     D0, DT = conserved_gaps(initial, w), conserved_gaps(final, w)
     eps = 3 * max(W.square().sum() for W in initial)
     eps = eps + 2 * sum(torch.linalg.matrix_norm(D, ord=2) for D in D0)

@@ -1,14 +1,17 @@
 r"""Deep linear networks with an L2 ridge (weight decay): the objective seen through the end-to-end matrix.
 
 With ridge as weight decay (``W <- W - lr (grad + ridge W)``), training minimises
-:math:`J(\theta) = L(E) + \frac{\mathrm{ridge}}2\sum_j\|W_j\|_F^2` over the factors of :math:`E = W_L\cdots W_1`. The
-smallest :math:`\sum_j\|W_j\|_F^2` over the factorisations of one :math:`E` is its representation cost
-:math:`L\sum_i s_i(E)^{2/L}` (:func:`~lightning_flat.functional.representation_cost`, attained by the balanced factors
-of :func:`balanced_factors`), so the minima of :math:`J` over :math:`\theta` are those of
+$J(\theta) = L(E) + \frac{\mathrm{ridge}}2\sum_j\|W_j\|_F^2$ over the factors of $E = W_L\cdots W_1$. The
+smallest $\sum_j\|W_j\|_F^2$ over the factorisations of one $E$ is its representation cost
+$L\sum_i s_i(E)^{2/L}$ ([`representation_cost`][lightning_flat.functional.representation_cost], attained by the balanced
+factors of [`balanced_factors`][lightning_flat.functional.balanced_factors]), so the minima of $J$ over $\theta$ are
+those of
 
-.. math:: J(E) = L(E) + \frac{\mathrm{ridge}}2\,L\sum_i s_i(E)^{2/L}
+$$
+J(E) = L(E) + \frac{\mathrm{ridge}}2\,L\sum_i s_i(E)^{2/L}
+$$
 
-over :math:`E`, local minimum for local minimum. For :math:`L > 2` the penalty is a Schatten quasi-norm, which
+over $E$, local minimum for local minimum. For $L > 2$ the penalty is a Schatten quasi-norm, which
 pulls small singular values to zero: each rank has its own local minima.
 """
 
@@ -27,17 +30,17 @@ __all__ = ["ridge_objective", "balanced_factors", "ridge_critical_residuals", "r
 
 
 def ridge_objective(E: Tensor, measurements: Measurements, targets: Tensor, ridge: float, depth: int) -> Tensor:
-    r""":math:`J(E) = L(E) + \frac{\mathrm{ridge}}2 L\sum_i s_i(E)^{2/L}`, shape ``(...)``, with ``L(E)`` the library
-    loss :math:`\frac1n\sum_i(\langle A_i, E\rangle - b_i)^2`. The minimum of the weight-decayed training objective
+    r"""$J(E) = L(E) + \frac{\mathrm{ridge}}2 L\sum_i s_i(E)^{2/L}$, shape ``(...)``, with ``L(E)`` the library
+    loss $\frac1n\sum_i(\langle A_i, E\rangle - b_i)^2$. The minimum of the weight-decayed training objective
     over the factorisations of ``E``."""
     ridge = check_real("ridge", ridge, low=0.0)
     return measurement_loss(E, measurements, targets) + 0.5 * ridge * representation_cost(E, depth)
 
 
 def balanced_factors(E: Tensor, dims: list[int]) -> list[Tensor]:
-    r"""Factors :math:`W_j = U_j S^{1/L} U_{j-1}^\top` of ``E (d_L, d_0)`` with :math:`E = USV^\top`, :math:`U_0 = V`,
-    :math:`U_L = U` and the first ``r`` coordinate vectors as :math:`U_j` in between (``r`` = the number of singular
-    values, every hidden width must be at least ``r``): the factorisation whose :math:`\sum_j\|W_j\|_F^2` equals the
+    r"""Factors $W_j = U_j S^{1/L} U_{j-1}^\top$ of ``E (d_L, d_0)`` with $E = USV^\top$, $U_0 = V$,
+    $U_L = U$ and the first ``r`` coordinate vectors as $U_j$ in between (``r`` = the number of singular
+    values, every hidden width must be at least ``r``): the factorisation whose $\sum_j\|W_j\|_F^2$ equals the
     representation cost. ``dims = [d_0, ..., d_L]``."""
     if len(dims) < 2 or tuple(E.shape[-2:]) != (dims[-1], dims[0]):
         raise ValueError(f"dims must be [d_in, ..., d_out] with d_out x d_in = {tuple(E.shape[-2:])}, got {dims}")
@@ -55,13 +58,13 @@ def ridge_critical_residuals(weights: list[Tensor], measurements: Measurements, 
     r"""How far factors ``W_1..W_L`` (no batch dimension) are from a critical point of the weight-decayed objective,
     through the conditions every critical point with ``ridge > 0`` satisfies:
 
-    - ``balance``: :math:`\max_j\|W_{j+1}^\top W_{j+1} - W_jW_j^\top\|_F` (zero);
-    - ``layer_singular_values``: :math:`\max_{j,i}|s_i(W_j) - s_i(E)^{1/L}|` over the nonzero :math:`s_i(E)`, and the
-      other singular values of each :math:`W_j` (zero);
-    - ``cost_gap``: :math:`\sum_j\|W_j\|_F^2 - L\sum_i s_i(E)^{2/L}` (zero: the representation cost is attained);
-    - ``stationarity``: the largest entry of :math:`U^\top\nabla L(E)V + \mathrm{ridge}\cdot
-      \mathrm{diag}(s_i^{(2-L)/L})` on the nonzero singular values (``U``, ``V`` their singular vectors), off-diagonal
-      entries included, with :math:`\nabla L(E) = \frac2n\mathcal A^*(\mathcal A(E) - b)`.
+    - ``balance``: $\max_j\|W_{j+1}^\top W_{j+1} - W_jW_j^\top\|_F$ (zero);
+    - ``layer_singular_values``: $\max_{j,i}|s_i(W_j) - s_i(E)^{1/L}|$ over the nonzero $s_i(E)$, and the
+      other singular values of each $W_j$ (zero);
+    - ``cost_gap``: $\sum_j\|W_j\|_F^2 - L\sum_i s_i(E)^{2/L}$ (zero: the representation cost is attained);
+    - ``stationarity``: the largest entry of $U^\top\nabla L(E)V + \mathrm{ridge}\cdot
+      \mathrm{diag}(s_i^{(2-L)/L})$ on the nonzero singular values (``U``, ``V`` their singular vectors), off-diagonal
+      entries included, with $\nabla L(E) = \frac2n\mathcal A^*(\mathcal A(E) - b)$.
 
     Singular values below ``rank_tol`` times the largest count as zero. Each value is relative to nothing (absolute).
     """
@@ -90,8 +93,8 @@ def ridge_critical_residuals(weights: list[Tensor], measurements: Measurements, 
 
 
 def _balanced_rank_factors(E: Tensor, rank: int, depth: int) -> list[Tensor]:
-    """Balanced factors of the rank-``rank`` truncation of ``E`` through hidden layers of width ``rank``:
-    :math:`W_1 = S^{1/L}V_r^\top`, :math:`W_j = S^{1/L}` in between, :math:`W_L = U_rS^{1/L}` (``depth = 1``: ``E``)."""
+    r"""Balanced factors of the rank-``rank`` truncation of ``E`` through hidden layers of width ``rank``:
+    $W_1 = S^{1/L}V_r^\top$, $W_j = S^{1/L}$ in between, $W_L = U_rS^{1/L}$ (``depth = 1``: ``E``)."""
     if depth == 1:
         return [E]
     U, S, Vh = torch.linalg.svd(E, full_matrices=False)
@@ -103,16 +106,16 @@ def _balanced_rank_factors(E: Tensor, rank: int, depth: int) -> list[Tensor]:
 def factored_second_order_check(E: Tensor, measurements: Measurements, targets: Tensor, ridge: float, depth: int,
                                 rank: int) -> tuple[float, float]:
     r"""``(gradient, lowest_eigenvalue)`` of the weight-decayed training objective
-    :math:`J(\theta) = L(W_L\cdots W_1) + \frac{\mathrm{ridge}}2\sum_j\|W_j\|_F^2` at the balanced factors of
-    ``E`` (:func:`_balanced_rank_factors`, hidden widths ``rank``): the largest gradient entry and the lowest eigenvalue
+    $J(\theta) = L(W_L\cdots W_1) + \frac{\mathrm{ridge}}2\sum_j\|W_j\|_F^2$ at the balanced factors of
+    ``E`` (`_balanced_rank_factors`, hidden widths ``rank``): the largest gradient entry and the lowest eigenvalue
     of the Hessian relative to its largest magnitude (``nan`` for both where they are not finite).
 
-    :math:`J(\theta)` is a polynomial in the factors, so both exist at every point, unlike the derivatives of
-    :math:`J(E)` (:func:`ridge_objective`), whose :math:`s^{2/L}` is not differentiable where a singular value is
-    zero, and whose second derivatives through the SVD are not defined where two singular values meet. Since
-    :math:`J(\theta) \ge J(E(\theta))` with equality at balanced factors, a local minimum of :math:`J(E)` among the
-    matrices of rank at most ``rank`` is a local minimum of :math:`J(\theta)` there (gradient zero, Hessian positive
-    semi-definite; the rotations of the hidden layers are flat directions), and a saddle of :math:`J(E)` with distinct
+    $J(\theta)$ is a polynomial in the factors, so both exist at every point, unlike the derivatives of
+    $J(E)$ ([`ridge_objective`][lightning_flat.functional.ridge_objective]), whose $s^{2/L}$ is not differentiable where
+    a singular value is zero, and whose second derivatives through the SVD are not defined where two singular values
+    meet. Since $J(\theta) \ge J(E(\theta))$ with equality at balanced factors, a local minimum of $J(E)$ among the
+    matrices of rank at most ``rank`` is a local minimum of $J(\theta)$ there (gradient zero, Hessian positive
+    semi-definite; the rotations of the hidden layers are flat directions), and a saddle of $J(E)$ with distinct
     singular values shows a negative eigenvalue."""
     weights = [W.detach() for W in _balanced_rank_factors(E.to(torch.float64), rank, depth)]
     shapes = [W.shape for W in weights]
@@ -141,11 +144,11 @@ def factored_second_order_check(E: Tensor, measurements: Measurements, targets: 
 
 
 def _core_penalty(A: Tensor, B: Tensor, depth: int) -> Tensor:
-    r""":math:`\sum_i s_i(AB^\top)^{2/L}` over the ``r`` singular values of :math:`AB^\top` that can be nonzero
-    (``A (d_out, r)``, ``B (d_in, r)``): the eigenvalues of the ``r x r`` matrix :math:`C^\top B^\top B C` with
-    :math:`A^\top A = CC^\top` (Cholesky) are the :math:`s_i^2`. Differentiable wherever ``A`` and ``B`` have full
+    r"""$\sum_i s_i(AB^\top)^{2/L}$ over the ``r`` singular values of $AB^\top$ that can be nonzero
+    (``A (d_out, r)``, ``B (d_in, r)``): the eigenvalues of the ``r x r`` matrix $C^\top B^\top B C$ with
+    $A^\top A = CC^\top$ (Cholesky) are the $s_i^2$. Differentiable wherever ``A`` and ``B`` have full
     column rank, whereas the SVD of the ``d_out x d_in`` product meets the zero singular values beyond ``r``, where
-    :math:`s^{2/L}` has no derivative. NaN where ``A`` has not full column rank."""
+    $s^{2/L}$ has no derivative. NaN where ``A`` has not full column rank."""
     C, info = torch.linalg.cholesky_ex(A.T @ A)
     if int(info) != 0:
         return torch.full((), float("nan"), dtype=A.dtype)
@@ -156,23 +159,25 @@ def _core_penalty(A: Tensor, B: Tensor, depth: int) -> Tensor:
 def ridge_local_minimum(measurements: Measurements, targets: Tensor, ridge: float, depth: int, rank: int,
                         starts: list[Tensor] | None = None, restarts: int = 20, seed: int = 0,
                         gtol: float = 1e-12) -> tuple[Tensor, float] | None:
-    r"""The lowest local minimum of rank exactly ``rank`` of :math:`J(E)` (:func:`ridge_objective`) found by
-    multi-start BFGS (scipy) in float64, ``(E, J)``, or ``None`` when every start ends at another rank.
+    r"""The lowest local minimum of rank exactly ``rank`` of $J(E)$
+    ([`ridge_objective`][lightning_flat.functional.ridge_objective]) found by multi-start BFGS (scipy) in float64,
+    ``(E, J)``, or ``None`` when every start ends at another rank.
 
-    Full rank searches over ``E`` itself; a lower rank ``r`` over :math:`E = AB^	op` with ``A (d_out, r)``,
+    Full rank searches over ``E`` itself; a lower rank ``r`` over $E = AB^\top$ with ``A (d_out, r)``,
     ``B (d_in, r)``, its penalty computed from the ``r`` singular values that can be nonzero
-    (:func:`_core_penalty`). Starts: the given matrices (e.g. guesses near the expected minimum) and ``restarts``
+    (`_core_penalty`). Starts: the given matrices (e.g. guesses near the expected minimum) and ``restarts``
     random ones.
 
-    Where :math:`J(E)` is not smooth: :math:`s^{2/L}` has no derivative at :math:`s = 0` (``L >= 2``), so the search
+    Where $J(E)$ is not smooth: $s^{2/L}$ has no derivative at $s = 0$ (``L >= 2``), so the search
     is smooth only while the ``r`` singular values it keeps are positive, and second derivatives through an SVD are
     not defined where two singular values meet. A start or an end point where the objective or its gradient is not
     finite is skipped (the other starts go on). A result counts as rank ``r`` when its ``r``-th singular value exceeds
     ``1e-6`` times the first and the next one does not, and as a local minimum by the first- and second-order
-    conditions of the factored objective :math:`J(	heta)` at its balanced factors
-    (:func:`factored_second_order_check`), which is a polynomial, so the verdict does not depend on where BFGS
-    happened to stop: the gradient at most ``max(100 gtol, 1e-8) max(1, s_1)`` and the lowest Hessian eigenvalue
-    above ``-1e-6`` times the largest (a stall on the way to a lower rank or a saddle is not returned).
+    conditions of the factored objective $J(\theta)$ at its balanced factors
+    ([`factored_second_order_check`][lightning_flat.functional.factored_second_order_check]), which is a polynomial, so
+    the verdict does not depend on where BFGS happened to stop: the gradient at most ``max(100 gtol, 1e-8) max(1, s_1)``
+    and the lowest Hessian eigenvalue above ``-1e-6`` times the largest (a stall on the way to a lower rank or a saddle
+    is not returned).
     """
     import numpy as np
     from scipy.optimize import minimize

@@ -3,12 +3,13 @@ r"""Sharpness-aware minimization (SAM) as pure functions: the ascent perturbatio
 n-SAM takes one ascent step on the whole batch gradient; m-SAM splits the batch into chunks of ``m`` examples with
 one ascent each; 1-SAM is ``m = 1`` (per-example ascent, vectorised with ``torch.func.vmap``):
 
-.. math::
-    g_c = \nabla L_c(W), \qquad \varepsilon_c = \rho\,\frac{T^2 g_c}{\|T g_c\|}, \qquad
-    \text{descent gradient} = \sum_c \frac{|c|}{B}\,\nabla L_c(W + \varepsilon_c),
+$$
+g_c = \nabla L_c(W), \qquad \varepsilon_c = \rho\,\frac{T^2 g_c}{\|T g_c\|}, \qquad
+\text{descent gradient} = \sum_c \frac{|c|}{B}\,\nabla L_c(W + \varepsilon_c),
+$$
 
-with :math:`T = I` for SAM and :math:`T = \mathrm{diag}(|W| + \eta)` for adaptive SAM (ASAM); without normalization
-:math:`\varepsilon_c = \rho\,T^2 g_c`. The norm runs over all parameters of one model; a leading replica dimension
+with $T = I$ for SAM and $T = \mathrm{diag}(|W| + \eta)$ for adaptive SAM (ASAM); without normalization
+$\varepsilon_c = \rho\,T^2 g_c$. The norm runs over all parameters of one model; a leading replica dimension
 (``replica_dims``) keeps independent models apart.
 
 References:
@@ -17,7 +18,7 @@ References:
     sharpness-aware minimization" (m-SAM, 1-SAM, unnormalized SAM).
 
 See Also:
-    :class:`lightning_flat.callbacks.SAM`, the Lightning shell over these functions.
+    [`lightning_flat.callbacks.SAM`][lightning_flat.callbacks.SAM], the Lightning shell over these functions.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ __all__ = ["sam_perturbation", "sam_gradient"]
 def sam_perturbation(grads: Sequence[Tensor], rho: float, *, params: Sequence[Tensor] | None = None,
                      adaptive: bool = False, normalize: bool = True, eta: float = 0.01,
                      replica_dims: int = 0) -> list[Tensor]:
-    r"""The SAM ascent step :math:`\varepsilon = \rho\,T^2 g / \|T g\|` (or :math:`\rho\,T^2 g` unnormalized).
+    r"""The SAM ascent step $\varepsilon = \rho\,T^2 g / \|T g\|$ (or $\rho\,T^2 g$ unnormalized).
 
     Args:
         grads: gradients ``g`` at the current point, one per parameter.
         rho: ascent radius.
-        params: the parameters ``W`` (needed for ``adaptive``: :math:`T = |W| + \eta`).
+        params: the parameters ``W`` (needed for ``adaptive``: $T = |W| + \eta$).
         adaptive: ASAM's elementwise scaling.
         normalize: divide by the norm (SAM) or not (unnormalized SAM).
         eta: ASAM's offset.
@@ -47,7 +48,7 @@ def sam_perturbation(grads: Sequence[Tensor], rho: float, *, params: Sequence[Te
 
     A zero gradient gives a zero perturbation. Pure tensor code: works under ``torch.func.vmap``.
 
-    Example:
+    Examples:
         >>> sam_perturbation([torch.tensor([3.0, 4.0])], rho=0.5)
         [tensor([0.3000, 0.4000])]
     """
@@ -83,7 +84,7 @@ def _split(tree: dict[str, Tensor], m: int) -> tuple[dict[str, Tensor], dict[str
 def sam_gradient(loss_at: Callable[[Sequence[Tensor], Any], Tensor], params: Sequence[Tensor], tree: dict[str, Tensor],
                  rebuild: Callable[[dict[str, Tensor]], Any], rho: float, m: int, *, adaptive: bool = False,
                  normalize: bool = True, eta: float = 0.01, replica_dims: int = 0) -> list[Tensor]:
-    r"""m-SAM descent gradient :math:`\sum_c \frac{|c|}{B}\nabla L_c(W + \varepsilon_c)` over chunks of ``m`` examples.
+    r"""m-SAM descent gradient $\sum_c \frac{|c|}{B}\nabla L_c(W + \varepsilon_c)$ over chunks of ``m`` examples.
 
     ``loss_at(params, batch)`` is the mean loss of a batch as a pure function of the parameter tensors; ``tree`` holds
     the batch as a dict of tensors with the examples along dim 0 and ``rebuild(tree)`` turns (a chunk of) it back

@@ -19,7 +19,7 @@ def singular_values(M: Tensor) -> Tensor:
     """Singular values in descending order, shape ``(..., min(m, n))``; NaN for a matrix with a non-finite entry
     (LAPACK is not called on it). Half precision is computed in float32.
 
-    Example:
+    Examples:
         >>> singular_values(torch.tensor([[3.0, 0.0], [0.0, float("inf")]]))
         tensor([nan, nan])
     """
@@ -37,14 +37,14 @@ def singular_values(M: Tensor) -> Tensor:
 def effective_rank(M: Tensor, kind: str = "entropy", tol: float | None = None) -> Tensor:
     r"""Effective rank of ``M``, shape ``(...)``, in ``M``'s dtype.
 
-    - ``"entropy"``: :math:`\exp(-\sum_k p_k \log p_k)` with :math:`p = s / \sum_k s_k` (Roy & Vetterli 2007);
-    - ``"stable"``: :math:`\|M\|_F^2 / \|M\|_2^2`;
-    - ``"numerical"``: :math:`\#\{k : s_k > \mathrm{tol}\cdot s_1\}`, ``tol`` defaulting to
-      :math:`\max(m, n)\,\varepsilon` of the dtype (as ``torch.linalg.matrix_rank``).
+    - ``"entropy"``: $\exp(-\sum_k p_k \log p_k)$ with $p = s / \sum_k s_k$ (Roy & Vetterli 2007);
+    - ``"stable"``: $\|M\|_F^2 / \|M\|_2^2$;
+    - ``"numerical"``: $\#\{k : s_k > \mathrm{tol}\cdot s_1\}$, ``tol`` defaulting to
+      $\max(m, n)\,\varepsilon$ of the dtype (as ``torch.linalg.matrix_rank``).
 
     Each is 0 for the zero matrix.
 
-    Example:
+    Examples:
         >>> effective_rank(torch.diag(torch.tensor([1.0, 1.0, 0.0])))
         tensor(2.)
     """
@@ -69,19 +69,19 @@ def effective_rank(M: Tensor, kind: str = "entropy", tol: float | None = None) -
 
 
 def nuclear_norm(M: Tensor) -> Tensor:
-    r"""Nuclear norm :math:`\|M\|_* = \sum_k s_k`, shape ``(...)``."""
+    r"""Nuclear norm $\|M\|_* = \sum_k s_k$, shape ``(...)``."""
     return singular_values(M).sum(-1)
 
 
 def schatten_norm(M: Tensor, p: float) -> Tensor:
-    r"""Schatten-p (quasi-)norm :math:`(\sum_k s_k^p)^{1/p}` for ``p > 0`` (``p = 1`` nuclear, ``p = 2`` Frobenius)."""
+    r"""Schatten-p (quasi-)norm $(\sum_k s_k^p)^{1/p}$ for ``p > 0`` (``p = 1`` nuclear, ``p = 2`` Frobenius)."""
     p = check_real("p", p, low=0.0, low_open=True)
     s = singular_values(M)
     return _scaled_schatten(s, p)
 
 
 def _scaled_schatten(s: Tensor, p: float) -> Tensor:
-    r""":math:`(\sum_k s_k^p)^{1/p}` as :math:`s_1 (\sum_k (s_k/s_1)^p)^{1/p}`, so that it is finite whenever the
+    r"""$(\sum_k s_k^p)^{1/p}$ as $s_1 (\sum_k (s_k/s_1)^p)^{1/p}$, so that it is finite whenever the
     result is representable (``s^p`` itself may overflow or underflow)."""
     top = s[..., :1]
     safe = torch.where(top > 0, top, torch.ones_like(top))
@@ -91,7 +91,9 @@ def _scaled_schatten(s: Tensor, p: float) -> Tensor:
 def representation_cost(M: Tensor, depth: int) -> Tensor:
     r"""L2 representation cost of ``M`` for a depth-``L`` linear network, shape ``(...)``:
 
-    .. math:: \min_{W_L\cdots W_1 = M} \sum_j \|W_j\|_F^2 = L \sum_k s_k^{2/L} = L\,\|M\|_{S_{2/L}}^{2/L}
+    $$
+    \min_{W_L\cdots W_1 = M} \sum_j \|W_j\|_F^2 = L \sum_k s_k^{2/L} = L\,\|M\|_{S_{2/L}}^{2/L}
+    $$
 
     (attained by balanced factors when every width is at least ``rank M``).
     """
@@ -100,14 +102,16 @@ def representation_cost(M: Tensor, depth: int) -> Tensor:
 
 
 def soft_rank(M: Tensor, alpha: float = 1e-3) -> Tensor:
-    r"""A continuous rank of ``M``, shape ``(...)``: :math:`\sum_i f_\alpha(\lambda_i(M^\top M))` with
+    r"""A continuous rank of ``M``, shape ``(...)``: $\sum_i f_\alpha(\lambda_i(M^\top M))$ with
 
-    .. math:: f_\alpha(x) = x(2\alpha - x)/\alpha^2 \ (x \le \alpha), \qquad 1 \ (x > \alpha),
+    $$
+    f_\alpha(x) = x(2\alpha - x)/\alpha^2 \ (x \le \alpha), \qquad 1 \ (x > \alpha),
+    $$
 
-    which rises smoothly from 0 at :math:`x = 0` to 1 at :math:`x = \alpha` (flat there): each squared singular
+    which rises smoothly from 0 at $x = 0$ to 1 at $x = \alpha$ (flat there): each squared singular
     value above ``alpha`` counts 1, smaller ones count less. NaN for a non-finite ``M``.
 
-    Example:
+    Examples:
         >>> soft_rank(torch.diag(torch.tensor([1.0, 0.1, 0.0])), alpha=0.005)
         tensor(2.)
     """
@@ -118,10 +122,10 @@ def soft_rank(M: Tensor, alpha: float = 1e-3) -> Tensor:
 
 
 def approximate_rank(weights: list[Tensor], alpha: float = 1e-3) -> Tensor:
-    r"""The approximate rank of a deep network's parameters, :math:`\max_j` :func:`soft_rank` :math:`(W_j, \alpha)`,
-    shape ``(...)`` for factors ``W_j (..., d_j, d_{j-1})``. Under SGD with weight decay, directions that the data
-    do not feed shrink geometrically, so this counts the directions that carry the solution: it reads the hidden
-    width at a random init, and the rank of the end-to-end map once training has shed the rest."""
+    r"""The approximate rank of a deep network's parameters, $\max_j$ [`soft_rank`][lightning_flat.functional.soft_rank]
+    $(W_j, \alpha)$, shape ``(...)`` for factors ``W_j (..., d_j, d_{j-1})``. Under SGD with weight decay, directions
+    that the data do not feed shrink geometrically, so this counts the directions that carry the solution: it reads the
+    hidden width at a random init, and the rank of the end-to-end map once training has shed the rest."""
     if len(weights) == 0:
         raise ValueError("weights must list at least one factor")
     return torch.stack([soft_rank(W, alpha) for W in weights]).amax(0)
@@ -129,10 +133,10 @@ def approximate_rank(weights: list[Tensor], alpha: float = 1e-3) -> Tensor:
 
 def jump_time(steps: Tensor, values: Tensor, threshold: float = 1e-3, after: int = 0) -> Tensor:
     r"""The first step ``>= after`` at which ``values`` is below ``threshold``: ``steps (T,)``, ``values (T, ...)``
-    (e.g. a singular value ratio :math:`s_2/s_1` measured at ``steps``), result ``(...)`` in float64, NaN where it
+    (e.g. a singular value ratio $s_2/s_1$ measured at ``steps``), result ``(...)`` in float64, NaN where it
     never happens (NaN values never count).
 
-    Example:
+    Examples:
         >>> jump_time(torch.tensor([0, 10, 20]), torch.tensor([[0.3, 0.2], [1e-4, 0.2], [1e-6, 0.1]]))
         tensor([10., nan], dtype=torch.float64)
     """

@@ -32,14 +32,14 @@ def _rademacher(n: int, k: int, g: torch.Generator, dtype: torch.dtype, device: 
 
 def hutchpp(matmat: MatMat, size: int, num_matvecs: int, *, dtype: torch.dtype, device: torch.device,
             seed: int = 0) -> tuple[float, float]:
-    r"""Hutch++ estimate of :math:`\operatorname{tr}H` with ``num_matvecs`` products, ``(estimate, stderr)``.
+    r"""Hutch++ estimate of $\operatorname{tr}H$ with ``num_matvecs`` products, ``(estimate, stderr)``.
 
-    A third of the budget sketches the range (:math:`Q = \operatorname{qr}(HS)`), a third takes
-    :math:`\operatorname{tr}(Q^\top HQ)` exactly, a third runs Hutchinson on the complement,
-    :math:`\frac1m\sum_i g_i^\top(I - QQ^\top)H(I - QQ^\top)g_i`, whose standard error is returned (unbiased for
+    A third of the budget sketches the range ($Q = \operatorname{qr}(HS)$), a third takes
+    $\operatorname{tr}(Q^\top HQ)$ exactly, a third runs Hutchinson on the complement,
+    $\frac1m\sum_i g_i^\top(I - QQ^\top)H(I - QQ^\top)g_i$, whose standard error is returned (unbiased for
     any symmetric ``H``; exact once the sketch spans the range, e.g. ``num_matvecs >= 3 size``).
 
-    Example:
+    Examples:
         >>> H = torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
         >>> round(hutchpp(lambda V: H @ V, 6, 30, dtype=H.dtype, device=H.device)[0], 6)
         21.0
@@ -59,7 +59,7 @@ def hutchpp(matmat: MatMat, size: int, num_matvecs: int, *, dtype: torch.dtype, 
 def slq(matmat: MatMat, size: int, num_probes: int, steps: int, *, dtype: torch.dtype, device: torch.device,
         seed: int = 0) -> tuple[Tensor, Tensor]:
     r"""Stochastic Lanczos quadrature of the spectral density of ``H``: ``(nodes, weights)`` with the weights summing
-    to 1, so that :math:`\sum_k w_k\theta_k^j \approx \operatorname{tr}(H^j)/p` (exactly in expectation for
+    to 1, so that $\sum_k w_k\theta_k^j \approx \operatorname{tr}(H^j)/p$ (exactly in expectation for
     ``j < 2 steps``).
 
     ``num_probes`` Lanczos runs of ``steps`` steps with full reorthogonalization advance together (one block product
@@ -67,7 +67,7 @@ def slq(matmat: MatMat, size: int, num_probes: int, steps: int, *, dtype: torch.
     each run's tridiagonal matrix and the weights the squared first components of its eigenvectors over
     ``num_probes``. A run that breaks down (an invariant subspace) keeps its converged nodes.
 
-    Example:
+    Examples:
         >>> H = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
         >>> nodes, weights = slq(lambda V: H @ V, 3, 4, 3, dtype=H.dtype, device=H.device)
         >>> round(float((weights * nodes).sum()), 6), round(float(weights.sum()), 6)  # tr(H)/3 and 1 (exact here)

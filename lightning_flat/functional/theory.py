@@ -1,8 +1,8 @@
 r"""Closed forms from the theory of flat minima of deep matrix factorization (library normalization).
 
-Every constant here is for the library loss :math:`L = \frac1n\sum_i(\langle A_i,E\rangle - b_i)^2` (no 1/2) and the
-library trace :math:`\operatorname{tr}_{lib} = \operatorname{tr}\nabla^2 L`. From their Sec. 4 on, Gatmiry et al.
-write constants for a loss with :math:`\frac1{2n}`, which is half of ours: ``F_lib = 2 F_paper``.
+Every constant here is for the library loss $L = \frac1n\sum_i(\langle A_i,E\rangle - b_i)^2$ (no 1/2) and the
+library trace $\operatorname{tr}_{lib} = \operatorname{tr}\nabla^2 L$. From their Sec. 4 on, Gatmiry et al.
+write constants for a loss with $\frac1{2n}$, which is half of ours: ``F_lib = 2 F_paper``.
 
 References:
     Gatmiry, Li, Chuang, Reddi, Ma, Jegelka (2023), "What is the inductive bias of flatness regularization? A study
@@ -39,16 +39,18 @@ __all__ = [
 def predicted_min_trace(M: Tensor, depth: int) -> Tensor:
     r"""Predicted minimum Hessian trace over factorizations of ``M (..., d_L, d_0)`` (Gatmiry et al. Thm 1, Lemma 4):
 
-    .. math:: \hat F_L(M) = 2L\,(d_0 d_L)^{1/L}\,\|M\|_*^{2 - 2/L}
+    $$
+    \hat F_L(M) = 2L\,(d_0 d_L)^{1/L}\,\|M\|_*^{2 - 2/L}
+    $$
 
-    Exact for an isometric design (:math:`\frac1n\sum_i\langle A_i,X\rangle^2 = \|X\|_F^2` scaled so that
-    :math:`\operatorname{tr}_{lib} = 2R`), and within :math:`1\pm\delta` under RIP. Equals ``2 * min_trace_surrogate``.
+    Exact for an isometric design ($\frac1n\sum_i\langle A_i,X\rangle^2 = \|X\|_F^2$ scaled so that
+    $\operatorname{tr}_{lib} = 2R$), and within $1\pm\delta$ under RIP. Equals ``2 * min_trace_surrogate``.
     """
     return 2.0 * min_trace_surrogate(M, depth)
 
 
 def min_trace_surrogate(M: Tensor, depth: int) -> Tensor:
-    r""":math:`\min_{E(W)=M} R(W) = L\,(d_0 d_L)^{1/L}\,\|M\|_*^{2(L-1)/L}` (Lemma 4), ``R`` the trace surrogate."""
+    r"""$\min_{E(W)=M} R(W) = L\,(d_0 d_L)^{1/L}\,\|M\|_*^{2(L-1)/L}$ (Lemma 4), ``R`` the trace surrogate."""
     check_tensor("M", M, min_ndim=2, floating=True)
     L = check_positive_int("depth", depth)
     d_L, d_0 = M.shape[-2:]
@@ -71,19 +73,21 @@ def _orthonormal_columns(d: int, k: int, generator: torch.Generator | None, like
 
 def flattest_factorization(M: Tensor, dims: Sequence[int], *, generator: torch.Generator | None = None,
                            tol: float | None = None) -> list[Tensor]:
-    r"""A minimizer of the trace surrogate :math:`R(W)` over factorizations :math:`W_L\cdots W_1 = M` (Lemma 4).
+    r"""A minimizer of the trace surrogate $R(W)$ over factorizations $W_L\cdots W_1 = M$ (Lemma 4).
 
     ``M`` has shape ``(d_L, d_0)`` and ``dims = [d_0, ..., d_L]``; every hidden width must be at least ``rank M``.
-    With the compact SVD :math:`M = U\Lambda V^\top` (rank k), ``Q_i (d_i, k)`` with orthonormal columns
-    (the first k unit vectors, or random ones from ``generator``), :math:`\alpha' = (d_L/d_0)^{1/4}` and
-    :math:`\alpha = (\|M\|_*/\sqrt{d_0 d_L})^{1/L}`:
+    With the compact SVD $M = U\Lambda V^\top$ (rank k), ``Q_i (d_i, k)`` with orthonormal columns
+    (the first k unit vectors, or random ones from ``generator``), $\alpha' = (d_L/d_0)^{1/4}$ and
+    $\alpha = (\|M\|_*/\sqrt{d_0 d_L})^{1/L}$:
 
-    .. math:: W_1 = \alpha'^{-1}\alpha^{-(L-2)/2} Q_1\Lambda^{1/2}V^\top,\quad W_i = \alpha Q_i Q_{i-1}^\top,\quad
-              W_L = \alpha'\alpha^{-(L-2)/2} U\Lambda^{1/2}Q_{L-1}^\top.
+    $$
+    W_1 = \alpha'^{-1}\alpha^{-(L-2)/2} Q_1\Lambda^{1/2}V^\top,\quad W_i = \alpha Q_i Q_{i-1}^\top,\quad
+    W_L = \alpha'\alpha^{-(L-2)/2} U\Lambda^{1/2}Q_{L-1}^\top.
+    $$
 
-    These are the *corrected* constants: the printed :math:`(d_L/d_0)^{1/2}` and :math:`(\|M\|_*/(d_0d_L))^{1/L}` do
+    These are the *corrected* constants: the printed $(d_L/d_0)^{1/2}$ and $(\|M\|_*/(d_0d_L))^{1/L}$ do
     not attain the bound unless ``L = 2`` and ``d_0 = d_L``. At the minimizer all ``L`` terms
-    :math:`\|P_j\|_F^2\|S_j\|_F^2` are equal.
+    $\|P_j\|_F^2\|S_j\|_F^2$ are equal.
     """
     check_tensor("M", M, ndim=2, floating=True)
     dims = [check_positive_int(f"dims[{i}]", d) for i, d in enumerate(dims)]
@@ -123,28 +127,30 @@ def psd_sqrt(C: Tensor, inverse: bool = False) -> Tensor:
 
 
 def measurement_covariances(measurements: Measurements) -> tuple[Tensor, Tensor]:
-    r"""``(C1, C2)`` with :math:`C_1 = \frac1n\sum_i A_iA_i^\top` (``d_out x d_out``) and
-    :math:`C_2 = \frac1n\sum_i A_i^\top A_i` (``d_in x d_in``)."""
+    r"""``(C1, C2)`` with $C_1 = \frac1n\sum_i A_iA_i^\top$ (``d_out x d_out``) and
+    $C_2 = \frac1n\sum_i A_i^\top A_i$ (``d_in x d_in``)."""
     S1, S2 = measurements.second_moments()
     n = len(measurements)
     return S1 / n, S2 / n
 
 
 def depth2_min_trace(M: Tensor, measurements: Measurements) -> Tensor:
-    r"""Minimum Hessian trace over depth-2 factorizations :math:`W_2W_1 = M` for any measurements (Thm 5):
+    r"""Minimum Hessian trace over depth-2 factorizations $W_2W_1 = M$ for any measurements (Thm 5):
 
-    .. math:: F_{lib}(M) = 4\,\|B_1 M B_2\|_*,\quad B_1 = (\tfrac1n\textstyle\sum_i A_iA_i^\top)^{1/2},\;
-              B_2 = (\tfrac1n\textstyle\sum_i A_i^\top A_i)^{1/2}
+    $$
+    F_{lib}(M) = 4\,\|B_1 M B_2\|_*,\quad B_1 = (\tfrac1n\textstyle\sum_i A_iA_i^\top)^{1/2},\;
+    B_2 = (\tfrac1n\textstyle\sum_i A_i^\top A_i)^{1/2}
+    $$
 
-    (the paper's :math:`2\|B_1MB_2\|_*` is for a loss with 1/(2n)).
+    (the paper's $2\|B_1MB_2\|_*$ is for a loss with 1/(2n)).
     """
     C1, C2 = measurement_covariances(measurements)
     return 4.0 * nuclear_norm(psd_sqrt(C1) @ M @ psd_sqrt(C2))
 
 
 def depth2_flattest_factorization(M: Tensor, measurements: Measurements, width: int) -> list[Tensor]:
-    r"""The depth-2 minimizer of Thm 5: with :math:`B_1MB_2 = U\Lambda V^\top` and ``Q (width, k)`` orthonormal,
-    :math:`W_2 = B_1^{-1}U\Lambda^{1/2}Q^\top`, :math:`W_1 = Q\Lambda^{1/2}V^\top B_2^{-1}` (``B_1``, ``B_2`` invertible)."""
+    r"""The depth-2 minimizer of Thm 5: with $B_1MB_2 = U\Lambda V^\top$ and ``Q (width, k)`` orthonormal,
+    $W_2 = B_1^{-1}U\Lambda^{1/2}Q^\top$, $W_1 = Q\Lambda^{1/2}V^\top B_2^{-1}$ (``B_1``, ``B_2`` invertible)."""
     width = check_positive_int("width", width)
     C1, C2 = measurement_covariances(measurements)
     B1, B2 = psd_sqrt(C1), psd_sqrt(C2)
@@ -161,10 +167,10 @@ def depth2_flattest_factorization(M: Tensor, measurements: Measurements, width: 
 
 
 def min_frobenius_interpolant(measurements: Measurements, targets: Tensor) -> Tensor:
-    r"""Minimum Frobenius-norm solution of :math:`\langle A_i, X\rangle = b_i`, shape ``(d_out, d_in)``.
+    r"""Minimum Frobenius-norm solution of $\langle A_i, X\rangle = b_i$, shape ``(d_out, d_in)``.
 
-    :math:`\tilde M = \sum_i c_iA_i` with :math:`c = K^{+}b`, :math:`K_{ij} = \langle A_i, A_j\rangle`. For Gaussian
-    measurements, :math:`\mathbb E\|\tilde M - M^*\|_F^2 = (1 - \min(n, d_0d_L)/(d_0d_L))\|M^*\|_F^2` (Thm 4).
+    $\tilde M = \sum_i c_iA_i$ with $c = K^{+}b$, $K_{ij} = \langle A_i, A_j\rangle$. For Gaussian
+    measurements, $\mathbb E\|\tilde M - M^*\|_F^2 = (1 - \min(n, d_0d_L)/(d_0d_L))\|M^*\|_F^2$ (Thm 4).
     """
     check_tensor("targets", targets, ndim=1, floating=True)
     if targets.shape[0] != len(measurements):
@@ -177,8 +183,8 @@ def min_frobenius_interpolant(measurements: Measurements, targets: Tensor) -> Te
 
 
 def lemma3_ratio(weights: Sequence[Tensor], measurements: Measurements) -> Tensor:
-    r"""Gatmiry et al.'s Lemma 3 ratio :math:`\operatorname{tr}_{lib}(W) / (2R(W))`: within :math:`1\pm\delta` for
-    measurements with RIP constant :math:`\delta`, exactly 1 in expectation for Gaussian ones."""
+    r"""Gatmiry et al.'s Lemma 3 ratio $\operatorname{tr}_{lib}(W) / (2R(W))$: within $1\pm\delta$ for
+    measurements with RIP constant $\delta$, exactly 1 in expectation for Gaussian ones."""
     from lightning_flat.functional.curvature import hessian_trace, trace_surrogate
 
     return hessian_trace(weights, measurements) / (2.0 * trace_surrogate(weights))
@@ -187,10 +193,12 @@ def lemma3_ratio(weights: Sequence[Tensor], measurements: Measurements) -> Tenso
 def n1_min_trace(A: Tensor, M: Tensor, depth: int) -> Tensor:
     r"""Minimum Hessian trace over depth-``L`` factorizations of ``M`` for one measurement ``A`` (Thm 7, n = 1):
 
-    .. math:: F_{lib}(M) = 2L\,\|(A^\top M)^{L-1}A^\top\|_{S_{2/L}}^{2/L}
+    $$
+    F_{lib}(M) = 2L\,\|(A^\top M)^{L-1}A^\top\|_{S_{2/L}}^{2/L}
+    $$
 
-    with ``A``, ``M`` of shape ``(d_L, d_0)``; :math:`(A^\top M)^{L-1}A^\top` is ``d_0 x d_L`` (not the PSD-only form
-    of their eq. 38). For ``A = I`` and symmetric ``M``: :math:`2L\sum_k|\lambda_k|^{2(L-1)/L}`.
+    with ``A``, ``M`` of shape ``(d_L, d_0)``; $(A^\top M)^{L-1}A^\top$ is ``d_0 x d_L`` (not the PSD-only form
+    of their eq. 38). For ``A = I`` and symmetric ``M``: $2L\sum_k|\lambda_k|^{2(L-1)/L}$.
     """
     check_tensor("A", A, ndim=2, floating=True)
     check_tensor("M", M, ndim=2, floating=True)
@@ -202,10 +210,12 @@ def n1_min_trace(A: Tensor, M: Tensor, depth: int) -> Tensor:
 
 
 def fiber_stationarity_residual(weights: Sequence[Tensor], measurements: Measurements) -> Tensor:
-    r"""Relative residual of the stationarity conditions of the trace on the fiber :math:`\{E(W) = M\}`:
+    r"""Relative residual of the stationarity conditions of the trace on the fiber $\{E(W) = M\}$:
 
-    .. math:: \frac{\sum_{j<L}\|\sum_i G_{ij}G_{ij}^\top - \sum_i G_{i,j+1}^\top G_{i,j+1}\|_F}
-                   {\sum_{j<L}\|\sum_i G_{ij}G_{ij}^\top\|_F},\qquad G_{ij} = \nabla_{W_j} f_i = S_j^\top A_i P_j^\top
+    $$
+    \frac{\sum_{j<L}\|\sum_i G_{ij}G_{ij}^\top - \sum_i G_{i,j+1}^\top G_{i,j+1}\|_F}
+    {\sum_{j<L}\|\sum_i G_{ij}G_{ij}^\top\|_F},\qquad G_{ij} = \nabla_{W_j} f_i = S_j^\top A_i P_j^\top
+    $$
 
     (a generalization of Gatmiry et al.'s eq. 35): 0 at a minimizer of the trace over factorizations of a fixed
     end-to-end matrix, about 1 at a generic point of the fiber. Dense measurements only (small problems).
@@ -231,11 +241,11 @@ def fiber_stationarity_residual(weights: Sequence[Tensor], measurements: Measure
 def min_trace_on_fiber(weights: Sequence[Tensor], measurements: Measurements, *, restarts: int = 5,
                        scale: float = 0.3, seed: int = 0, gtol: float = 1e-10) -> tuple[Tensor, list[Tensor]]:
     r"""Numerically minimize the Hessian trace over the GL fiber of ``weights`` (square hidden widths):
-    :math:`W_j \mapsto C_j W_j C_{j-1}^{-1}` with :math:`C_0 = C_L = I`, which keeps :math:`E(W)` fixed.
+    $W_j \mapsto C_j W_j C_{j-1}^{-1}$ with $C_0 = C_L = I$, which keeps $E(W)$ fixed.
 
-    BFGS (scipy) over the hidden :math:`C_j`, gradients by torch autograd in float64, from :math:`C_j = I` and
-    ``restarts - 1`` random starts :math:`I + \mathrm{scale}\cdot N`. Returns ``(min trace, minimizing weights)``;
-    the check of Thm 7 (:func:`n1_min_trace`) and of fiber stationarity.
+    BFGS (scipy) over the hidden $C_j$, gradients by torch autograd in float64, from $C_j = I$ and
+    ``restarts - 1`` random starts $I + \mathrm{scale}\cdot N$. Returns ``(min trace, minimizing weights)``;
+    the check of Thm 7 ([`n1_min_trace`][lightning_flat.functional.n1_min_trace]) and of fiber stationarity.
     """
     import numpy as np
     from scipy.optimize import minimize

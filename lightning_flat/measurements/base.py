@@ -1,4 +1,5 @@
-"""The interface of the measurement operators (:class:`Measurements`) and the batches the datamodules yield."""
+"""The interface of the measurement operators ([`Measurements`][lightning_flat.measurements.Measurements]) and the
+batches the datamodules yield."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class Measurements:
         raise NotImplementedError
 
     def curvature(self, G: Tensor, K: Tensor, symmetric: bool = False) -> Tensor:  # pragma: no cover - abstract
-        """``sum_i tr(A_i G A_i^T K)``; ``symmetric=True`` promises symmetric ``G`` and ``K`` (a faster path may use it)."""
+        """``sum_i tr(A_i G A_i^T K)``; ``symmetric=True`` promises symmetric ``G`` and ``K`` (a faster path may use
+        it)."""
         raise NotImplementedError
 
     def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> Measurements:  # pragma: no cover
@@ -58,11 +60,11 @@ class Measurements:
         raise NotImplementedError
 
     def traces(self) -> Tensor:  # pragma: no cover - abstract
-        r""":math:`\operatorname{tr}(A_i)` for every measurement, shape ``(n,)`` (square measurements only)."""
+        r"""$\operatorname{tr}(A_i)$ for every measurement, shape ``(n,)`` (square measurements only)."""
         raise NotImplementedError
 
     def second_moments(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
-        r""":math:`(\sum_i A_iA_i^\top, \sum_i A_i^\top A_i)`, shapes ``(d_out, d_out)`` and ``(d_in, d_in)``."""
+        r"""$(\sum_i A_iA_i^\top, \sum_i A_i^\top A_i)$, shapes ``(d_out, d_out)`` and ``(d_in, d_in)``."""
         raise NotImplementedError
 
     def _check_square_measurements(self) -> None:
@@ -70,7 +72,8 @@ class Measurements:
             raise ValueError(f"traces need square measurements, got shape {self.shape}")
 
     def with_fields(self, fields: dict[str, Tensor]) -> Measurements:  # pragma: no cover - abstract
-        """The same kind of measurements over other rows (the inverse of :meth:`fields`)."""
+        """The same kind of measurements over other rows (the inverse of
+        [`fields`][lightning_flat.measurements.Measurements.fields])."""
         raise NotImplementedError
 
     def to(self, *args: Any, **kwargs: Any) -> Measurements:  # pragma: no cover - abstract
@@ -126,7 +129,7 @@ class MeasurementBatch:
 
     This is what the datamodules yield and what the models' ``loss(batch)`` reads. It moves with
     ``.to(device)`` (so Lightning's batch transfer handles it) and is mutable, so that a callback such as
-    :class:`~lightning_flat.callbacks.LabelNoise` can replace ``targets`` for one step without touching the stored
+    [`LabelNoise`][lightning_flat.callbacks.LabelNoise] can replace ``targets`` for one step without touching the stored
     dataset. ``index`` holds the sampled measurement indices (``None`` for a full batch).
     """
 
@@ -148,7 +151,8 @@ class MeasurementBatch:
         return int(self.targets.shape[-1])
 
     def fields(self) -> dict[str, Tensor]:
-        """The batch as a dict of tensors with the examples along dim 0 (see :meth:`with_fields`)."""
+        """The batch as a dict of tensors with the examples along dim 0 (see
+        [`with_fields`][lightning_flat.measurements.MeasurementBatch.with_fields])."""
         return {**self.measurements.fields(), "targets": self.targets}
 
     def with_fields(self, fields: dict[str, Tensor]) -> MeasurementBatch:
@@ -161,7 +165,8 @@ class MeasurementBatch:
 
 
 def unpack_batch(batch: Any) -> tuple[Measurements, Tensor]:
-    """``(measurements, targets)`` from a :class:`MeasurementBatch`, a dict with those keys or a pair."""
+    """``(measurements, targets)`` from a [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch], a dict
+    with those keys or a pair."""
     if isinstance(batch, MeasurementBatch):
         return batch.measurements, batch.targets
     if isinstance(batch, dict) and "measurements" in batch and "targets" in batch:

@@ -1,4 +1,4 @@
-"""Dense measurements: every :math:`A_i` given as a matrix (Gaussian matrix sensing)."""
+"""Dense measurements: every $A_i$ given as a matrix (Gaussian matrix sensing)."""
 
 from __future__ import annotations
 
@@ -13,29 +13,30 @@ from lightning_flat.measurements.base import Measurements, _parse_to
 
 __all__ = ["Dense", "MOMENT_BUDGET_BYTES"]
 
-#: Largest fourth-moment matrix (in bytes) that :meth:`Dense.curvature` caches for the ``"moment"`` method.
+#: Largest fourth-moment matrix (in bytes) that [`Dense.curvature`][lightning_flat.measurements.Dense.curvature] caches
+#: for the ``"moment"`` method.
 MOMENT_BUDGET_BYTES = 512 * 2**20
 
 
 
 class Dense(Measurements):
-    r"""Dense measurement matrices ``A`` of shape ``(n, d_out, d_in)``; :math:`f_i(E) = \langle A_i, E\rangle`.
+    r"""Dense measurement matrices ``A`` of shape ``(n, d_out, d_in)``; $f_i(E) = \langle A_i, E\rangle$.
 
     ``curvature`` has two exact methods:
 
-    - ``"direct"``: :math:`\sum_i \langle A_i G, K^\top A_i\rangle` with two batched matmuls,
-      :math:`O(n\, d_{out} d_{in} (d_{in} + d_{out}))` per pair ``(G, K)``;
-    - ``"moment"``: :math:`\operatorname{vec}(K^\top)^\top\, \Sigma\, \operatorname{vec}(G)` with the fourth-moment
-      matrix :math:`\Sigma_{(a,e),(b,c)} = \sum_i (A_i)_{ab} (A_i)_{ec}` of shape ``(d_out^2, d_in^2)``, built once
-      (cost :math:`n\, d_{out}^2 d_{in}^2`) and cached; each call then costs :math:`O(d_{out}^2 d_{in}^2)`,
+    - ``"direct"``: $\sum_i \langle A_i G, K^\top A_i\rangle$ with two batched matmuls,
+      $O(n\, d_{out} d_{in} (d_{in} + d_{out}))$ per pair ``(G, K)``;
+    - ``"moment"``: $\operatorname{vec}(K^\top)^\top\, \Sigma\, \operatorname{vec}(G)$ with the fourth-moment
+      matrix $\Sigma_{(a,e),(b,c)} = \sum_i (A_i)_{ab} (A_i)_{ec}$ of shape ``(d_out^2, d_in^2)``, built once
+      (cost $n\, d_{out}^2 d_{in}^2$) and cached; each call then costs $O(d_{out}^2 d_{in}^2)$,
       independent of ``n``.
 
-    ``"auto"`` (default) takes ``"moment"`` when it is cheaper per call and :math:`\Sigma` fits in
-    :data:`MOMENT_BUDGET_BYTES`. With ``symmetric=True`` (symmetric ``G`` and ``K``, as in the Hessian trace) only the
-    :meth:`folded_moment` over upper triangles is kept: at the Gatmiry size (n=600, 60x60) 27 MB in float64 instead of
-    104 MB, and a quarter of the memory traffic per call.
+    ``"auto"`` (default) takes ``"moment"`` when it is cheaper per call and $\Sigma$ fits in
+    `MOMENT_BUDGET_BYTES`. With ``symmetric=True`` (symmetric ``G`` and ``K``, as in the Hessian trace) only the
+    [`folded_moment`][lightning_flat.measurements.Dense.folded_moment] over upper triangles is kept: at the Gatmiry size
+    (n=600, 60x60) 27 MB in float64 instead of 104 MB, and a quarter of the memory traffic per call.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> A = Dense(torch.randn(5, 2, 3, generator=g, dtype=torch.float64))
         >>> E = torch.randn(2, 3, generator=g, dtype=torch.float64)
@@ -99,7 +100,8 @@ class Dense(Measurements):
         return torch.einsum("iab,icb->ac", self.A, self.A), torch.einsum("iab,iac->bc", self.A, self.A)
 
     def with_fields(self, fields: dict[str, Tensor]) -> Dense:
-        """The same kind of measurements over other rows (the inverse of :meth:`fields`)."""
+        """The same kind of measurements over other rows (the inverse of
+        [`fields`][lightning_flat.measurements.Dense.fields])."""
         return Dense._trusted(fields["A"])
 
     def subset(self, index: Tensor | slice, out: dict[str, Tensor] | None = None) -> Dense:
@@ -147,19 +149,21 @@ class Dense(Measurements):
 
     def _check_unbatched(self, what: str) -> None:
         if self.A.ndim != 3:
-            raise ValueError(f"{what} needs unbatched measurements of shape (n, d_out, d_in), got {tuple(self.A.shape)}")
+            raise ValueError(f"{what} needs unbatched measurements of shape (n, d_out, d_in), "
+                             f"got {tuple(self.A.shape)}")
 
     def moment(self) -> Tensor:
-        r"""The cached fourth-moment matrix :math:`\Sigma` of shape ``(d_out^2, d_in^2)`` (built on first use)."""
+        r"""The cached fourth-moment matrix $\Sigma$ of shape ``(d_out^2, d_in^2)`` (built on first use)."""
         self._check_unbatched("moment()")
         if self._moment is None:
             self._moment = self._build_moment().contiguous()
         return self._moment
 
     def folded_moment(self) -> Tensor:
-        r"""The fourth moment restricted to symmetric ``G`` and ``K``: :math:`\tilde\Sigma_{(a\le e),(b\le c)} =
-        \frac12(\Sigma_{(a,e),(b,c)} + \Sigma_{(a,e),(c,b)})`, shape ``(d_out(d_out+1)/2, d_in(d_in+1)/2)``: about a
-        quarter of :meth:`moment`'s size, so a quarter of the memory traffic per call (cached; built on first use)."""
+        r"""The fourth moment restricted to symmetric ``G`` and ``K``: $\tilde\Sigma_{(a\le e),(b\le c)} =
+        \frac12(\Sigma_{(a,e),(b,c)} + \Sigma_{(a,e),(c,b)})$, shape ``(d_out(d_out+1)/2, d_in(d_in+1)/2)``: about a
+        quarter of [`moment`][lightning_flat.measurements.Dense.moment]'s size, so a quarter of the memory traffic per
+        call (cached; built on first use)."""
         self._check_unbatched("folded_moment()")
         if self._folded is None:
             d_out, d_in = self.shape
@@ -176,7 +180,8 @@ class Dense(Measurements):
         return i, j
 
     def _fold(self, M: Tensor) -> Tensor:
-        """Upper triangle of symmetric ``M (..., d, d)`` with off-diagonal entries doubled, shape ``(..., d(d+1)/2)``."""
+        """Upper triangle of symmetric ``M (..., d, d)`` with off-diagonal entries doubled, shape
+        ``(..., d(d+1)/2)``."""
         d = M.shape[-1]
         i, j = self._triu(d)
         return M[..., i, j] * torch.where(i == j, 1.0, 2.0).to(M.dtype)
@@ -188,10 +193,11 @@ class Dense(Measurements):
         return fits and self.A.ndim == 3 and n * (d_in + d_out) > d_out * d_in
 
     def curvature(self, G: Tensor, K: Tensor, method: str = "auto", symmetric: bool = False) -> Tensor:
-        r""":math:`\sum_i \operatorname{tr}(A_i G A_i^\top K)`; ``method`` is ``"auto"``, ``"moment"`` or ``"direct"``.
+        r"""$\sum_i \operatorname{tr}(A_i G A_i^\top K)$; ``method`` is ``"auto"``, ``"moment"`` or ``"direct"``.
 
         ``symmetric=True`` promises that ``G`` and ``K`` are symmetric (as in the Hessian trace, ``G = P^T P`` and
-        ``K = S S^T``), which lets the moment method use :meth:`folded_moment`.
+        ``K = S S^T``), which lets the moment method use
+        [`folded_moment`][lightning_flat.measurements.Dense.folded_moment].
         """
         d_out, d_in = self.shape
         self._check_square("G", G, d_in)

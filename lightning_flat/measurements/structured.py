@@ -1,4 +1,4 @@
-"""Structured measurements: rank-one :math:`A_i = u_iv_i^\top` and single entries :math:`A_i = e_{r_i}e_{c_i}^\top`."""
+r"""Structured measurements: rank-one $A_i = u_iv_i^\top$ and single entries $A_i = e_{r_i}e_{c_i}^\top$."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ __all__ = ["RankOne", "Entries"]
 
 
 class RankOne(Measurements):
-    r"""Rank-one measurements :math:`A_i = u_i v_i^\top`, ``u (n, d_out)``, ``v (n, d_in)``.
+    r"""Rank-one measurements $A_i = u_i v_i^\top$, ``u (n, d_out)``, ``v (n, d_in)``.
 
-    :math:`f_i(E) = u_i^\top E v_i`, and ``curvature`` is
-    :math:`\sum_i (v_i^\top G v_i)(u_i^\top K u_i)` in :math:`O(n (d_{in}^2 + d_{out}^2))`.
+    $f_i(E) = u_i^\top E v_i$, and ``curvature`` is
+    $\sum_i (v_i^\top G v_i)(u_i^\top K u_i)$ in $O(n (d_{in}^2 + d_{out}^2))$.
     Univariate regression is ``RankOne(torch.ones(n, 1), X)``; quadratic sensing is ``RankOne(x, x)``.
     """
 
@@ -25,11 +25,13 @@ class RankOne(Measurements):
         check_tensor("u", u, min_ndim=2, floating=True, finite=True)
         check_tensor("v", v, min_ndim=2, floating=True, finite=True)
         if u.shape[:-1] != v.shape[:-1]:
-            raise ValueError(f"u and v must have the same number of measurements, got u {tuple(u.shape)} and v {tuple(v.shape)}")
+            raise ValueError(f"u and v must have the same number of measurements, got u {tuple(u.shape)} and "
+                             f"v {tuple(v.shape)}")
         if u.dtype != v.dtype or u.device != v.device:
             raise ValueError(f"u and v must share dtype and device, got {u.dtype}/{u.device} and {v.dtype}/{v.device}")
         if u.shape[-2] < 1 or u.shape[-1] < 1 or v.shape[-1] < 1:
-            raise ValueError(f"u (n, d_out) and v (n, d_in) need positive sizes, got {tuple(u.shape)} and {tuple(v.shape)}")
+            raise ValueError(f"u (n, d_out) and v (n, d_in) need positive sizes, got {tuple(u.shape)} and "
+                             f"{tuple(v.shape)}")
         self.u, self.v = u, v
         self.shape = (int(u.shape[-1]), int(v.shape[-1]))
 
@@ -67,7 +69,8 @@ class RankOne(Measurements):
     def second_moments(self) -> tuple[Tensor, Tensor]:
         # A_i A_i^T = ||v_i||^2 u_i u_i^T and A_i^T A_i = ||u_i||^2 v_i v_i^T
         vv, uu = self.v.square().sum(-1), self.u.square().sum(-1)
-        return (self.u * vv.unsqueeze(-1)).transpose(-1, -2) @ self.u, (self.v * uu.unsqueeze(-1)).transpose(-1, -2) @ self.v
+        return ((self.u * vv.unsqueeze(-1)).transpose(-1, -2) @ self.u,
+                (self.v * uu.unsqueeze(-1)).transpose(-1, -2) @ self.v)
 
     def with_fields(self, fields: dict[str, Tensor]) -> RankOne:
         return RankOne._trusted(fields["u"], fields["v"])
@@ -100,9 +103,9 @@ class RankOne(Measurements):
 
 
 class Entries(Measurements):
-    r"""Entry measurements :math:`A_i = e_{r_i} e_{c_i}^\top` (matrix completion): :math:`f_i(E) = E_{r_i c_i}`.
+    r"""Entry measurements $A_i = e_{r_i} e_{c_i}^\top$ (matrix completion): $f_i(E) = E_{r_i c_i}$.
 
-    ``curvature`` is :math:`\sum_i G_{c_i c_i} K_{r_i r_i}` in :math:`O(n)`. ``dtype`` only sets what ``dense()``
+    ``curvature`` is $\sum_i G_{c_i c_i} K_{r_i r_i}$ in $O(n)$. ``dtype`` only sets what ``dense()``
     returns; predictions take the dtype of ``E``.
     """
 

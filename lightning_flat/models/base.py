@@ -1,5 +1,5 @@
 """Shared Lightning shell of the linear-network models: the parameterization interface and the hooks that hand
-training to the engine (:mod:`lightning_flat.engine`)."""
+training to the engine ([`lightning_flat.engine`][lightning_flat.engine])."""
 
 from __future__ import annotations
 
@@ -26,42 +26,44 @@ class LinearNetBase(Replicated, FastSetattr, L.LightningModule):
     r"""Base of the lightning_flat models: a network whose end-to-end map is a matrix ``E`` read by measurements.
 
     Subclasses implement ``weights()`` (the trained factors) and, for another parameterization than the chain
-    :math:`E = W_L\cdots W_1`, ``end_to_end_from(weights)``, ``end_to_end_and_cache(weights)`` and
+    $E = W_L\cdots W_1$, ``end_to_end_from(weights)``, ``end_to_end_and_cache(weights)`` and
     ``end_to_end_vjp(weights, cache, G)`` (the analytic gradients). This class provides
 
-    - ``loss(batch)``: :math:`\frac1B\sum_{i\in B}(\langle A_i, E\rangle - y_i)^2` (no 1/2) on a
-      :class:`~lightning_flat.measurements.MeasurementBatch` (label noise, if any, is already in ``y``), summed over
-      replicas (so their gradients never mix);
-    - training by the engine (:class:`~lightning_flat.engine.TrainingEngine`): analytic SGD steps, several per
+    - ``loss(batch)``: $\frac1B\sum_{i\in B}(\langle A_i, E\rangle - y_i)^2$ (no 1/2) on a
+      [`MeasurementBatch`][lightning_flat.measurements.MeasurementBatch] (label noise, if any, is already in ``y``),
+      summed over replicas (so their gradients never mix);
+    - training by the engine ([`TrainingEngine`][lightning_flat.engine.TrainingEngine]): analytic SGD steps, several per
       ``training_step`` call (at most ``chunk_size``), each one exactly the step Lightning would take; the engine
       falls back to one step per call, or to Lightning's autograd path, where a Trainer needs it (``engine.mode``
       and ``engine.reason`` say which and why);
     - logging every ``Trainer(log_every_n_steps)`` steps, at the step whose weights are measured (the step Lightning
-      itself logs at), finite values only: ``train/loss`` (the batch loss actually optimised), and when the datamodule has them
-      ``train/full_loss`` (full data, no noise), ``test/error`` (``datamodule.test_error(E)``) and
-      ``test/relative_error`` (``test_error`` over ``datamodule.test_error_scale()``); with replicas the mean over the active replicas under these keys plus ``key/r{k}`` for
-      the first ``replicas.log_limit`` replicas, and ``replicas/active``;
-    - ``configure_optimizers``: :class:`~lightning_flat.engine.ReplicaSGD` (``lr``, ``momentum``, ``weight_decay``,
-      per-replica values, frozen replicas), or L-BFGS. Ridge is weight decay: ``weight_decay=lam`` is the update
-      ``W <- W - lr (grad + lam W)``, i.e. the objective :math:`L + \frac\lambda2\sum_j\|W_j\|_F^2`.
+      itself logs at), finite values only: ``train/loss`` (the batch loss actually optimised), and when the datamodule
+      has them ``train/full_loss`` (full data, no noise), ``test/error`` (``datamodule.test_error(E)``) and
+      ``test/relative_error`` (``test_error`` over ``datamodule.test_error_scale()``); with replicas the mean over the
+      active replicas under these keys plus ``key/r{k}`` for the first ``replicas.log_limit`` replicas, and
+      ``replicas/active``;
+    - ``configure_optimizers``: [`ReplicaSGD`][lightning_flat.engine.ReplicaSGD] (``lr``, ``momentum``,
+      ``weight_decay``, per-replica values, frozen replicas), or L-BFGS. Ridge is weight decay: ``weight_decay=lam`` is
+      the update ``W <- W - lr (grad + lam W)``, i.e. the objective $L + \frac\lambda2\sum_j\|W_j\|_F^2$.
 
-    **Replicas.** ``replicas`` (a :class:`~lightning_flat.engine.Replicas`) holds the ``R`` runs of the module.
+    **Replicas.** ``replicas`` (a [`Replicas`][lightning_flat.engine.Replicas]) holds the ``R`` runs of the module.
     With ``R > 1`` every factor has a leading dimension ``R`` and ``end_to_end()`` is ``(R, d_out, d_in)``. Run
     ``r`` has its own seed ``replicas.seeds[r]`` (``seed + r`` unless a list is given): its initial draw, its
     minibatch indices (with a lightning_flat datamodule) and its label noise (with
-    :class:`~lightning_flat.callbacks.LabelNoise`) are those of a single run with that seed. A replica whose loss
+    [`LabelNoise`][lightning_flat.callbacks.LabelNoise]) are those of a single run with that seed. A replica whose loss
     turns non-finite is frozen (``replicas.active[r] = False``), reported in ``diverged`` and by a warning, and never
-    touches the others; :class:`~lightning_flat.callbacks.FiniteLossGuard` stops the run only when all replicas have
-    diverged (by default). A single run is ``R = 1`` with the same argument forms (lists of one value are accepted).
+    touches the others; [`FiniteLossGuard`][lightning_flat.callbacks.FiniteLossGuard] stops the run only when all
+    replicas have diverged (by default). A single run is ``R = 1`` with the same argument forms (lists of one value are
+    accepted).
     """
 
     replicas: Replicas
     lr: float | list[float]
     momentum: float
     weight_decay: float | list[float]
-    #: ``"sgd"`` (the engine's :class:`~lightning_flat.engine.ReplicaSGD`) or ``"lbfgs"``.
+    #: ``"sgd"`` (the engine's [`ReplicaSGD`][lightning_flat.engine.ReplicaSGD]) or ``"lbfgs"``.
     optimizer: str = "sgd"
-    #: :math:`\lambda` of the flatness regularizer :math:`\lambda\operatorname{tr}\nabla^2L` (0: none).
+    #: $\lambda$ of the flatness regularizer $\lambda\operatorname{tr}\nabla^2L$ (0: none).
     trace_penalty: float = 0.0
     #: Most SGD steps one ``training_step`` call runs (fused chunks); 1 runs one step per call.
     chunk_size: int = 100
@@ -101,20 +103,22 @@ class LinearNetBase(Replicated, FastSetattr, L.LightningModule):
 
     def replica_end_to_end(self, replica: int | None = None) -> Any:
         """``weights -> E`` for the factors of one replica (``replica=None``: all of them, as
-        :meth:`end_to_end_from`); models with per-replica fixed parts (e.g. a buffer) bind replica ``replica``'s."""
+        [`end_to_end_from`][lightning_flat.models.LinearNetBase.end_to_end_from]); models with per-replica fixed parts
+        (e.g. a buffer) bind replica ``replica``'s."""
         return self.end_to_end_from
 
     def end_to_end_and_cache(self, weights: list[Tensor]) -> tuple[Tensor, Any]:
-        """``E`` and what :meth:`end_to_end_vjp` reuses (here the prefix products ``W_j ... W_1``)."""
+        """``E`` and what [`end_to_end_vjp`][lightning_flat.models.LinearNetBase.end_to_end_vjp] reuses (here the prefix
+        products ``W_j ... W_1``)."""
         prefixes = chain_prefixes(weights)
         return prefixes[-1], prefixes
 
     def end_to_end_vjp(self, weights: list[Tensor], cache: Any, G: Tensor) -> list[Tensor]:
-        r"""Gradients :math:`\partial\langle G, E(W)\rangle/\partial W_j` (here :math:`S_j^\top G P_j^\top`)."""
+        r"""Gradients $\partial\langle G, E(W)\rangle/\partial W_j$ (here $S_j^\top G P_j^\top$)."""
         return chain_vjp(weights, cache, G)
 
     def forward(self, measurements: Measurements) -> Tensor:
-        r"""Predictions :math:`\langle A_i, E\rangle` for the given measurements."""
+        r"""Predictions $\langle A_i, E\rangle$ for the given measurements."""
         return measurements(self.end_to_end())
 
     def replica_losses_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
@@ -123,27 +127,30 @@ class LinearNetBase(Replicated, FastSetattr, L.LightningModule):
         return (measurements(self.end_to_end_from(weights)) - targets).square().mean(-1)
 
     def training_losses_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
-        """What training minimises, per replica: the batch loss plus :meth:`penalty` (autograd paths)."""
+        """What training minimises, per replica: the batch loss plus
+        [`penalty`][lightning_flat.models.LinearNetBase.penalty] (autograd paths)."""
         losses = self.replica_losses_from_weights(weights, batch)
         extra = self.penalty(weights)
         return losses if extra is None else losses + extra
 
     def loss_from_weights(self, weights: list[Tensor], batch: Any) -> Tensor:
-        """:meth:`loss` as a pure function of the factors (for ``torch.func``: per-example SAM, HVPs)."""
+        """[`loss`][lightning_flat.models.LinearNetBase.loss] as a pure function of the factors (for ``torch.func``:
+        per-example SAM, HVPs)."""
         return self.replica_losses_from_weights(weights, batch).sum()
 
     def loss(self, batch: Any) -> Tensor:
-        r""":math:`\frac1B\sum_{i\in B}(\langle A_i, E\rangle - y_i)^2`, summed over replicas."""
+        r"""$\frac1B\sum_{i\in B}(\langle A_i, E\rangle - y_i)^2$, summed over replicas."""
         return self.loss_from_weights(self.weights(), batch)
 
     def hessian_trace(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
         """Exact Hessian trace of the full measurement loss in the trained factors, per replica (the closed form of
-        :func:`lightning_flat.functional.hessian_trace`; models with another structure override this)."""
+        [`lightning_flat.functional.hessian_trace`][lightning_flat.functional.hessian_trace]; models with another
+        structure override this)."""
         return F.hessian_trace(self.weights(), measurements, targets)
 
     def hessian_trace_terms(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
         """The trace of each factor's diagonal block of the Hessian, ``(..., L)`` (they sum to
-        :meth:`hessian_trace`): the closed form's layer terms."""
+        [`hessian_trace`][lightning_flat.models.LinearNetBase.hessian_trace]): the closed form's layer terms."""
         return F.hessian_trace(self.weights(), measurements, targets, per_layer=True)
 
     def uses_analytic_gradients(self) -> bool:
@@ -163,7 +170,8 @@ class LinearNetBase(Replicated, FastSetattr, L.LightningModule):
         lam = self.trace_penalty
         if lam:
             if self._full_data is None:
-                raise RuntimeError("trace_penalty needs the training measurements: fit with a lightning_flat datamodule")
+                raise RuntimeError("trace_penalty needs the training measurements: fit with a lightning_flat "
+                                   "datamodule")
             meas, targets = self._full_data
             out = lam * self.hessian_trace_from(weights, meas, targets)
         if self.optimizer == "lbfgs" and self.weight_decay:
@@ -172,12 +180,13 @@ class LinearNetBase(Replicated, FastSetattr, L.LightningModule):
         return out
 
     def hessian_trace_from(self, weights: list[Tensor], measurements: Measurements, targets: Tensor) -> Tensor:
-        """:meth:`hessian_trace` as a function of the factors (for the differentiable penalty)."""
+        """[`hessian_trace`][lightning_flat.models.LinearNetBase.hessian_trace] as a function of the factors (for the
+        differentiable penalty)."""
         return F.hessian_trace(weights, measurements, targets)
 
     # ---------------------------------------------------------------------------- the engine's declared interface
     def engine_drives_step_hooks(self) -> bool:
-        """True when the engine runs the per-step callbacks' :class:`~lightning_flat.engine.StepHook` phases."""
+        """True when the engine runs the per-step callbacks' [`StepHook`][lightning_flat.engine.StepHook] phases."""
         return self.engine.drives_step_hooks()
 
     def steps_in_call(self, step: int) -> int:

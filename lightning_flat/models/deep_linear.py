@@ -1,4 +1,4 @@
-"""Deep linear network :math:`E = W_L \\cdots W_1` as a LightningModule."""
+r"""Deep linear network $E = W_L \cdots W_1$ as a LightningModule."""
 
 from __future__ import annotations
 
@@ -52,31 +52,31 @@ def _init_weights(dims: list[int], init: str, init_scale: float | None, generato
 
 
 class DeepLinearNet(LinearNetBase):
-    r"""Deep linear network :math:`E(W) = W_L\cdots W_1`, ``W_j`` of shape ``(d_j, d_{j-1})``, trained by SGD on
+    r"""Deep linear network $E(W) = W_L\cdots W_1$, ``W_j`` of shape ``(d_j, d_{j-1})``, trained by SGD on
     measurement batches.
 
     Args:
         dims: ``[d_0 = d_in, d_1, ..., d_L = d_out]``.
-        init: ``"gaussian"`` (i.i.d. :math:`N(0, s^2)` entries, ``s = init_scale``, default
-            :math:`1/\sqrt{d_{j-1}}`); ``"uniform"`` (``init_scale=None``: ``nn.Linear``'s default
-            :math:`U(\pm 1/\sqrt{d_{j-1}})`; else :math:`U(\pm\sqrt3 s)`, entry std ``s``); ``"orthogonal"``
+        init: ``"gaussian"`` (i.i.d. $N(0, s^2)$ entries, ``s = init_scale``, default
+            $1/\sqrt{d_{j-1}}$); ``"uniform"`` (``init_scale=None``: ``nn.Linear``'s default
+            $U(\pm 1/\sqrt{d_{j-1}})$; else $U(\pm\sqrt3 s)$, entry std ``s``); ``"orthogonal"``
             (semi-orthogonal times ``init_scale``, default 1); ``"identity"`` (rectangular identity times
             ``init_scale``, default 1); ``"balanced"`` (a Gaussian end-to-end draw with entry std ``init_scale``,
-            default :math:`1/\sqrt{d_0}`, truncated to rank ``min(dims)`` and split into factors with equal singular
-            values, so :math:`W_{j+1}^\top W_{j+1} = W_jW_j^\top`).
+            default $1/\sqrt{d_0}$, truncated to rank ``min(dims)`` and split into factors with equal singular
+            values, so $W_{j+1}^\top W_{j+1} = W_jW_j^\top$).
         init_scale: see ``init``; ``None`` for the default; with replicas, a list gives one per replica.
         lr: SGD learning rate (with replicas, a list gives one per replica).
-        weight_decay: ridge :math:`\lambda` as in ``torch.optim.SGD``: the objective is
-            :math:`L + \frac\lambda2\sum_j\|W_j\|_F^2` (with replicas, a list gives one per replica).
+        weight_decay: ridge $\lambda$ as in ``torch.optim.SGD``: the objective is
+            $L + \frac\lambda2\sum_j\|W_j\|_F^2$ (with replicas, a list gives one per replica).
         momentum: SGD momentum.
         replicas: number ``R`` of independent networks trained in one module (weights ``(R, d_j, d_{j-1})``, see
-            :class:`~lightning_flat.models.LinearNetBase`).
+            [`LinearNetBase`][lightning_flat.models.LinearNetBase]).
         seed: seed of the initial draw (weights are drawn in float64 on the CPU, then cast); with replicas, replica
             ``r`` uses ``seed + r``, or ``seed[r]`` when a list is given, and equals a single run with that seed.
         optimizer: ``"sgd"`` (default) or ``"lbfgs"`` (full-batch L-BFGS with strong-Wolfe line search, ``lr`` its
             step scale, 1.0 typical; ridge then enters the objective as ``weight_decay/2 * sum ||W_j||^2``).
-        trace_penalty: :math:`\lambda` of the flatness regularizer: the training loss becomes
-            :math:`L + \lambda\operatorname{tr}\nabla^2L` (exact, differentiable; needs a lightning_flat datamodule).
+        trace_penalty: $\lambda$ of the flatness regularizer: the training loss becomes
+            $L + \lambda\operatorname{tr}\nabla^2L$ (exact, differentiable; needs a lightning_flat datamodule).
         chunk_size: most SGD steps one ``training_step`` call runs (the engine's fused chunks; every step is the
             step Lightning would take, chunks only save Lightning's per-call overhead); 1 runs one step per call.
         gradients: ``"analytic"`` (default: residual, one adjoint, the chain rule; no autograd graph) or
@@ -84,7 +84,7 @@ class DeepLinearNet(LinearNetBase):
 
     The model is float32 by default; ``.double()`` or ``Trainer(precision="64-true")`` runs it in float64.
 
-    Example:
+    Examples:
         >>> net = DeepLinearNet([3, 4, 2], seed=0)
         >>> [tuple(W.shape) for W in net.weights()], tuple(net.end_to_end().shape)
         ([(4, 3), (2, 4)], (2, 3))

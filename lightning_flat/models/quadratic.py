@@ -1,4 +1,4 @@
-"""Symmetric quadratic factor model :math:`E = U_1U_1^\\top - U_2U_2^\\top` (Ding et al. 2022, Section 7)."""
+r"""Symmetric quadratic factor model $E = U_1U_1^\top - U_2U_2^\top$ (Ding et al. 2022, Section 7)."""
 
 from __future__ import annotations
 
@@ -17,23 +17,30 @@ __all__ = ["QuadraticNet"]
 
 
 class QuadraticNet(LinearNetBase):
-    r"""Quadratic-activation network / symmetric factorization :math:`E = U_1U_1^\top - U_2U_2^\top`,
+    r"""Quadratic-activation network / symmetric factorization $E = U_1U_1^\top - U_2U_2^\top$,
     ``U1 (d, k1)``, ``U2 (d, k2)``.
 
-    On quadratic sensing measurements :math:`A_i = x_ix_i^\top` (``RankOne(x, x)``) the prediction
-    :math:`\langle A_i, E\rangle = \sum_j (u_j^\top x_i)^2 - \sum_j (w_j^\top x_i)^2` is a one-hidden-layer network
-    with quadratic activation and output weights :math:`(1_{k_1}, -1_{k_2})`. Each :math:`f_i` is quadratic in
-    :math:`U`, so its Hessian trace has a residual term: :meth:`hessian_trace` is
-    :func:`lightning_flat.functional.quadratic_hessian_trace` (exact at every point), which the callbacks use.
+    On quadratic sensing measurements $A_i = x_ix_i^\top$ (``RankOne(x, x)``) the prediction
+    $\langle A_i, E\rangle = \sum_j (u_j^\top x_i)^2 - \sum_j (w_j^\top x_i)^2$ is a one-hidden-layer network
+    with quadratic activation and output weights $(1_{k_1}, -1_{k_2})$. Each $f_i$ is quadratic in
+    $U$, so its Hessian trace has a residual term: `hessian_trace` is
+    `lightning_flat.functional.quadratic_hessian_trace` (exact at every point), which the callbacks use.
     ``k2 = 0`` is covariance estimation, ``k1 = 1, k2 = 0`` phase retrieval.
 
     Args:
         d: dimension.
-        k1, k2: widths of the positive and negative parts.
-        init_scale: std of the i.i.d. Gaussian initial entries (default :math:`1/\sqrt d`).
-        lr, weight_decay, momentum, replicas, seed: as in :class:`DeepLinearNet`.
-        trace_penalty: the flatness regularizer :math:`\lambda\operatorname{tr}\nabla^2L`.
-        chunk_size, gradients: as in :class:`DeepLinearNet` (analytic gradients :math:`\pm(G + G^\top)U_k`).
+        k1: width of the positive part ``U1``.
+        k2: width of the negative part ``U2``.
+        init_scale: std of the i.i.d. Gaussian initial entries (default $1/\sqrt d$).
+        lr: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        weight_decay: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        momentum: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        replicas: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        seed: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        trace_penalty: the flatness regularizer $\lambda\operatorname{tr}\nabla^2L$.
+        chunk_size: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        gradients: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet] (analytic gradients
+            $\pm(G + G^\top)U_k$).
     """
 
     def __init__(self, d: int, k1: int, k2: int = 0, init_scale: float | None = None, lr: float = 0.01,

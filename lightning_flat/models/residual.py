@@ -1,4 +1,4 @@
-r"""Deep residual linear network for univariate regression, :math:`f(x) = w^\top W_L\cdots W_1 x`."""
+r"""Deep residual linear network for univariate regression, $f(x) = w^\top W_L\cdots W_1 x$."""
 
 from __future__ import annotations
 
@@ -19,17 +19,18 @@ __all__ = ["ResidualLinearNet"]
 
 
 class ResidualLinearNet(LinearNetBase):
-    r"""Residual linear network :math:`f(x) = w^\top W_L \cdots W_1 x` with square ``W_k (d, d)``, trained directly
-    from :math:`W_k(0) = I + \frac{s}{\sqrt{Ld}}N_k`, :math:`N_k` i.i.d. :math:`N(0, 1)` (Marion & Chizat 2024,
+    r"""Residual linear network $f(x) = w^\top W_L \cdots W_1 x$ with square ``W_k (d, d)``, trained directly
+    from $W_k(0) = I + \frac{s}{\sqrt{Ld}}N_k$, $N_k$ i.i.d. $N(0, 1)$ (Marion & Chizat 2024,
     eq. 2).
 
     ``w`` is a fixed unit vector (a buffer, never trained): given, or drawn uniformly on the sphere from the seed.
-    ``end_to_end()`` is :math:`w^\top W_L\cdots W_1`, shape ``(1, d)``, so the model reads univariate data as
-    :class:`~lightning_flat.measurements.RankOne` measurements with ``u_i = 1``, ``v_i = x_i`` (what
-    :class:`~lightning_flat.datamodules.UnivariateRegressionDataModule` yields), exactly as a
-    :class:`DeepLinearNet` with dims ``(d, ..., d, 1)``. ``w`` acts as an untrained last factor: the Hessian trace
-    and the sharpness are over the trained ``W_k`` only, in the coordinates the optimizer updates (the theory's
-    :math:`\theta_k = L(W_k - W_k(0))` has :math:`\nabla_\theta = \nabla_W / L`; :meth:`theta` returns it).
+    ``end_to_end()`` is $w^\top W_L\cdots W_1$, shape ``(1, d)``, so the model reads univariate data as
+    [`RankOne`][lightning_flat.measurements.RankOne] measurements with ``u_i = 1``, ``v_i = x_i`` (what
+    [`UnivariateRegressionDataModule`][lightning_flat.datamodules.UnivariateRegressionDataModule] yields), exactly as a
+    [`DeepLinearNet`][lightning_flat.models.DeepLinearNet] with dims ``(d, ..., d, 1)``. ``w`` acts as an untrained last
+    factor: the Hessian trace and the sharpness are over the trained ``W_k`` only, in the coordinates the optimizer
+    updates (the theory's $\theta_k = L(W_k - W_k(0))$ has $\nabla_\theta = \nabla_W / L$;
+    [`theta`][lightning_flat.models.ResidualLinearNet.theta] returns it).
 
     Args:
         d: width (input dimension).
@@ -38,9 +39,15 @@ class ResidualLinearNet(LinearNetBase):
         w: the fixed output vector ``(d,)`` (normalised to unit norm); ``None`` draws it from the seed (with
             replicas each replica draws its own from its seed, so replica ``r`` equals the single run with its seed;
             pass ``w`` to share one vector across replicas).
-        lr, weight_decay, momentum, replicas, seed, chunk_size, gradients: as in :class:`DeepLinearNet`.
+        lr: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        weight_decay: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        momentum: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        replicas: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        seed: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        chunk_size: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
+        gradients: as in [`DeepLinearNet`][lightning_flat.models.DeepLinearNet].
 
-    Example:
+    Examples:
         >>> net = ResidualLinearNet(4, depth=3, scale=0.0, w=torch.tensor([1.0, 0.0, 0.0, 0.0]))
         >>> net.end_to_end().detach()  # identity layers: f(x) = x_1
         tensor([[1., 0., 0., 0.]])
@@ -110,7 +117,7 @@ class ResidualLinearNet(LinearNetBase):
         return self.hessian_trace_from(self.weights(), measurements, targets)
 
     def hessian_trace_from(self, weights: list[Tensor], measurements: Measurements, targets: Tensor | None) -> Tensor:
-        """The exact trace over the trained ``W_k`` (the sum of :meth:`hessian_trace_terms`)."""
+        """The exact trace over the trained ``W_k`` (the sum of `hessian_trace_terms`)."""
         return self._trace_terms(weights, measurements).sum(-1)
 
     def hessian_trace_terms(self, measurements: Measurements, targets: Tensor | None = None) -> Tensor:
@@ -123,5 +130,5 @@ class ResidualLinearNet(LinearNetBase):
         return F.hessian_trace(chain, measurements, per_layer=True)[..., :-1]
 
     def theta(self) -> list[Tensor]:
-        r"""The theory's coordinates :math:`\theta_k = L(W_k - W_k(0))`."""
+        r"""The theory's coordinates $\theta_k = L(W_k - W_k(0))$."""
         return [self.depth * (W - W0) for W, W0 in zip(self.weights(), self.initial)]
