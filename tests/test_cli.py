@@ -37,7 +37,7 @@ def test_full_size_configs_parse():
         assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas.count == 2 and cli.model.replicas.seeds == [0, 0]
         (sched,) = [c for c in cli.trainer.callbacks if isinstance(c, HyperparameterSchedule)]
         depth = len(cli.model.weights())
-        noisy = 90_000 * depth  # the example's noise phase: 9e4 steps per layer
+        noisy = 80_000 * depth  # the example's noise phase: 8e4 steps per layer
         assert cli.trainer.max_steps == noisy + 20_000 and path.endswith(f"full_L{depth}.yaml")
         assert sched.values(noisy - 1) == {"label_noise": [1.0, 0.0], "lr": [0.01, 0.0]}
         assert sched.values(noisy) == {"label_noise": [0.0, 0.0], "lr": [0.01, 0.0]}

@@ -4,7 +4,7 @@ Deep matrix factorization E = W_L ... W_1 on Gaussian matrix sensing, trained by
 polish) and by plain SGD, with the library's Trainer, datamodule and callbacks. Per depth, the label-noise run and
 the plain run start from the same seed (the same init and the same minibatches, so the plain run is "the same loop
 with no noise"); the plain run stops after ``plain_steps``, once converged. The full run's noise phase grows with
-depth (9e4 steps per layer). The runs go through a sweep of worker processes (``--workers``). Writes
+depth (8e4 steps per layer). The runs go through a sweep of worker processes (``--workers``). Writes
 
 - ``fig1_losses.png``: train loss (full data, no noise) and test loss ||E - M*||_F^2 / ||M*||_F^2, log-y, one panel
   per depth, label noise vs plain;
@@ -32,12 +32,14 @@ from lightning_flat.experiments.checks import Check, evaluate, nan_median
 
 QUICK = dict(d=20, n=200, r=2, depths=[2, 3], c=0.9, lr=0.05, batch_size=50, std=1.0, noise_steps=6000,
              polish_steps=1000, plain_steps=3000, every=100, flat_window=1000, seed=0)
-#: The full run's label-noise phase grows with depth: 9e4 steps per layer. The trace curves of earlier runs
+#: The full run's label-noise phase grows with depth: 8e4 steps per layer. The trace curves of earlier runs
 #: flatten onto their final level after about 5e4 (L = 2), 1e5 (L = 3), 3e5 (L = 5) and 6e5-9e5 (L = 10) noisy
-#: steps; 9e4 L is at least that at every depth (1.8e5, 2.7e5, 4.5e5, 9e5). ``flattening`` reports, per depth, how
-#: much the trace still moved over the last ``flat_window`` noisy steps.
+#: steps; 8e4 L (1.6e5, 2.4e5, 4e5, 8e5) covers the first three with room and reaches the last part of the
+#: depth-10 window, as long a phase as keeps the full run within 20 minutes on 2 cores (a depth-10 step costs about
+#: 1.3 ms). ``flattening`` reports, per depth, how much the trace still moved over the last ``flat_window`` noisy
+#: steps. The plain runs have converged (train loss 1e-30) by 8e3 steps: 2e4 steps each.
 FULL = dict(d=60, n=600, r=3, depths=[2, 3, 5, 10], c=0.9, lr=0.01, batch_size=50, std=1.0, noise_steps=None,
-            noise_steps_per_layer=90_000, polish_steps=20_000, plain_steps=100_000, every=1000, flat_window=50_000,
+            noise_steps_per_layer=80_000, polish_steps=20_000, plain_steps=20_000, every=1000, flat_window=50_000,
             seed=0)
 
 #: Reference values from an independent NumPy re-implementation (seed 0 of numpy's default_rng; our torch draw
