@@ -418,9 +418,27 @@ def replot(path, out=None) -> dict:
     return dict(config=cfg, figures=paths, checks=checks)
 
 
+class _Lines:
+    """Progress as plain lines (one per twentieth of the trials) where stdout is not a terminal: a log file gets
+    no carriage returns."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.every, self.t0 = total, 0, max(1, total // 20), time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done % self.every == 0 or self.done == self.total:
+            print(f"trials: {self.done}/{self.total} in {time.perf_counter() - self.t0:.0f} s", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(iterable, total, enabled):
     if not enabled:
         return iterable
+    if not sys.stdout.isatty():
+        return _Lines(total)
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc="trials", smoothing=0.05, mininterval=2.0)

@@ -495,7 +495,7 @@ def figures(res, out):
 
 
 def threshold(ax, **kw):
-    ax.axhline(THRESHOLD, color="k", ls=":", lw=1, **kw)
+    ax.axhline(THRESHOLD, **({"color": "k", "ls": ":", "lw": 1} | kw))
 
 
 def fig_quick(q, out):
