@@ -314,26 +314,30 @@ def setting_checks(setting, dims, xs):
 
 
 
+def _v3_rows(name):
+    """Check 7's rows for one setting (a function of its own, so that each row's lambda reads this setting)."""
+
+    def fit(r, label):
+        return r["v3"][name][label]
+
+    bound = 0.03 if name == "sensing" else 0.1
+    return [
+        Check(f"7 V3 {name} (seed {{seed}}): trace 1e-4: rel(E, X_flat) <= {bound}", "the trace penalty lands on "
+              "X_flat",
+              lambda r: Reading(fit(r, "trace 1e-4")["flat"], seed=r["v3"][name]["seed"]), "<=", bound),
+        Check(f"7 V3 {name}: trace 1e-4: rel(E, X_nuc) >= 3 rel(E, X_flat)", "not on X_nuc",
+              lambda r: fit(r, "trace 1e-4")["nuc"] / max(fit(r, "trace 1e-4")["flat"], 1e-300), ">=", 3),
+        Check(f"7 V3 {name}: weight decay (mirror): rel(E, X_flat) >= 3 rel(E, X_nuc)", "weight decay lands on X_nuc",
+              lambda r: fit(r, "weight decay")["flat"] / max(fit(r, "weight decay")["nuc"], 1e-300), ">=", 3),
+        Check(f"7 V3 {name}: lambda 1e-5 cuts rel(E, X_flat) by >= 3x", "the rest is the penalty's bias",
+              lambda r: fit(r, "trace 1e-4")["flat"] / max(fit(r, "trace 1e-5")["flat"], 1e-300), ">=", 3),
+        Check(f"7 V3 {name}: Newton polish gradient norm (max over fits)", "the compared points are stationary",
+              lambda r: max(fit(r, k)["gradient"] for k in ("trace 1e-4", "trace 1e-5", "weight decay")), "<", 1e-10)]
+
+
 def v3_checks(quick):
     """Check 7 (Q3: its last two rows): training on loss + lambda tr H lands on X_flat, weight decay on X_nuc."""
-    rows = []
-    for name in () if quick else ("sensing", "bilinear", "completion"):
-        fit = lambda r, label, name=name: r["v3"][name][label]  # noqa: E731
-        bound = 0.03 if name == "sensing" else 0.1
-        rows += [
-            Check(f"7 V3 {name} (seed {{seed}}): trace 1e-4: rel(E, X_flat) <= {bound}", "the trace penalty lands "
-                  "on X_flat", lambda r, name=name: Reading(fit(r, "trace 1e-4")["flat"], seed=r["v3"][name]["seed"]),
-                  "<=", bound),
-            Check(f"7 V3 {name}: trace 1e-4: rel(E, X_nuc) >= 3 rel(E, X_flat)", "not on X_nuc", lambda r: fit(
-                r, "trace 1e-4")["nuc"] / max(fit(r, "trace 1e-4")["flat"], 1e-300), ">=", 3),
-            Check(f"7 V3 {name}: weight decay (mirror): rel(E, X_flat) >= 3 rel(E, X_nuc)", "weight decay lands on "
-                  "X_nuc", lambda r: fit(r, "weight decay")["flat"] / max(fit(r, "weight decay")["nuc"], 1e-300),
-                  ">=", 3),
-            Check(f"7 V3 {name}: lambda 1e-5 cuts rel(E, X_flat) by >= 3x", "the rest is the penalty's bias",
-                  lambda r: fit(r, "trace 1e-4")["flat"] / max(fit(r, "trace 1e-5")["flat"], 1e-300), ">=", 3),
-            Check(f"7 V3 {name}: Newton polish gradient norm (max over fits)", "the compared points are stationary",
-                  lambda r: max(fit(r, k)["gradient"] for k in ("trace 1e-4", "trace 1e-5", "weight decay")), "<",
-                  1e-10)]
+    rows = [row for name in (() if quick else ("sensing", "bilinear", "completion")) for row in _v3_rows(name)]
     p = "Q3" if quick else "7"
     return rows + [
         Check(f"{p} V3 sensing d=8 m=24 (seed {{seed}}): rel(E, X_flat) <= 0.03", "L-BFGS alone lands on X_flat",

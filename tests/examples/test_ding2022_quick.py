@@ -44,3 +44,28 @@ def test_quick_runs_in_under_a_minute(tmp_path):
     only."""
     summary = run_example("ding2022/run.py", ["--quick", "--out", str(tmp_path), "--no-progress"])
     assert summary["seconds"] < 60
+
+
+def test_full_v3_rows_read_their_own_setting():
+    """Each setting's check-7 rows read that setting's fits (a row's lambda must not read the loop's last setting):
+    fed distinct values per setting, each row's value is the one of the setting it names."""
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("ding_checks", os.path.join(ROOT, "examples", "ding2022", "run.py"))
+    ding = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ding)
+    names = ("sensing", "bilinear", "completion")
+    flat = {name: 10.0 ** -(k + 2) for k, name in enumerate(names)}  # 1e-2, 1e-3, 1e-4: told apart exactly
+    fits = {name: {label: {"flat": flat[name], "nuc": 1.0, "gradient": flat[name]}
+                   for label in ("trace 1e-4", "trace 1e-5", "weight decay")} for name in names}
+    r = {"v3": {name: dict(fits[name], seed=k) for k, name in enumerate(names)}}
+    for check in ding.v3_checks(False)[:-2]:
+        name = next(n for n in names if f"V3 {n}" in check.name)
+        value = check.value(r)
+        value = getattr(value, "value", value)
+        if "rel(E, X_flat) <=" in check.name or "gradient norm" in check.name:
+            assert value == flat[name], check.name
+        elif "rel(E, X_nuc) >= 3" in check.name:
+            assert value == 1.0 / flat[name], check.name
