@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from lightning_flat.sweep import _ANSI, _describe, _run_trial
+from lightning_flat._sweep_trial import _ANSI, _describe, _run_trial
 
 
 class _Pool:
