@@ -20,9 +20,9 @@ __all__ = ["main", "overview", "run"]
 _HELP = ("-h", "--help")
 
 
-_LATEX = [(r"\\cdots", "..."), (r"\\top", "T"), (r"\\langle", "<"), (r"\\rangle", ">"), (r"\\sim", "~"),
-          (r"\\\|", "||"), (r"\\mathrm\{(\w+)\}", r"\1"), (r"\\varepsilon", "eps"), (r"\\([A-Za-z]+)", r"\1 "),
-          (r"[{}]", ""), (r"\s+", " ")]
+#: LaTeX commands that read as other text in a one-line summary (any other command reads as its name)
+_LATEX_NAMES = {"cdots": "...", "top": "T", "langle": "<", "rangle": ">", "sim": "~", "varepsilon": "eps",
+                "epsilon": "eps"}
 
 
 def _summary(obj: object) -> str:
@@ -35,9 +35,10 @@ def _summary(obj: object) -> str:
     text = re.sub(r":[a-z]+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", text)
     text = re.sub(r"\[`?([^`\]]+)`?\]\[[^\]]*\]", r"\1", text)  # Markdown cross-references
     text = text.replace("``", "")
-    for pattern, repl in _LATEX:
-        text = re.sub(pattern, repl, text)
-    return text
+    text = re.sub(r"\\mathrm\{(\w+)\}", r"\1", text.replace("\\|", "||"))
+    text = re.sub(r"\\([A-Za-z]+)", lambda m: _LATEX_NAMES.get(m.group(1), m.group(1)) + " ", text)
+    text = re.sub(r" +([_^,)>|])", r"\1", re.sub(r"[{}]", "", text))  # no space before a subscript or a closer
+    return " ".join(text.split())
 
 
 def overview(width: int = 118) -> str:

@@ -39,3 +39,14 @@ def test_a_config_without_a_progress_bar_prints_lines(tmp_path, monkeypatch, cap
     assert type(bar) is StepProgressBar and bar.printing and cli.model.engine.mode == "fused"
     out = capsys.readouterr().out
     assert "train: done, step 30/30" in out and "\r" not in out
+
+
+def test_help_summaries_read_math_as_text():
+    """The one-line summaries turn a docstring's Markdown math into readable text: LaTeX commands become words or
+    symbols, each its own token (not glued to the next one), subscripts stay attached."""
+    from lightning_flat.callbacks import Balancedness
+    from lightning_flat.cli import _summary
+    from lightning_flat.datamodules import MatrixSensingDataModule
+
+    assert _summary(MatrixSensingDataModule) == "Gaussian matrix sensing: b_i = < A_i, M^*> + sigma eps_i"
+    assert _summary(Balancedness) == "Log sum_j||W_j+1^T W_j+1 - W_jW_j^T||_F every every_n_steps"
