@@ -39,12 +39,8 @@ class _Pool:
 class InlineWorker(_Pool):
     """The trials in this process, one after the other (no timeout: nothing could stop a trial here)."""
 
-    def __init__(self, trial_fn: Callable[[dict], dict], threads: int | None = None) -> None:
+    def __init__(self, trial_fn: Callable[[dict], dict]) -> None:
         self.trial_fn = trial_fn
-        if threads is not None:  # the trial's CPUs as its BLAS threads, whatever the node's environment says
-            os.environ["OMP_NUM_THREADS"] = str(threads)
-            if "torch" in sys.modules:
-                sys.modules["torch"].set_num_threads(threads)
         self.events: list[tuple[int, str, Any]] = []
 
     def start(self, slot: int) -> None:
