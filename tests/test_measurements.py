@@ -149,7 +149,17 @@ def test_wandb_report_holds_config_figures_checks_and_summary(tmp_path, monkeypa
     (table,) = glob.glob(os.path.join(run_dir, "files", "media", "table", "checks*.table.json"))
     table = json.load(open(table))
     assert table["columns"] == ["check", "value", "passed"] and table["data"][1] == ["Q2 other", 2.0, False]
-    # offline, the config and summary records live in the run's .wandb file (protobuf; keys as plain bytes)
+    # offline, the config and summary records live in the run's .wandb file (protobuf; keys as plain bytes). wandb's
+    # service process writes it and may still be flushing the last records when finish() returns on a busy machine:
+    # read it until they are there (up to 30 s)
+    import time
+
     (record,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    data = open(record, "rb").read()
-    assert all(k in data for k in (b"checks_passed", b"checks_total", b"tau_median", b"quick"))
+    keys = (b"checks_passed", b"checks_total", b"tau_median", b"quick")
+    deadline = time.monotonic() + 30
+    while True:
+        data = open(record, "rb").read()
+        if all(k in data for k in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(k in data for k in keys), [k for k in keys if k not in data]
