@@ -34,7 +34,8 @@ def test_full_size_configs_parse():
     for path in paths:
         cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                            run=False, args=["--config", path, "--trainer.logger=false"])
-        assert isinstance(cli.model, DeepLinearNet) and cli.model.replicas.count == 2 and cli.model.replicas.seeds == [0, 0]
+        assert isinstance(cli.model, DeepLinearNet)
+        assert cli.model.replicas.count == 2 and cli.model.replicas.seeds == [0, 0]
         (sched,) = [c for c in cli.trainer.callbacks if isinstance(c, HyperparameterSchedule)]
         depth = len(cli.model.weights())
         noisy = 80_000 * depth  # the example's noise phase: 8e4 steps per layer
