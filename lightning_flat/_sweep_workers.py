@@ -175,8 +175,9 @@ class TrialRunner:
         self.trial_fn = trial_fn
         if threads is not None:  # the trial's CPUs as its BLAS threads, whatever the node's environment says
             os.environ["OMP_NUM_THREADS"] = str(threads)
-            if "torch" in sys.modules:
-                sys.modules["torch"].set_num_threads(threads)
+            from lightning_flat.threads import use_threads
+
+            use_threads(threads)
 
     def ready(self) -> int:
         return os.getpid()

@@ -224,9 +224,9 @@ def test_killed_driver_restarts_with_exactly_the_missing_trials(cluster, tmp_pat
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(configs)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 150
-        while len(load_results(path)) < 2:  # trials 0 and 1 return at once, the others wait at the gate
-            assert proc.poll() is None and time.monotonic() < deadline
+        # trials 0 and 1 return at once, the others wait at the gate (a hang is caught by the module's timeout)
+        while len(load_results(path)) < 2:
+            assert proc.poll() is None
             time.sleep(0.2)
     finally:
         proc.kill()
